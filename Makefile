@@ -1,0 +1,67 @@
+# emissary: `make run` shows it working, `make test` proves it. Both install what they need.
+SHELL := /bin/bash
+.DEFAULT_GOAL := build
+
+CARGO ?= cargo
+TARGET := x86_64-unknown-linux-gnu
+# Static glibc needs nothing beyond the toolchain (musl would need a rustup download).
+# relocation-model=static drops PIE relocation work at start-up (supervision.md section 5).
+STATIC_RUSTFLAGS := -C target-feature=+crt-static -C relocation-model=static
+STATIC_BIN := target/$(TARGET)/static/emissary
+SIZE_LIMIT := 2000000
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+# Debian packages, installed only when missing.
+TEST_PACKAGES := util-linux procps
+BENCH_PACKAGES := tini hyperfine zstd
+
+define apt_install
+	@missing=""; for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:$$missing"; \
+		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
+	fi
+endef
+
+.PHONY: build static size lint test run bench clean deps-test deps-bench
+
+## build: debug builds of every binary
+build:
+	$(CARGO) build --workspace --bins
+
+## static: the shipped emissary, statically linked and stripped
+static:
+	RUSTFLAGS="$(STATIC_RUSTFLAGS)" $(CARGO) build --profile static --target $(TARGET) -p emissary
+
+## size: fails when the static emissary exceeds its budget
+size: static
+	@bytes=$$(stat -c %s $(STATIC_BIN)); \
+	echo "emissary (static, stripped): $$bytes bytes, budget $(SIZE_LIMIT)"; \
+	[ $$bytes -le $(SIZE_LIMIT) ] || { echo "error: the emissary exceeds its size budget" >&2; exit 1; }
+
+## lint: formatting and clippy, warnings are errors
+lint:
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+## test: lint, size, then every unit and black-box test against the static emissary
+test: deps-test lint size build
+	EMISSARY_BIN=$(CURDIR)/$(STATIC_BIN) $(CARGO) test --workspace
+
+## run: a short demo of what the emissary does
+run: static
+	EMISSARY_BIN=$(CURDIR)/$(STATIC_BIN) tests/demo.sh
+
+## bench: measured against tini-static, coreutils tee... interleaved in one run
+bench: deps-bench static
+	$(CARGO) build --release -p emissary-tests --bin emissary-bench
+	EMISSARY_BIN=$(CURDIR)/$(STATIC_BIN) target/release/emissary-bench $(BENCH)
+
+deps-test:
+	$(call apt_install,$(TEST_PACKAGES))
+
+deps-bench:
+	$(call apt_install,$(BENCH_PACKAGES))
+
+clean:
+	$(CARGO) clean

@@ -1,0 +1,19 @@
+//! The emissary: a tiny static supervisor for one workflow task.
+//!
+//! One module per concern, named after what it does to the process tree:
+//! [`signals`] (block, collect, forward), [`spawn`] (fork/exec, isolation), [`reap`]
+//! (subreaper, waitpid loop, TERM→KILL escalation), [`capture`] (stdout/stderr to files and
+//! back out), [`control`] (the signal FIFO), [`supervise`] (the loop that ties them together),
+//! and [`run`] (the `emissary run` command from options to exit code).
+
+pub mod capture;
+pub mod cli;
+pub mod control;
+pub mod fsutil;
+pub mod reap;
+pub mod run;
+pub mod signals;
+pub mod spawn;
+pub mod stdio;
+pub mod supervise;
+pub mod version;

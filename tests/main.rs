@@ -1,0 +1,13 @@
+//! Black-box scenarios: every test spawns the real binaries.
+//!
+//! `make test` runs them against the static release emissary (`EMISSARY_BIN`); a plain
+//! `cargo test` uses the debug builds in `target/debug`.
+
+mod util;
+
+mod run_capture;
+mod run_cli;
+mod run_exit;
+mod run_reaping;
+mod run_signals;
+mod run_timeouts;
