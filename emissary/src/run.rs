@@ -1,4 +1,7 @@
-//! `emissary run`: prepare, spawn, supervise, report.
+//! `emissary run`: one supervised execution, from a prepared program to its [`Outcome`].
+//!
+//! [`execute`] is shared by the plain `emissary run -- CMD` ([`run_command`]) and the template
+//! mode (`crate::task`), which wraps it with input staging and output collection.
 
 use std::ffi::OsString;
 use std::fs::{self, File, OpenOptions};
@@ -11,24 +14,35 @@ use nix::unistd::Pid;
 
 use protocol::{ExitReason, RunSummary, TaskError, exit, time};
 
-use crate::capture::{self, Captured, Sinks};
+use crate::capture::{self, Sinks};
 use crate::control::{self, Control};
 use crate::fsutil::write_atomic;
+use crate::oom;
 use crate::reap;
-use crate::signals;
-use crate::spawn::{self, ChildStatus, Program, Stdio};
+use crate::signals::{self, Signals};
+use crate::spawn::{self, ChildStatus, Program, SpawnError, Stdio};
 use crate::supervise;
 
 /// Everything `emissary run` was asked to do.
+#[derive(Debug, Default)]
 pub struct RunOptions {
     pub command: Vec<OsString>,
     pub log_dir: Option<PathBuf>,
     pub summary: Option<PathBuf>,
     pub deadline: Option<Duration>,
     pub grace: Duration,
+    /// Template mode (`--template`, or `EMISSARY_TEMPLATE`/`ARGO_TEMPLATE` in the environment).
+    pub template: Option<PathBuf>,
+    pub params: Vec<(String, String)>,
+    pub inputs: Vec<(String, PathBuf)>,
+    pub out: Option<PathBuf>,
+    pub root: Option<PathBuf>,
+    pub container: Option<String>,
+    pub store: Option<PathBuf>,
 }
 
 /// A failure of the emissary itself: reported on one stderr line, exit 125.
+#[derive(Debug)]
 pub struct Fatal(pub String);
 
 impl<E: std::fmt::Display> From<E> for Fatal {
@@ -37,9 +51,15 @@ impl<E: std::fmt::Display> From<E> for Fatal {
     }
 }
 
-/// Runs the command and returns the emissary's exit code.
+/// Runs what `opts` asks for and returns the emissary's exit code.
 pub fn run(opts: RunOptions) -> i32 {
-    match execute(&opts) {
+    let templated = opts.template.is_some() || crate::template::from_environment();
+    let result = if templated {
+        crate::task::run(&opts)
+    } else {
+        run_command(&opts)
+    };
+    match result {
         Ok(code) => code,
         Err(Fatal(message)) => {
             eprintln!("emissary: {message}");
@@ -48,9 +68,44 @@ pub fn run(opts: RunOptions) -> i32 {
     }
 }
 
+/// Blocks signals and becomes the tree's reaper: the first thing any run does, before any
+/// fork or thread, so that no signal is ever delivered asynchronously.
+pub fn prepare() -> Result<Signals, Fatal> {
+    let signals = signals::block_all().map_err(|e| Fatal(format!("cannot block signals: {e}")))?;
+    if std::process::id() != 1 {
+        reap::become_subreaper()
+            .map_err(|e| Fatal(format!("cannot become a child subreaper: {e}")))?;
+    }
+    Ok(signals)
+}
+
+/// `emissary run -- CMD`: no template, just supervision.
+fn run_command(opts: &RunOptions) -> Result<i32, Fatal> {
+    let program = Program::new(&opts.command)?;
+    let signals = prepare()?;
+    let mut logs = opts.log_dir.as_deref().map(LogDir::create).transpose()?;
+    if let Some(summary) = &opts.summary {
+        check_parent_exists(summary)?;
+    }
+    let job = Job {
+        program: &program,
+        capture: logs.is_some() || opts.summary.is_some(),
+        deadline: opts.deadline.map(|d| Instant::now() + d),
+        grace: opts.grace,
+    };
+    let outcome = execute(job, &signals, logs.as_mut())?;
+    if let Some(path) = &opts.summary {
+        write_summary(path, &outcome.summary())?;
+    }
+    if let Some(logs) = &logs {
+        logs.write_exitcode(outcome.exit_code)?;
+    }
+    Ok(outcome.exit_code)
+}
+
 /// The log directory: captured streams, the control FIFO and the exitcode file.
-struct LogDir {
-    dir: PathBuf,
+pub struct LogDir {
+    pub dir: PathBuf,
     stdout: File,
     stderr: File,
     combined: File,
@@ -58,7 +113,7 @@ struct LogDir {
 }
 
 impl LogDir {
-    fn create(dir: &Path) -> Result<LogDir, Fatal> {
+    pub fn create(dir: &Path) -> Result<LogDir, Fatal> {
         fs::create_dir_all(dir)
             .map_err(|e| Fatal(format!("cannot create log dir {}: {e}", dir.display())))?;
         let open = |name: &str, append: bool| {
@@ -85,27 +140,109 @@ impl LogDir {
             })?,
         })
     }
+
+    /// `DIR/exitcode`: the decimal exit code, no newline (Argo's format), written atomically.
+    pub fn write_exitcode(&self, code: i32) -> Result<(), Fatal> {
+        let path = self.dir.join("exitcode");
+        write_atomic(&path, code.to_string().as_bytes())
+            .map_err(|e| Fatal(format!("cannot write {}: {e}", path.display())))
+    }
 }
 
-fn execute(opts: &RunOptions) -> Result<i32, Fatal> {
-    let program = Program::new(&opts.command)?;
-    // Before any fork or thread: from here on no signal is delivered asynchronously.
-    let signals = signals::block_all().map_err(|e| Fatal(format!("cannot block signals: {e}")))?;
-    if std::process::id() != 1 {
-        reap::become_subreaper()
-            .map_err(|e| Fatal(format!("cannot become a child subreaper: {e}")))?;
+/// One supervised execution.
+pub struct Job<'a> {
+    pub program: &'a Program,
+    /// Pipe stdout/stderr through the emissary (needed for the log files and byte counts).
+    pub capture: bool,
+    pub deadline: Option<Instant>,
+    pub grace: Duration,
+}
+
+/// How an execution ended, with everything a summary needs.
+pub struct Outcome {
+    pub exit_code: i32,
+    pub reason: ExitReason,
+    pub signal: Option<i32>,
+    pub error: Option<TaskError>,
+    pub started_at: SystemTime,
+    pub duration: Duration,
+    pub stdout_bytes: u64,
+    pub stderr_bytes: u64,
+    pub usage: Usage,
+}
+
+/// CPU and peak memory of every reaped descendant.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Usage {
+    pub user_ms: u64,
+    pub sys_ms: u64,
+    pub max_rss_kb: u64,
+}
+
+impl Outcome {
+    /// An outcome for a command that never ran.
+    pub fn not_started(exit_code: i32, error: TaskError, started_at: SystemTime) -> Outcome {
+        Outcome {
+            exit_code,
+            reason: ExitReason::StartFailed,
+            signal: None,
+            error: Some(error),
+            started_at,
+            duration: Duration::ZERO,
+            stdout_bytes: 0,
+            stderr_bytes: 0,
+            usage: Usage::default(),
+        }
     }
-    let mut logs = opts.log_dir.as_deref().map(LogDir::create).transpose()?;
-    if let Some(summary) = &opts.summary {
-        check_parent_exists(summary)?;
+
+    /// Marks the run failed by the emissary's own doing (e.g. a log or output not written),
+    /// keeping the command's reason: exit 125.
+    pub fn fail(&mut self, error: TaskError) {
+        self.exit_code = exit::EMISSARY_FAILED;
+        if self.reason == ExitReason::Completed {
+            self.reason = ExitReason::Error;
+        }
+        self.error = Some(match self.error.take() {
+            Some(first) => TaskError {
+                message: format!("{}; {}", first.message, error.message),
+                ..error
+            },
+            None => error,
+        });
     }
-    let capturing = logs.is_some() || opts.summary.is_some();
-    let pipes = if capturing {
+
+    pub fn summary(&self) -> RunSummary {
+        RunSummary {
+            exit_code: self.exit_code,
+            reason: self.reason,
+            signal: self.signal,
+            started_at: time::format_rfc3339(self.started_at),
+            finished_at: time::format_rfc3339(self.started_at + self.duration),
+            duration_ms: self.duration.as_millis() as u64,
+            user_cpu_ms: self.usage.user_ms,
+            sys_cpu_ms: self.usage.sys_ms,
+            max_rss_kb: self.usage.max_rss_kb,
+            stdout_bytes: self.stdout_bytes,
+            stderr_bytes: self.stderr_bytes,
+            error: self.error.clone(),
+        }
+    }
+}
+
+/// Spawns `job.program`, supervises it and everything it starts, and reports how it ended.
+/// Only failures of the emissary itself are errors; a command that cannot start is an
+/// [`Outcome`] with reason `StartFailed`.
+pub fn execute(
+    job: Job<'_>,
+    signals: &Signals,
+    logs: Option<&mut LogDir>,
+) -> Result<Outcome, Fatal> {
+    let pipes = if job.capture {
         Some((capture::pipe()?, capture::pipe()?))
     } else {
         None
     };
-
+    let oom_before = oom::kills();
     let started_at = SystemTime::now();
     let start = Instant::now();
     let stdio = match &pipes {
@@ -118,49 +255,31 @@ fn execute(opts: &RunOptions) -> Result<i32, Fatal> {
             stderr: None,
         },
     };
-    let spawned = spawn::spawn(&program, stdio);
-    let pid = match spawned {
+    let pid = match spawn::spawn(job.program, stdio) {
         Ok(pid) => pid,
         Err(e) => {
             eprintln!("emissary: {e}");
-            let code = e.exit_code();
-            let error = if code == exit::EMISSARY_FAILED {
-                TaskError::system(e.to_string(), true)
-            } else {
-                TaskError::user(e.to_string(), false)
-            };
-            let report = Report {
-                exit_code: code,
-                reason: ExitReason::StartFailed,
-                signal: None,
-                error: Some(error),
+            return Ok(Outcome::not_started(
+                e.exit_code(),
+                start_error(&e),
                 started_at,
-                start,
-                captured: Captured {
-                    stdout_bytes: 0,
-                    stderr_bytes: 0,
-                    error: None,
-                },
-            };
-            return finish(opts, logs.as_ref(), report);
+            ));
         }
     };
 
     let capture = match pipes {
         Some((out, err)) => {
             drop((out.write, err.write));
-            let combined = logs
-                .as_ref()
-                .map(|l| l.combined.try_clone())
-                .transpose()?
-                .map(Arc::new);
+            let files = logs.as_deref().map(|l| (&l.stdout, &l.stderr, &l.combined));
+            let clone = |f: &File| f.try_clone();
+            let combined = files.map(|f| clone(f.2)).transpose()?.map(Arc::new);
             let stdout = Sinks {
-                file: logs.as_ref().map(|l| l.stdout.try_clone()).transpose()?,
+                file: files.map(|f| clone(f.0)).transpose()?,
                 combined: combined.clone(),
                 echo: capture::std_fd(1),
             };
             let stderr = Sinks {
-                file: logs.as_ref().map(|l| l.stderr.try_clone()).transpose()?,
+                file: files.map(|f| clone(f.1)).transpose()?,
                 combined,
                 echo: capture::std_fd(2),
             };
@@ -176,130 +295,96 @@ fn execute(opts: &RunOptions) -> Result<i32, Fatal> {
         None => None,
     };
 
-    let deadline = opts.deadline.map(|d| start + d);
-    let control = logs.as_mut().map(|l| &mut l.control);
-    let ended = supervise::supervise(pid, &signals, control, deadline, opts.grace)?;
-    let captured = match capture {
-        Some(capture) => capture.finish(opts.grace),
-        None => Captured {
-            stdout_bytes: 0,
-            stderr_bytes: 0,
-            error: None,
-        },
+    let control = logs.map(|l| &mut l.control);
+    let ended = supervise::supervise(pid, signals, control, job.deadline, job.grace)?;
+    let duration = start.elapsed();
+    let (stdout_bytes, stderr_bytes, capture_error) = match capture {
+        Some(capture) => {
+            let captured = capture.finish(job.grace);
+            (captured.stdout_bytes, captured.stderr_bytes, captured.error)
+        }
+        None => (0, 0, None),
     };
-    finish(
-        opts,
-        logs.as_ref(),
-        Report::ended(&ended, started_at, start, captured),
-    )
-}
-
-/// The facts a summary is made of.
-struct Report {
-    exit_code: i32,
-    reason: ExitReason,
-    signal: Option<i32>,
-    error: Option<TaskError>,
-    started_at: SystemTime,
-    start: Instant,
-    captured: Captured,
-}
-
-impl Report {
-    fn ended(
-        ended: &supervise::Ended,
-        started_at: SystemTime,
-        start: Instant,
-        captured: Captured,
-    ) -> Report {
-        let signal = match ended.status {
+    let oom_killed = ended.status == ChildStatus::Signaled(libc::SIGKILL)
+        && oom::kills()
+            .zip(oom_before)
+            .is_some_and(|(after, before)| after > before);
+    let (exit_code, reason, error) = classify(&ended, oom_killed);
+    let mut outcome = Outcome {
+        exit_code,
+        reason,
+        signal: match ended.status {
             ChildStatus::Signaled(s) => Some(s),
             ChildStatus::Exited(_) => None,
-        };
-        let (exit_code, reason, error) = if ended.deadline_exceeded {
-            let message = "deadline exceeded: the command was stopped".to_owned();
-            (
-                exit::DEADLINE_EXCEEDED,
-                ExitReason::DeadlineExceeded,
-                Some(TaskError::user(message, true)),
-            )
-        } else {
-            match ended.status {
-                ChildStatus::Exited(0) => (0, ExitReason::Completed, None),
-                ChildStatus::Exited(code) => {
-                    let message = format!("the command exited with code {code}");
-                    (
-                        code,
-                        ExitReason::Error,
-                        Some(TaskError::user(message, false)),
-                    )
-                }
-                ChildStatus::Signaled(s) => {
-                    let message = format!("the command was killed by {}", signals::name(s));
-                    (
-                        ended.status.exit_code(),
-                        ExitReason::Signaled,
-                        Some(TaskError::user(message, false)),
-                    )
-                }
+        },
+        error,
+        started_at,
+        duration,
+        stdout_bytes,
+        stderr_bytes,
+        usage: children_usage(),
+    };
+    if let Some(message) = capture_error {
+        eprintln!("emissary: {message}");
+        outcome.fail(TaskError::system(message, true));
+    }
+    Ok(outcome)
+}
+
+fn start_error(e: &SpawnError) -> TaskError {
+    match e {
+        SpawnError::Os { .. } => TaskError::system(e.to_string(), true),
+        _ => TaskError::user(e.to_string(), false),
+    }
+}
+
+/// Exit code, reason and error kind from how the tree ended.
+fn classify(ended: &supervise::Ended, oom_killed: bool) -> (i32, ExitReason, Option<TaskError>) {
+    if ended.deadline_exceeded {
+        let message = "deadline exceeded: the command was stopped".to_owned();
+        (
+            exit::DEADLINE_EXCEEDED,
+            ExitReason::DeadlineExceeded,
+            Some(TaskError::user(message, true)),
+        )
+    } else if oom_killed {
+        let message = "the command was killed by the OOM killer (memory limit reached)".to_owned();
+        (
+            ended.status.exit_code(),
+            ExitReason::OomKilled,
+            Some(TaskError::user(message, true)),
+        )
+    } else {
+        match ended.status {
+            ChildStatus::Exited(0) => (0, ExitReason::Completed, None),
+            ChildStatus::Exited(code) => {
+                let message = format!("the command exited with code {code}");
+                (
+                    code,
+                    ExitReason::Error,
+                    Some(TaskError::user(message, false)),
+                )
             }
-        };
-        Report {
-            exit_code,
-            reason,
-            signal,
-            error,
-            started_at,
-            start,
-            captured,
+            ChildStatus::Signaled(s) => {
+                let message = format!("the command was killed by {}", signals::name(s));
+                (
+                    ended.status.exit_code(),
+                    ExitReason::Signaled,
+                    Some(TaskError::user(message, false)),
+                )
+            }
         }
     }
 }
 
-/// Writes the summary and exitcode file; returns the emissary's exit code.
-fn finish(opts: &RunOptions, logs: Option<&LogDir>, mut report: Report) -> Result<i32, Fatal> {
-    let duration = report.start.elapsed();
-    let usage = children_usage();
-    if let Some(message) = report.captured.error.take() {
-        eprintln!("emissary: {message}");
-        report.exit_code = exit::EMISSARY_FAILED;
-        report.error = Some(TaskError::system(message, true));
-    }
-    let summary = RunSummary {
-        exit_code: report.exit_code,
-        reason: report.reason,
-        signal: report.signal,
-        started_at: time::format_rfc3339(report.started_at),
-        finished_at: time::format_rfc3339(report.started_at + duration),
-        duration_ms: duration.as_millis() as u64,
-        user_cpu_ms: usage.user_ms,
-        sys_cpu_ms: usage.sys_ms,
-        max_rss_kb: usage.max_rss_kb,
-        stdout_bytes: report.captured.stdout_bytes,
-        stderr_bytes: report.captured.stderr_bytes,
-        error: report.error,
-    };
-    if let Some(path) = &opts.summary {
-        let mut json = serde_json::to_vec_pretty(&summary)?;
-        json.push(b'\n');
-        write_atomic(path, &json)
-            .map_err(|e| Fatal(format!("cannot write summary {}: {e}", path.display())))?;
-    }
-    if let Some(logs) = logs {
-        let path = logs.dir.join("exitcode");
-        write_atomic(&path, summary.exit_code.to_string().as_bytes())
-            .map_err(|e| Fatal(format!("cannot write {}: {e}", path.display())))?;
-    }
-    Ok(summary.exit_code)
+/// Writes a summary as pretty JSON, atomically.
+pub fn write_summary(path: &Path, summary: &RunSummary) -> Result<(), Fatal> {
+    let mut json = serde_json::to_vec_pretty(summary)?;
+    json.push(b'\n');
+    write_atomic(path, &json)
+        .map_err(|e| Fatal(format!("cannot write summary {}: {e}", path.display())))
 }
 
-struct Usage {
-    user_ms: u64,
-    sys_ms: u64,
-    max_rss_kb: u64,
-}
-
-/// CPU and peak memory of every reaped descendant.
 fn children_usage() -> Usage {
     // SAFETY: getrusage fills the zeroed struct we pass.
     let usage = unsafe {

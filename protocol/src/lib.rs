@@ -8,6 +8,7 @@
 pub mod api;
 pub mod duration;
 pub mod exit;
+pub mod spec;
 pub mod summary;
 pub mod time;
 

@@ -1,0 +1,520 @@
+//! Archives: outputs packed in one streaming pass (directory → tar → gzip/zstd → sink, size and
+//! sha256 counted on the way, constant memory), inputs unpacked without ever writing outside
+//! their target.
+//!
+//! Layout, as Argo's: a packed path is stored under its base name (`/tmp/out` → `out/...`), and
+//! an archive holding exactly one top-level entry unpacks to the target path itself, so a file
+//! or directory round-trips to the path the consumer asked for.
+
+use std::fs::{self, File};
+use std::io::{self, Cursor, Read, Write};
+use std::os::unix::fs::{PermissionsExt, symlink};
+use std::path::{Component, Path, PathBuf};
+
+use protocol::api::ArchiveFormat;
+use protocol::spec::Packing;
+use sha2::{Digest as _, Sha256};
+
+use crate::fsutil;
+
+/// Size and SHA-256 of a byte stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Digest {
+    pub size: u64,
+    pub sha256: String,
+}
+
+/// A writer that counts and hashes what passes through it.
+pub struct HashingWriter<W> {
+    inner: W,
+    hasher: Sha256,
+    size: u64,
+}
+
+impl<W: Write> HashingWriter<W> {
+    pub fn new(inner: W) -> Self {
+        HashingWriter {
+            inner,
+            hasher: Sha256::new(),
+            size: 0,
+        }
+    }
+
+    pub fn finish(self) -> (W, Digest) {
+        (
+            self.inner,
+            Digest {
+                size: self.size,
+                sha256: hex(&self.hasher.finalize()),
+            },
+        )
+    }
+}
+
+impl<W: Write> Write for HashingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.size += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// A reader that counts and hashes what passes through it.
+pub struct HashingReader<R> {
+    inner: R,
+    hasher: Sha256,
+    size: u64,
+}
+
+impl<R: Read> HashingReader<R> {
+    pub fn new(inner: R) -> Self {
+        HashingReader {
+            inner,
+            hasher: Sha256::new(),
+            size: 0,
+        }
+    }
+
+    /// The digest of everything read so far.
+    pub fn digest(&self) -> Digest {
+        Digest {
+            size: self.size,
+            sha256: hex(&self.hasher.clone().finalize()),
+        }
+    }
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.size += n as u64;
+        Ok(n)
+    }
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Hex SHA-256 of `bytes`.
+pub fn sha256(bytes: &[u8]) -> String {
+    hex(&Sha256::digest(bytes))
+}
+
+// ---- packing -------------------------------------------------------------------------------
+
+/// Packs the file or directory at `source` into `sink`; returns what was written. (`dyn`
+/// throughout: one copy of this code whatever the sink, for the size budget.)
+pub fn pack(source: &Path, packing: Packing, sink: &mut dyn Write) -> io::Result<Digest> {
+    let meta = fs::symlink_metadata(source)?;
+    let mut out = HashingWriter::new(sink);
+    match packing.format {
+        ArchiveFormat::None => {
+            if !meta.is_file() {
+                return Err(io::Error::other(format!(
+                    "archive none takes a single file; {} is not one (use tar or zstd)",
+                    source.display()
+                )));
+            }
+            io::copy(&mut File::open(source)?, &mut out)?;
+        }
+        ArchiveFormat::Tar => {
+            let level = flate2::Compression::new(packing.level as u32);
+            let mut gz = flate2::write::GzEncoder::new(&mut out, level);
+            tar_tree(source, &mut gz)?;
+            gz.finish()?;
+        }
+        ArchiveFormat::Zstd => {
+            let mut zst = zstd::stream::write::Encoder::new(&mut out, packing.level)?;
+            tar_tree(source, &mut zst)?;
+            zst.finish()?;
+        }
+    }
+    out.flush()?;
+    Ok(out.finish().1)
+}
+
+/// Writes `source` as a tar stream into `sink` under its base name.
+fn tar_tree(source: &Path, sink: &mut dyn Write) -> io::Result<()> {
+    let name = source
+        .file_name()
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("root"));
+    let mut tar = tar::Builder::new(sink);
+    tar.follow_symlinks(false);
+    append(&mut tar, source, &name)?;
+    tar.finish()
+}
+
+/// Appends one path, recursing into directories in sorted order (stable archives).
+fn append(tar: &mut tar::Builder<&mut dyn Write>, path: &Path, name: &Path) -> io::Result<()> {
+    let meta = fs::symlink_metadata(path)?;
+    let kind = meta.file_type();
+    if kind.is_dir() {
+        tar.append_dir(name, path)?;
+        let mut children: Vec<_> = fs::read_dir(path)?.collect::<Result<_, _>>()?;
+        children.sort_by_key(|e| e.file_name());
+        for child in children {
+            append(tar, &child.path(), &name.join(child.file_name()))?;
+        }
+        Ok(())
+    } else if kind.is_file() || kind.is_symlink() {
+        tar.append_path_with_name(path, name)
+    } else {
+        // Sockets, FIFOs and devices have no content to carry; reading a FIFO could block.
+        eprintln!(
+            "emissary: not archiving {} (not a file, directory or symlink)",
+            path.display()
+        );
+        Ok(())
+    }
+}
+
+// ---- unpacking -----------------------------------------------------------------------------
+
+/// Bounds on what one input may unpack to.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_bytes: u64,
+    pub max_entries: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_bytes: 64 << 30,
+            max_entries: 1_000_000,
+        }
+    }
+}
+
+/// How an input arrives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unpack {
+    /// Detect by magic bytes: tar, tar+gzip and tar+zstd are unpacked, anything else copied.
+    Auto,
+    /// `archive: {none: {}}`: copy the bytes as they are.
+    Never,
+}
+
+const GZIP_MAGIC: &[u8] = &[0x1f, 0x8b];
+const ZSTD_MAGIC: &[u8] = &[0x28, 0xb5, 0x2f, 0xfd];
+/// Enough to see a tar header (magic at 257) even behind a compressor's framing.
+const SNIFF: usize = 64 * 1024;
+
+/// Stages the bytes of `input` at `dest`: unpacked when they are a tar archive, else as one
+/// file. Writes into a temporary sibling first and renames into place, so on any error nothing
+/// is left at `dest` and nothing is ever written outside it. Returns the digest of the bytes
+/// read (as stored, before unpacking).
+pub fn stage(
+    input: &mut dyn Read,
+    dest: &Path,
+    unpack: Unpack,
+    limits: Limits,
+) -> Result<Digest, String> {
+    let mut input = HashingReader::new(input);
+    let mut prefix = Vec::with_capacity(SNIFF);
+    (&mut input)
+        .take(SNIFF as u64)
+        .read_to_end(&mut prefix)
+        .map_err(|e| format!("reading: {e}"))?;
+    let codec = if unpack == Unpack::Never {
+        None
+    } else {
+        sniff(&prefix)
+    };
+    if let Some(parent) = dest.parent() {
+        fs::create_dir_all(parent).map_err(|e| format!("creating {}: {e}", parent.display()))?;
+    }
+    let tmp = fsutil::temp_name(dest);
+    let _ = fs::remove_dir_all(&tmp);
+    let _ = fs::remove_file(&tmp);
+    let mut stream = Cursor::new(prefix).chain(&mut input);
+    let result = match codec {
+        None => write_file(&mut stream, &tmp, limits),
+        Some(Codec::Tar) => unpack_tar(&mut stream, &tmp, limits),
+        Some(Codec::Gzip) => unpack_tar(
+            &mut flate2::read::MultiGzDecoder::new(&mut stream),
+            &tmp,
+            limits,
+        ),
+        Some(Codec::Zstd) => zstd::stream::read::Decoder::new(&mut stream)
+            .map_err(|e| format!("zstd: {e}"))
+            .and_then(|mut d| unpack_tar(&mut d, &tmp, limits)),
+    }
+    .and_then(|()| {
+        // Drain what a decoder left unread (tar padding), so the digest covers every byte.
+        io::copy(&mut stream, &mut io::sink()).map_err(|e| format!("reading: {e}"))?;
+        place(&tmp, dest, codec.is_some())
+    });
+    if result.is_err() {
+        let _ = fs::remove_dir_all(&tmp);
+        let _ = fs::remove_file(&tmp);
+    }
+    result.map(|()| input.digest())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Codec {
+    Tar,
+    Gzip,
+    Zstd,
+}
+
+/// Which tar container `prefix` starts, if any.
+fn sniff(prefix: &[u8]) -> Option<Codec> {
+    let is_tar = |b: &[u8]| b.len() >= 262 && &b[257..262] == b"ustar";
+    let decoded = |mut r: Box<dyn Read + '_>| {
+        let mut head = Vec::new();
+        let _ = r.by_ref().take(512).read_to_end(&mut head);
+        head
+    };
+    if prefix.starts_with(GZIP_MAGIC) {
+        is_tar(&decoded(Box::new(flate2::read::GzDecoder::new(prefix)))).then_some(Codec::Gzip)
+    } else if prefix.starts_with(ZSTD_MAGIC) {
+        let decoder = zstd::stream::read::Decoder::new(prefix).ok()?;
+        is_tar(&decoded(Box::new(decoder))).then_some(Codec::Zstd)
+    } else {
+        is_tar(prefix).then_some(Codec::Tar)
+    }
+}
+
+fn write_file(input: &mut dyn Read, tmp: &Path, limits: Limits) -> Result<(), String> {
+    let mut file = File::create(tmp).map_err(|e| format!("creating {}: {e}", tmp.display()))?;
+    let n = io::copy(&mut input.take(limits.max_bytes + 1), &mut file)
+        .map_err(|e| format!("writing {}: {e}", tmp.display()))?;
+    if n > limits.max_bytes {
+        return Err(format!(
+            "larger than the limit of {} bytes",
+            limits.max_bytes
+        ));
+    }
+    Ok(())
+}
+
+/// Moves the staged `tmp` to `dest`, replacing what was there. An archive with a single
+/// top-level entry becomes `dest` itself.
+fn place(tmp: &Path, dest: &Path, unpacked: bool) -> Result<(), String> {
+    let mut source = tmp.to_owned();
+    if unpacked {
+        let entries: Vec<_> = fs::read_dir(tmp)
+            .map_err(|e| e.to_string())?
+            .collect::<Result<_, _>>()
+            .map_err(|e| e.to_string())?;
+        if entries.len() == 1 {
+            source = entries[0].path();
+        }
+    }
+    match fs::symlink_metadata(dest) {
+        Ok(m) if m.is_dir() => fs::remove_dir_all(dest),
+        Ok(_) => fs::remove_file(dest),
+        Err(_) => Ok(()),
+    }
+    .map_err(|e| format!("replacing {}: {e}", dest.display()))?;
+    fs::rename(&source, dest).map_err(|e| format!("moving into {}: {e}", dest.display()))?;
+    if source != tmp {
+        let _ = fs::remove_dir(tmp);
+    }
+    Ok(())
+}
+
+/// Unpacks a tar stream into the new directory `root`, refusing anything that could write
+/// outside it: absolute paths, `..`, paths through symlinks, symlinks or hard links pointing
+/// out, device files; and more entries or bytes than `limits` allow.
+fn unpack_tar(input: &mut dyn Read, root: &Path, limits: Limits) -> Result<(), String> {
+    fs::create_dir(root).map_err(|e| format!("creating {}: {e}", root.display()))?;
+    let mut archive = tar::Archive::new(input);
+    let mut entries_seen = 0u64;
+    let mut bytes = 0u64;
+    for entry in archive
+        .entries()
+        .map_err(|e| format!("not a tar archive: {e}"))?
+    {
+        let mut entry = entry.map_err(|e| format!("corrupt tar archive: {e}"))?;
+        entries_seen += 1;
+        if entries_seen > limits.max_entries {
+            return Err(format!("more than {} entries", limits.max_entries));
+        }
+        let raw_path = entry
+            .path()
+            .map_err(|e| format!("bad entry name: {e}"))?
+            .into_owned();
+        let shown = raw_path.display().to_string();
+        let Some(relative) = contained(&raw_path) else {
+            return Err(format!("entry {shown:?} points outside the target"));
+        };
+        if relative.as_os_str().is_empty() {
+            continue; // "./"
+        }
+        let target = root.join(&relative);
+        ensure_parents(root, &relative).map_err(|e| format!("entry {shown:?}: {e}"))?;
+        let mode = entry.header().mode().unwrap_or(0o644) & 0o777;
+        let kind = entry.header().entry_type();
+        match kind {
+            tar::EntryType::Directory => {
+                if !fs::symlink_metadata(&target).is_ok_and(|m| m.is_dir()) {
+                    fs::create_dir(&target).map_err(|e| format!("entry {shown:?}: {e}"))?;
+                }
+                fs::set_permissions(&target, fs::Permissions::from_mode(mode | 0o700))
+                    .map_err(|e| format!("entry {shown:?}: {e}"))?;
+            }
+            tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
+                bytes += entry.size();
+                if bytes > limits.max_bytes {
+                    return Err(format!(
+                        "unpacks to more than the limit of {} bytes",
+                        limits.max_bytes
+                    ));
+                }
+                remove_existing(&target);
+                let mut file =
+                    File::create(&target).map_err(|e| format!("entry {shown:?}: {e}"))?;
+                io::copy(&mut entry, &mut file).map_err(|e| format!("entry {shown:?}: {e}"))?;
+                file.set_permissions(fs::Permissions::from_mode(mode))
+                    .map_err(|e| format!("entry {shown:?}: {e}"))?;
+                if let Ok(mtime) = entry.header().mtime() {
+                    let _ = file.set_modified(
+                        std::time::UNIX_EPOCH + std::time::Duration::from_secs(mtime),
+                    );
+                }
+            }
+            tar::EntryType::Symlink => {
+                let link = entry
+                    .link_name()
+                    .ok()
+                    .flatten()
+                    .ok_or_else(|| format!("symlink {shown:?} has no target"))?;
+                let parent = relative.parent().unwrap_or(Path::new(""));
+                if link.is_absolute() || contained(&parent.join(&link)).is_none() {
+                    return Err(format!(
+                        "symlink {shown:?} -> {:?} points outside the target",
+                        link.display()
+                    ));
+                }
+                remove_existing(&target);
+                symlink(&link, &target).map_err(|e| format!("entry {shown:?}: {e}"))?;
+            }
+            tar::EntryType::Link => {
+                let link = entry
+                    .link_name()
+                    .ok()
+                    .flatten()
+                    .ok_or_else(|| format!("hard link {shown:?} has no target"))?;
+                let Some(linked) = contained(&link) else {
+                    return Err(format!(
+                        "hard link {shown:?} -> {:?} points outside the target",
+                        link.display()
+                    ));
+                };
+                let source = root.join(&linked);
+                ensure_parents(root, &linked).map_err(|e| format!("hard link {shown:?}: {e}"))?;
+                if !fs::symlink_metadata(&source).is_ok_and(|m| m.is_file()) {
+                    return Err(format!(
+                        "hard link {shown:?} -> {:?}: no such file in the archive",
+                        link.display()
+                    ));
+                }
+                remove_existing(&target);
+                fs::hard_link(&source, &target).map_err(|e| format!("entry {shown:?}: {e}"))?;
+            }
+            tar::EntryType::XGlobalHeader | tar::EntryType::XHeader => {}
+            other => {
+                return Err(format!(
+                    "entry {shown:?}: {other:?} entries (devices, FIFOs) are not allowed"
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `path` made relative and free of `..` without leaving its root, or `None` if it is
+/// absolute or climbs out.
+fn contained(path: &Path) -> Option<PathBuf> {
+    let mut out = PathBuf::new();
+    for component in path.components() {
+        match component {
+            Component::Normal(part) => out.push(part),
+            Component::CurDir => {}
+            Component::ParentDir => {
+                if !out.pop() {
+                    return None;
+                }
+            }
+            Component::RootDir | Component::Prefix(_) => return None,
+        }
+    }
+    Some(out)
+}
+
+/// Creates the parent directories of `root/relative`; fails if any existing one is a symlink
+/// (a planted link would redirect the write outside `root`).
+fn ensure_parents(root: &Path, relative: &Path) -> io::Result<()> {
+    let mut dir = root.to_owned();
+    let Some(parent) = relative.parent() else {
+        return Ok(());
+    };
+    for part in parent.components() {
+        dir.push(part);
+        match fs::symlink_metadata(&dir) {
+            Ok(m) if m.file_type().is_symlink() => {
+                return Err(io::Error::other("path goes through a symlink"));
+            }
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => return Err(io::Error::other("a parent is not a directory")),
+            Err(_) => fs::create_dir(&dir)?,
+        }
+    }
+    Ok(())
+}
+
+/// Removes a file or link at `path` (never following it), so a later entry of the same name
+/// replaces it instead of writing through it.
+fn remove_existing(path: &Path) {
+    if fs::symlink_metadata(path).is_ok_and(|m| !m.is_dir()) {
+        let _ = fs::remove_file(path);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn contained_paths_never_climb_out() {
+        assert_eq!(
+            contained(Path::new("a/./b/../c")),
+            Some(PathBuf::from("a/c"))
+        );
+        assert_eq!(contained(Path::new("./")), Some(PathBuf::new()));
+        assert_eq!(contained(Path::new("../x")), None);
+        assert_eq!(contained(Path::new("a/../../x")), None);
+        assert_eq!(contained(Path::new("/etc/passwd")), None);
+    }
+
+    #[test]
+    fn sniffs_tar_behind_compressors() {
+        let dir = std::env::temp_dir().join(format!("emissary-sniff-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join("f"), b"hello").unwrap();
+        for (format, codec) in [
+            (ArchiveFormat::Tar, Codec::Gzip),
+            (ArchiveFormat::Zstd, Codec::Zstd),
+        ] {
+            let mut bytes = Vec::new();
+            let digest = pack(&dir.join("f"), Packing { format, level: 1 }, &mut bytes).unwrap();
+            assert_eq!(sniff(&bytes), Some(codec));
+            assert_eq!(digest.size, bytes.len() as u64);
+            assert_eq!(digest.sha256, sha256(&bytes));
+        }
+        assert_eq!(sniff(b"\x1f\x8bnot really gzip"), None);
+        assert_eq!(sniff(b"plain text"), None);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,87 @@
+//! `emissary init`: what the injected init container does before the task container starts.
+//!
+//! Copies this binary into the shared volume (temp + rename, mode 0555 so any uid can exec it;
+//! a concurrent reader never sees a partial binary), creates the shared directories world-
+//! writable (a non-root task must be able to write them: Argo #6238), and, when a task spec is
+//! present, writes it (`template`, 0444) and its script, and stages its inputs into
+//! `DIR/inputs/NAME`, so the task container only moves them into place.
+
+use std::fs::{self, File};
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use crate::archive::Limits;
+use crate::fsutil::{temp_name, write_atomic_mode};
+use crate::inputs::{self, Sources};
+use crate::store::{LocalStore, Store};
+use crate::template;
+
+pub struct InitOptions {
+    pub dest: PathBuf,
+    pub template: Option<PathBuf>,
+    pub store: Option<PathBuf>,
+}
+
+pub fn init(opts: &InitOptions) -> Result<(), String> {
+    for dir in [
+        opts.dest.clone(),
+        opts.dest.join("ctr"),
+        opts.dest.join("inputs"),
+    ] {
+        shared_dir(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    }
+    let binary = opts.dest.join("emissary");
+    copy_self(&binary).map_err(|e| format!("cannot install {}: {e}", binary.display()))?;
+    if opts.template.is_none() && !template::from_environment() {
+        return Ok(());
+    }
+    let loaded = template::load(opts.template.as_deref(), &[])?;
+    let spec_path = opts.dest.join("template");
+    write_mode(&spec_path, &loaded.json, 0o444)?;
+    if let Some(script) = &loaded.template.script {
+        write_mode(&opts.dest.join("script"), script.source.as_bytes(), 0o755)?;
+    }
+    let store = opts.store.as_deref().map(LocalStore::new);
+    let sources = Sources {
+        overrides: &[],
+        staged: None,
+        store: store.as_ref().map(|s| s as &dyn Store),
+        limits: Limits::default(),
+    };
+    let staged_dir = opts.dest.join("inputs");
+    for artifact in &loaded.template.inputs.artifacts {
+        let dest = staged_dir.join(&artifact.name);
+        let fail = |e: String| format!("input artifact {:?}: {e}", artifact.name);
+        // Not available here (e.g. no store in this container): the task container tries.
+        if let Some(digest) = inputs::stage_one(artifact, &dest, &sources).map_err(fail)? {
+            let digest_file = inputs::digest_file(&staged_dir, &artifact.name);
+            write_mode(&digest_file, digest.sha256.as_bytes(), 0o444)?;
+        }
+    }
+    Ok(())
+}
+
+/// A directory every uid in the pod can write (mode set explicitly: the umask would narrow it).
+fn shared_dir(dir: &Path) -> io::Result<()> {
+    fs::create_dir_all(dir)?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o777))
+}
+
+fn copy_self(dest: &Path) -> io::Result<()> {
+    let tmp = temp_name(dest);
+    let result = (|| {
+        io::copy(&mut File::open("/proc/self/exe")?, &mut File::create(&tmp)?)?;
+        fs::set_permissions(&tmp, fs::Permissions::from_mode(0o555))?;
+        fs::rename(&tmp, dest)
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+fn write_mode(path: &Path, bytes: &[u8], mode: u32) -> Result<(), String> {
+    write_atomic_mode(path, bytes, Some(mode))
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))
+}

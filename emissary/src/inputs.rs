@@ -1,0 +1,189 @@
+//! Input artifacts, staged at their `path` before the command starts.
+//!
+//! Sources, first match wins: `raw.data`; `--input NAME=PATH` (standalone); what
+//! `emissary init` already staged in `ROOT/inputs/NAME` (then it is only moved); the store, by
+//! key. A missing input is an error unless it is `optional`.
+
+use std::fs::{self, File};
+use std::io::{self, Cursor};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use protocol::spec::{InputArtifact, Template};
+
+use crate::archive::{self, Digest, Limits, Unpack};
+use crate::store::Store;
+
+/// Where inputs may come from.
+pub struct Sources<'a> {
+    /// `--input NAME=PATH`.
+    pub overrides: &'a [(String, PathBuf)],
+    /// `ROOT/inputs`, where `emissary init` stages inputs for the task container.
+    pub staged: Option<PathBuf>,
+    pub store: Option<&'a dyn Store>,
+    pub limits: Limits,
+}
+
+/// One staged input, for the inputs digest.
+pub struct Staged {
+    pub name: String,
+    pub sha256: String,
+}
+
+/// Stages every input artifact of `template` at its path.
+pub fn stage_all(template: &Template, sources: &Sources<'_>) -> Result<Vec<Staged>, String> {
+    let mut staged = Vec::new();
+    for artifact in &template.inputs.artifacts {
+        let dest = PathBuf::from(artifact.path.as_deref().unwrap_or_default());
+        let fail = |e: String| format!("input artifact {:?}: {e}", artifact.name);
+        match stage_one(artifact, &dest, sources).map_err(fail)? {
+            Some(digest) => {
+                if let Some(mode) = artifact.mode {
+                    fs::set_permissions(&dest, fs::Permissions::from_mode(mode))
+                        .map_err(|e| fail(format!("chmod {:o} {}: {e}", mode, dest.display())))?;
+                }
+                staged.push(Staged {
+                    name: artifact.name.clone(),
+                    sha256: digest.sha256,
+                });
+            }
+            None if artifact.optional => {}
+            None => {
+                let key = artifact
+                    .store_key()
+                    .map(|k| format!(" (key {k:?})"))
+                    .unwrap_or_default();
+                return Err(fail(format!("not found{key}; it is not optional")));
+            }
+        }
+    }
+    Ok(staged)
+}
+
+/// Stages one input at `dest`; `Ok(None)` when no source has it.
+pub fn stage_one(
+    artifact: &InputArtifact,
+    dest: &Path,
+    sources: &Sources<'_>,
+) -> Result<Option<Digest>, String> {
+    let unpack = match &artifact.archive {
+        Some(a) if a.none.is_some() => Unpack::Never,
+        _ => Unpack::Auto,
+    };
+    if let Some(raw) = &artifact.raw {
+        return archive::stage(
+            &mut Cursor::new(raw.data.as_bytes()),
+            dest,
+            Unpack::Never,
+            sources.limits,
+        )
+        .map(Some);
+    }
+    if let Some((_, path)) = sources
+        .overrides
+        .iter()
+        .find(|(name, _)| name == &artifact.name)
+    {
+        return stage_path(path, dest, unpack, sources.limits).map(Some);
+    }
+    if let Some(dir) = &sources.staged {
+        let staged = dir.join(&artifact.name);
+        if fs::symlink_metadata(&staged).is_ok() {
+            let sha256 = fs::read_to_string(digest_file(dir, &artifact.name)).unwrap_or_default();
+            move_into(&staged, dest)?;
+            return Ok(Some(Digest {
+                size: 0,
+                sha256: sha256.trim().to_owned(),
+            }));
+        }
+    }
+    let (Some(key), Some(store)) = (artifact.store_key(), sources.store) else {
+        return Ok(None);
+    };
+    match store.get(key)? {
+        Some(mut reader) => archive::stage(&mut reader, dest, unpack, sources.limits).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// Where `emissary init` records the digest of a staged input.
+pub fn digest_file(dir: &Path, name: &str) -> PathBuf {
+    dir.join(format!(".{name}.sha256"))
+}
+
+/// `--input NAME=PATH`: a file is staged like stored bytes (archives unpacked); a directory is
+/// copied as is.
+fn stage_path(path: &Path, dest: &Path, unpack: Unpack, limits: Limits) -> Result<Digest, String> {
+    let meta = fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    if meta.is_dir() {
+        let mut hasher = archive::HashingWriter::new(io::sink());
+        copy_tree(path, dest, &mut hasher)
+            .map_err(|e| format!("copying {}: {e}", path.display()))?;
+        return Ok(hasher.finish().1);
+    }
+    let mut file = File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    archive::stage(&mut file, dest, unpack, limits)
+}
+
+/// Moves `from` to `to`, copying across filesystems (the shared volume is usually not the
+/// container's root filesystem).
+fn move_into(from: &Path, to: &Path) -> Result<(), String> {
+    if let Some(parent) = to.parent() {
+        fs::create_dir_all(parent).map_err(|e| format!("creating {}: {e}", parent.display()))?;
+    }
+    if fs::symlink_metadata(to).is_ok_and(|m| m.is_dir()) {
+        fs::remove_dir_all(to).map_err(|e| format!("replacing {}: {e}", to.display()))?;
+    }
+    match fs::rename(from, to) {
+        Ok(()) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::EXDEV) => copy_tree(from, to, &mut io::sink())
+            .map_err(|e| format!("copying to {}: {e}", to.display())),
+        Err(e) => Err(format!(
+            "moving {} to {}: {e}",
+            from.display(),
+            to.display()
+        )),
+    }
+}
+
+/// Copies a file, symlink or directory tree, keeping modes; `digest` sees every relative path
+/// and file content in a stable order.
+fn copy_tree(from: &Path, to: &Path, digest: &mut impl io::Write) -> io::Result<()> {
+    let meta = fs::symlink_metadata(from)?;
+    if meta.is_dir() {
+        fs::create_dir_all(to)?;
+        let mut children: Vec<_> = fs::read_dir(from)?.collect::<Result<_, _>>()?;
+        children.sort_by_key(|e| e.file_name());
+        for child in children {
+            digest.write_all(child.file_name().as_encoded_bytes())?;
+            copy_tree(&child.path(), &to.join(child.file_name()), digest)?;
+        }
+    } else if meta.file_type().is_symlink() {
+        let target = fs::read_link(from)?;
+        digest.write_all(target.as_os_str().as_encoded_bytes())?;
+        let _ = fs::remove_file(to);
+        // A link's own mode is meaningless, and chmod would follow it: done.
+        return std::os::unix::fs::symlink(target, to);
+    } else {
+        let mut source = File::open(from)?;
+        let mut target = File::create(to)?;
+        io::copy(&mut source, &mut TeeWriter(&mut target, digest))?;
+    }
+    fs::set_permissions(to, meta.permissions())
+}
+
+/// Writes to two writers.
+struct TeeWriter<'a, A, B>(&'a mut A, &'a mut B);
+
+impl<A: io::Write, B: io::Write> io::Write for TeeWriter<'_, A, B> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.write_all(buf)?;
+        self.1.write_all(buf)?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.0.flush()?;
+        self.1.flush()
+    }
+}

@@ -1,0 +1,126 @@
+//! Outputs, collected after the command ends, whether it succeeded or not: parameters from
+//! files, `result` from the captured stdout, artifacts packed into the store.
+//!
+//! A missing non-optional output is an error, but every other output is still collected.
+
+use std::fs::File;
+use std::io::{self, Read, Seek, SeekFrom};
+use std::path::Path;
+
+use protocol::api::{ArtifactOutput, Outputs, ParameterOutput};
+use protocol::spec::{Archive, Template};
+
+use crate::store::Store;
+
+/// Argo keeps the last 256 KiB of stdout as `outputs.result`.
+pub const RESULT_LIMIT: u64 = 256 * 1024;
+/// An output parameter larger than this is an error (it belongs in an artifact).
+pub const PARAMETER_LIMIT: u64 = 256 * 1024;
+
+/// Collects parameters and artifacts of `template`; returns them with the errors met.
+pub fn collect(template: &Template, store: &dyn Store) -> (Outputs, Vec<String>) {
+    let mut outputs = Outputs::default();
+    let mut errors = Vec::new();
+    for p in &template.outputs.parameters {
+        let Some(from) = &p.value_from else { continue };
+        // Only file-backed parameters are ours; others (supplied, jsonPath...) are the controller's.
+        let Some(path) = &from.path else { continue };
+        match read_parameter(Path::new(path)) {
+            Ok(value) => outputs.parameters.push(ParameterOutput {
+                name: p.name.clone(),
+                value,
+            }),
+            Err(e) => match &from.default {
+                Some(default) if e.kind() == io::ErrorKind::NotFound => {
+                    outputs.parameters.push(ParameterOutput {
+                        name: p.name.clone(),
+                        value: default.clone(),
+                    })
+                }
+                _ => errors.push(format!("output parameter {:?}: {path}: {e}", p.name)),
+            },
+        }
+    }
+    for a in &template.outputs.artifacts {
+        let path = Path::new(a.path.as_deref().unwrap_or_default());
+        if std::fs::symlink_metadata(path).is_err() {
+            if !a.optional {
+                errors.push(format!(
+                    "output artifact {:?}: {} does not exist",
+                    a.name,
+                    path.display()
+                ));
+            }
+            continue;
+        }
+        let packing = match Archive::packing(a.archive.as_ref()) {
+            Ok(p) => p,
+            Err(e) => {
+                errors.push(format!("output artifact {:?}: {e}", a.name));
+                continue;
+            }
+        };
+        let ext = packing.format.extension();
+        let file = if ext.is_empty() {
+            a.name.clone()
+        } else {
+            format!("{}.{ext}", a.name)
+        };
+        match store.put(&file, path, packing) {
+            Ok(stored) => outputs.artifacts.push(ArtifactOutput {
+                name: a.name.clone(),
+                stored,
+                archive: packing.format,
+            }),
+            Err(e) => errors.push(format!("output artifact {:?}: {e}", a.name)),
+        }
+    }
+    (outputs, errors)
+}
+
+/// A parameter's value: the file's text with one trailing newline removed (as Argo).
+fn read_parameter(path: &Path) -> io::Result<String> {
+    let mut bytes = Vec::new();
+    File::open(path)?
+        .take(PARAMETER_LIMIT + 1)
+        .read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > PARAMETER_LIMIT {
+        return Err(io::Error::other(format!(
+            "larger than {PARAMETER_LIMIT} bytes; use an output artifact for large values"
+        )));
+    }
+    if bytes.ends_with(b"\n") {
+        bytes.pop();
+    }
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
+}
+
+/// `outputs.result`: the captured stdout, one trailing newline removed, the last
+/// [`RESULT_LIMIT`] bytes; true when that is only the tail.
+pub fn result(stdout_file: &Path) -> io::Result<(String, bool)> {
+    let mut file = File::open(stdout_file)?;
+    let len = file.metadata()?.len();
+    let truncated = len > RESULT_LIMIT;
+    if truncated {
+        file.seek(SeekFrom::Start(len - RESULT_LIMIT))?;
+    }
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes)?;
+    if bytes.ends_with(b"\n") {
+        bytes.pop();
+    }
+    let mut text = String::from_utf8_lossy(&bytes).into_owned();
+    if truncated && text.starts_with('\u{fffd}') {
+        // The cut may split a UTF-8 sequence; drop the broken head rather than mangle it.
+        text = text.trim_start_matches('\u{fffd}').to_owned();
+    }
+    Ok((text, truncated))
+}
+
+/// The last `N/M` progress the user process wrote to its progress file.
+pub fn progress(file: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(file).ok()?;
+    let line = text.lines().rev().find(|l| !l.trim().is_empty())?.trim();
+    let (n, m) = line.split_once('/')?;
+    (n.parse::<u64>().is_ok() && m.parse::<u64>().is_ok()).then(|| line.to_owned())
+}

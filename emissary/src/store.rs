@@ -1,0 +1,82 @@
+//! Where artifacts come from and go to: one trait, a local directory here; the node agent
+//! (`crate::agent`) is the other implementation.
+
+use std::fs::{self, File};
+use std::io::{BufWriter, Read, Write};
+use std::path::{Component, Path, PathBuf};
+
+use protocol::api::StoredArtifact;
+use protocol::spec::Packing;
+
+use crate::archive;
+use crate::fsutil;
+
+/// An artifact store as the emissary sees it.
+pub trait Store {
+    /// Opens the object at `key`; `Ok(None)` when there is none.
+    fn get(&self, key: &str) -> Result<Option<Box<dyn Read + '_>>, String>;
+    /// Packs `source` and stores it as `file` (`{artifact}.{ext}`); the store picks the key.
+    fn put(&self, file: &str, source: &Path, packing: Packing) -> Result<StoredArtifact, String>;
+}
+
+/// A directory: keys are relative paths inside it; outputs land in `artifacts/`.
+pub struct LocalStore {
+    root: PathBuf,
+}
+
+impl LocalStore {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        LocalStore { root: root.into() }
+    }
+
+    fn path_of(&self, key: &str) -> Result<PathBuf, String> {
+        let relative = Path::new(key);
+        let clean = relative
+            .components()
+            .all(|c| matches!(c, Component::Normal(_)));
+        if key.is_empty() || !clean {
+            return Err(format!(
+                "store key {key:?} must be a relative path without . or .."
+            ));
+        }
+        Ok(self.root.join(relative))
+    }
+}
+
+impl Store for LocalStore {
+    fn get(&self, key: &str) -> Result<Option<Box<dyn Read + '_>>, String> {
+        let path = self.path_of(key)?;
+        match File::open(&path) {
+            Ok(file) => Ok(Some(Box::new(file))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(format!("{}: {e}", path.display())),
+        }
+    }
+
+    fn put(&self, file: &str, source: &Path, packing: Packing) -> Result<StoredArtifact, String> {
+        let key = format!("artifacts/{file}");
+        let path = self.path_of(&key)?;
+        let dir = path.parent().unwrap_or(&self.root);
+        fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        // Packed into a temporary name and renamed: a reader never sees half an archive.
+        let tmp = fsutil::temp_name(&path);
+        let written = (|| {
+            let mut file = BufWriter::with_capacity(256 * 1024, File::create(&tmp)?);
+            let digest = archive::pack(source, packing, &mut file)?;
+            file.flush()?;
+            fs::rename(&tmp, &path)?;
+            Ok::<_, std::io::Error>(digest)
+        })();
+        match written {
+            Ok(digest) => Ok(StoredArtifact {
+                key,
+                size: digest.size,
+                sha256: digest.sha256,
+            }),
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                Err(format!("storing {}: {e}", path.display()))
+            }
+        }
+    }
+}

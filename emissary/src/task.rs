@@ -1,0 +1,381 @@
+//! Template mode: `emissary run` driven by a task spec.
+//!
+//! Spec → dependencies (containerSet) → inputs → the command, supervised → outputs → report.
+//! Every path after the spec is loaded ends in a report: `ROOT/ctr/NAME/summary.json` and
+//! `exitcode` always, and, from the container that owns the task's outputs (`main`, or the
+//! only container), `ROOT/outputs.json`. A failed step still reports what it has.
+//!
+//! Layout under ROOT (`--out DIR`, `--root DIR`, `EMISSARY_ROOT`, default `/var/run/emissary`):
+//! `ctr/NAME/{stdout,stderr,combined,exitcode,summary.json,signal,progress}`, `inputs/` (staged
+//! by `emissary init`), `script`, `artifacts/` (the local store), `outputs.json`.
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime};
+
+use protocol::api::{Outputs, TaskResult};
+use protocol::spec::{Container, Template};
+use protocol::{ExitReason, TaskError, exit, time};
+
+use crate::archive::{self, Limits};
+use crate::deps::{self, Waited};
+use crate::fsutil::{write_atomic, write_atomic_mode};
+use crate::inputs::{self, Sources};
+use crate::outputs;
+use crate::run::{self, Fatal, Job, LogDir, Outcome, RunOptions};
+use crate::spawn::Program;
+use crate::store::{LocalStore, Store};
+use crate::template::{self, env_any};
+
+/// Where the shared volume is mounted in a pod.
+pub const DEFAULT_ROOT: &str = "/var/run/emissary";
+
+/// The container that owns a task's inputs and outputs (Argo's convention).
+const MAIN: &str = "main";
+
+pub fn run(opts: &RunOptions) -> Result<i32, Fatal> {
+    let signals = run::prepare()?;
+    let root = root_dir(opts);
+    let name = opts
+        .container
+        .clone()
+        .or_else(|| env_any(&["EMISSARY_CONTAINER_NAME", "ARGO_CONTAINER_NAME"]))
+        .unwrap_or_else(|| MAIN.to_owned());
+    if !protocol::api::valid_name(&name) {
+        return Err(Fatal(format!(
+            "container name {name:?} is not a name of [A-Za-z0-9._-]"
+        )));
+    }
+    let ctr_root = root.join("ctr");
+    let mut logs = LogDir::create(&ctr_root.join(&name))?;
+    let mut task = Task {
+        root: root.clone(),
+        name,
+        owns_outputs: true,
+        json: Vec::new(),
+        staged: Vec::new(),
+    };
+
+    let loaded = match template::load(opts.template.as_deref(), &opts.params) {
+        Ok(loaded) => loaded,
+        Err(message) => {
+            let error = TaskError::system(message, false);
+            return task.report(&logs, not_started(exit::EMISSARY_FAILED, error), None, None);
+        }
+    };
+    task.json = loaded.json;
+    let template = loaded.template;
+    let (container, dependencies) = match select(&template, &task.name) {
+        Ok(selected) => selected,
+        Err(message) => {
+            let error = TaskError::system(message, false);
+            return task.report(&logs, not_started(exit::EMISSARY_FAILED, error), None, None);
+        }
+    };
+    task.owns_outputs = template.container_set.is_none() || task.name == MAIN;
+
+    match deps::wait(&ctr_root, &dependencies, &signals).map_err(Fatal)? {
+        Waited::Ready => {}
+        Waited::Failed(dep, code) => {
+            let message = format!("skipped: dependency {dep:?} failed with exit code {code}");
+            eprintln!("emissary: {message}");
+            let error = TaskError::user(message, false);
+            return task.report(
+                &logs,
+                not_started(exit::EMISSARY_FAILED, error),
+                Some(&template),
+                None,
+            );
+        }
+        Waited::Interrupted(signal) => {
+            let mut outcome = not_started(
+                exit::for_signal(signal),
+                TaskError::user("stopped while waiting for dependencies", false),
+            );
+            outcome.reason = ExitReason::Signaled;
+            outcome.signal = Some(signal);
+            return task.report(&logs, outcome, Some(&template), None);
+        }
+    }
+
+    let input_store = opts.store.as_deref().map(LocalStore::new);
+    if task.owns_outputs {
+        let sources = Sources {
+            overrides: &opts.inputs,
+            staged: Some(root.join("inputs")),
+            store: input_store.as_ref().map(|s| s as &dyn Store),
+            limits: limits_from_env(),
+        };
+        match inputs::stage_all(&template, &sources) {
+            Ok(staged) => task.staged = staged,
+            Err(message) => {
+                eprintln!("emissary: {message}");
+                let error = TaskError::user(message, false);
+                return task.report(
+                    &logs,
+                    not_started(exit::EMISSARY_FAILED, error),
+                    Some(&template),
+                    None,
+                );
+            }
+        }
+    }
+
+    let program = match task.program(opts, &template, &container, &logs.dir) {
+        Ok(program) => program,
+        Err(message) => {
+            eprintln!("emissary: {message}");
+            let error = TaskError::system(message, false);
+            return task.report(
+                &logs,
+                not_started(exit::EMISSARY_FAILED, error),
+                Some(&template),
+                None,
+            );
+        }
+    };
+    let job = Job {
+        program: &program,
+        capture: true,
+        deadline: deadline(opts, &template)?,
+        grace: opts.grace,
+    };
+    let outcome = run::execute(job, &signals, Some(&mut logs))?;
+    let store = LocalStore::new(&root);
+    task.report(&logs, outcome, Some(&template), Some(&store))
+}
+
+/// The task being run: where it reports, and what it has learnt so far.
+struct Task {
+    root: PathBuf,
+    name: String,
+    owns_outputs: bool,
+    /// The substituted spec, for the inputs digest.
+    json: Vec<u8>,
+    staged: Vec<inputs::Staged>,
+}
+
+impl Task {
+    /// The command line and environment for `container`.
+    fn program(
+        &self,
+        opts: &RunOptions,
+        template: &Template,
+        container: &Container,
+        ctr: &Path,
+    ) -> Result<Program, String> {
+        let script = template.script.as_ref().map(|s| &s.source);
+        let script_path = self.root.join("script");
+        if let Some(source) = script
+            && !script_path.exists()
+        {
+            write_atomic_mode(&script_path, source.as_bytes(), Some(0o755)).map_err(|e| {
+                format!("cannot write the script to {}: {e}", script_path.display())
+            })?;
+        }
+        let argv: Vec<OsString> = if !opts.command.is_empty() {
+            opts.command.clone()
+        } else {
+            let mut argv: Vec<OsString> = container
+                .command
+                .iter()
+                .chain(&container.args)
+                .map(OsString::from)
+                .collect();
+            if script.is_some() {
+                if container.command.is_empty() {
+                    argv.insert(0, "sh".into());
+                }
+                argv.push(script_path.into_os_string());
+            }
+            if argv.is_empty() {
+                return Err(format!(
+                    "container {:?} has no command: set its command in the spec or pass it after --",
+                    self.name
+                ));
+            }
+            argv
+        };
+        let mut env: BTreeMap<OsString, OsString> = std::env::vars_os().collect();
+        // The agent token opens this task's store paths; the user's process has no use for it.
+        env.remove(&OsString::from("EMISSARY_TOKEN"));
+        for var in &container.env {
+            if let Some(value) = &var.value {
+                env.insert(var.name.clone().into(), value.into());
+            }
+        }
+        let progress = progress_file(ctr);
+        env.insert("EMISSARY_PROGRESS_FILE".into(), progress.clone().into());
+        env.insert("ARGO_PROGRESS_FILE".into(), progress.into());
+        let env: Vec<OsString> = env
+            .into_iter()
+            .map(|(k, v)| {
+                let mut kv = k;
+                kv.push("=");
+                kv.push(v);
+                kv
+            })
+            .collect();
+        let mut program = Program::new(&argv)?.env(&env)?;
+        if let Some(dir) = &container.working_dir {
+            program = program.cwd(dir)?;
+        }
+        Ok(program)
+    }
+
+    /// Collects outputs (if this container owns them), writes the reports, returns the code.
+    fn report(
+        &self,
+        logs: &LogDir,
+        mut outcome: Outcome,
+        template: Option<&Template>,
+        store: Option<&dyn Store>,
+    ) -> Result<i32, Fatal> {
+        let mut result_outputs = Outputs::default();
+        if self.owns_outputs {
+            if let (Some(template), Some(store)) = (template, store) {
+                let (collected, errors) = outputs::collect(template, store);
+                result_outputs = collected;
+                if !errors.is_empty() {
+                    let message = errors.join("; ");
+                    eprintln!("emissary: {message}");
+                    outcome.fail(TaskError::user(message, false));
+                }
+                if include_result() {
+                    match outputs::result(&logs.dir.join("stdout")) {
+                        Ok((text, truncated)) => {
+                            result_outputs.result = Some(text);
+                            result_outputs.result_truncated = truncated;
+                        }
+                        Err(e) => outcome.fail(TaskError::system(
+                            format!("reading stdout for the result: {e}"),
+                            true,
+                        )),
+                    }
+                }
+            }
+            result_outputs.progress = outputs::progress(&progress_file(&logs.dir));
+        }
+        let summary = outcome.summary();
+        run::write_summary(&logs.dir.join("summary.json"), &summary)?;
+        if self.owns_outputs {
+            let result = TaskResult {
+                container: self.name.clone(),
+                exit_code: outcome.exit_code,
+                reason: outcome.reason,
+                error: outcome.error.clone(),
+                outputs: result_outputs,
+                inputs_digest: (!self.json.is_empty()).then(|| self.inputs_digest()),
+                summary: Some(summary),
+            };
+            let mut json = serde_json::to_vec_pretty(&result)?;
+            json.push(b'\n');
+            let path = self.root.join("outputs.json");
+            write_atomic(&path, &json)
+                .map_err(|e| Fatal(format!("cannot write {}: {e}", path.display())))?;
+        }
+        logs.write_exitcode(outcome.exit_code)?;
+        Ok(outcome.exit_code)
+    }
+
+    /// SHA-256 over the resolved spec and each staged input's digest: equal digests mean the
+    /// same work (for a controller's memoization).
+    fn inputs_digest(&self) -> String {
+        let mut material = self.json.clone();
+        for staged in &self.staged {
+            material.extend_from_slice(format!("\n{}={}", staged.name, staged.sha256).as_bytes());
+        }
+        archive::sha256(&material)
+    }
+}
+
+/// The container to run and what it waits for.
+fn select(template: &Template, name: &str) -> Result<(Container, Vec<String>), String> {
+    if let Some(set) = &template.container_set {
+        let node = set
+            .containers
+            .iter()
+            .find(|c| c.container.name == name)
+            .ok_or_else(|| {
+                let names: Vec<&str> = set
+                    .containers
+                    .iter()
+                    .map(|c| c.container.name.as_str())
+                    .collect();
+                format!("containerSet has no container {name:?} (it has {names:?})")
+            })?;
+        return Ok((node.container.clone(), node.dependencies.clone()));
+    }
+    match (&template.container, &template.script) {
+        (Some(c), _) => Ok((c.clone(), Vec::new())),
+        (None, Some(s)) => Ok((s.container.clone(), Vec::new())),
+        (None, None) => Err("the template has no container, script or containerSet".to_owned()),
+    }
+}
+
+fn root_dir(opts: &RunOptions) -> PathBuf {
+    opts.out
+        .clone()
+        .or_else(|| opts.root.clone())
+        .or_else(|| env_any(&["EMISSARY_ROOT"]).map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_ROOT))
+}
+
+/// The earliest of `--deadline`, `activeDeadlineSeconds` and `EMISSARY_DEADLINE` (RFC 3339).
+fn deadline(opts: &RunOptions, template: &Template) -> Result<Option<Instant>, Fatal> {
+    let now = Instant::now();
+    let mut candidates: Vec<Instant> = Vec::new();
+    candidates.extend(opts.deadline.map(|d| now + d));
+    candidates.extend(
+        template
+            .active_deadline_seconds
+            .map(|s| now + Duration::from_secs(s)),
+    );
+    if let Some(text) = env_any(&["EMISSARY_DEADLINE", "ARGO_DEADLINE"]) {
+        // Argo writes Go's zero time when there is no deadline.
+        if !text.starts_with("0001-01-01") {
+            let at =
+                time::parse_rfc3339(&text).map_err(|e| Fatal(format!("EMISSARY_DEADLINE: {e}")))?;
+            let left = at
+                .duration_since(SystemTime::now())
+                .unwrap_or(Duration::ZERO);
+            candidates.push(now + left);
+        }
+    }
+    Ok(candidates.into_iter().min())
+}
+
+fn not_started(code: i32, error: TaskError) -> Outcome {
+    Outcome::not_started(code, error, SystemTime::now())
+}
+
+/// `outputs.result` is collected unless the controller said no (Argo sets this variable to
+/// `true` only when a later step reads the result).
+fn include_result() -> bool {
+    env_any(&[
+        "EMISSARY_INCLUDE_SCRIPT_OUTPUT",
+        "ARGO_INCLUDE_SCRIPT_OUTPUT",
+    ])
+    .is_none_or(|v| v != "false")
+}
+
+/// The file the user process reports `N/M` progress in (the controller may choose it).
+fn progress_file(ctr: &Path) -> PathBuf {
+    env_any(&["EMISSARY_PROGRESS_FILE", "ARGO_PROGRESS_FILE"])
+        .map(PathBuf::from)
+        .unwrap_or_else(|| ctr.join("progress"))
+}
+
+/// Unpack limits, overridable for tests and unusual inputs.
+fn limits_from_env() -> Limits {
+    let mut limits = Limits::default();
+    let read = |name: &str| env_any(&[name]).and_then(|v| v.parse().ok());
+    if let Some(bytes) = read("EMISSARY_MAX_INPUT_BYTES") {
+        limits.max_bytes = bytes;
+    }
+    if let Some(entries) = read("EMISSARY_MAX_INPUT_ENTRIES") {
+        limits.max_entries = entries;
+    }
+    limits
+}
