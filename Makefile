@@ -12,7 +12,7 @@ SIZE_LIMIT := 2000000
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 # Debian packages, installed only when missing.
-TEST_PACKAGES := util-linux procps
+TEST_PACKAGES := util-linux procps zstd gzip diffutils findutils python3
 BENCH_PACKAGES := tini hyperfine zstd
 
 define apt_install

@@ -11,3 +11,7 @@ mod run_exit;
 mod run_reaping;
 mod run_signals;
 mod run_timeouts;
+mod tarball;
+mod task_artifacts;
+mod task_pod;
+mod task_spec;

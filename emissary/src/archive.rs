@@ -205,8 +205,9 @@ pub enum Unpack {
 
 const GZIP_MAGIC: &[u8] = &[0x1f, 0x8b];
 const ZSTD_MAGIC: &[u8] = &[0x28, 0xb5, 0x2f, 0xfd];
-/// Enough to see a tar header (magic at 257) even behind a compressor's framing.
-const SNIFF: usize = 64 * 1024;
+/// Enough to see a tar header (magic at 257) even behind a compressor's framing: a zstd block
+/// decodes only once whole, and a block holds up to 128 KiB.
+const SNIFF: usize = 256 * 1024;
 
 /// Stages the bytes of `input` at `dest`: unpacked when they are a tar archive, else as one
 /// file. Writes into a temporary sibling first and renames into place, so on any error nothing
@@ -229,9 +230,7 @@ pub fn stage(
     } else {
         sniff(&prefix)
     };
-    if let Some(parent) = dest.parent() {
-        fs::create_dir_all(parent).map_err(|e| format!("creating {}: {e}", parent.display()))?;
-    }
+    let created = create_parents(dest)?;
     let tmp = fsutil::temp_name(dest);
     let _ = fs::remove_dir_all(&tmp);
     let _ = fs::remove_file(&tmp);
@@ -256,8 +255,29 @@ pub fn stage(
     if result.is_err() {
         let _ = fs::remove_dir_all(&tmp);
         let _ = fs::remove_file(&tmp);
+        for dir in created.iter().rev() {
+            let _ = fs::remove_dir(dir);
+        }
     }
     result.map(|()| input.digest())
+}
+
+/// Creates the missing ancestors of `path`; returns them, outermost first, so a failed stage
+/// can take them back.
+fn create_parents(path: &Path) -> Result<Vec<PathBuf>, String> {
+    let mut missing = Vec::new();
+    let mut dir = path.parent();
+    while let Some(d) =
+        dir.filter(|d| !d.as_os_str().is_empty() && fs::symlink_metadata(d).is_err())
+    {
+        missing.push(d.to_owned());
+        dir = d.parent();
+    }
+    missing.reverse();
+    for d in &missing {
+        fs::create_dir(d).map_err(|e| format!("creating {}: {e}", d.display()))?;
+    }
+    Ok(missing)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,8 +1,8 @@
 //! Input artifacts, staged at their `path` before the command starts.
 //!
-//! Sources, first match wins: `raw.data`; `--input NAME=PATH` (standalone); what
-//! `emissary init` already staged in `ROOT/inputs/NAME` (then it is only moved); the store, by
-//! key. A missing input is an error unless it is `optional`.
+//! Sources, first match wins: `--input NAME=PATH` (standalone); what `emissary init` already
+//! staged in `ROOT/inputs/NAME` (then it is only moved); `raw.data`; the store, by key.
+//! A missing input is an error unless it is `optional`.
 
 use std::fs::{self, File};
 use std::io::{self, Cursor};
@@ -70,15 +70,6 @@ pub fn stage_one(
         Some(a) if a.none.is_some() => Unpack::Never,
         _ => Unpack::Auto,
     };
-    if let Some(raw) = &artifact.raw {
-        return archive::stage(
-            &mut Cursor::new(raw.data.as_bytes()),
-            dest,
-            Unpack::Never,
-            sources.limits,
-        )
-        .map(Some);
-    }
     if let Some((_, path)) = sources
         .overrides
         .iter()
@@ -96,6 +87,15 @@ pub fn stage_one(
                 sha256: sha256.trim().to_owned(),
             }));
         }
+    }
+    if let Some(raw) = &artifact.raw {
+        return archive::stage(
+            &mut Cursor::new(raw.data.as_bytes()),
+            dest,
+            Unpack::Never,
+            sources.limits,
+        )
+        .map(Some);
     }
     let (Some(key), Some(store)) = (artifact.store_key(), sources.store) else {
         return Ok(None);

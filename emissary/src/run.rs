@@ -195,10 +195,13 @@ impl Outcome {
         }
     }
 
-    /// Marks the run failed by the emissary's own doing (e.g. a log or output not written),
-    /// keeping the command's reason: exit 125.
+    /// Marks the run failed for a reason besides the command's own (a log or output not
+    /// written): a command that succeeded makes the run exit 125 with reason `Error`; a
+    /// command that failed keeps its code and reason. Both errors are kept in the message.
     pub fn fail(&mut self, error: TaskError) {
-        self.exit_code = exit::EMISSARY_FAILED;
+        if self.exit_code == 0 {
+            self.exit_code = exit::EMISSARY_FAILED;
+        }
         if self.reason == ExitReason::Completed {
             self.reason = ExitReason::Error;
         }

@@ -60,6 +60,7 @@ pub fn run(opts: &RunOptions) -> Result<i32, Fatal> {
     let loaded = match template::load(opts.template.as_deref(), &opts.params) {
         Ok(loaded) => loaded,
         Err(message) => {
+            eprintln!("emissary: {message}");
             let error = TaskError::system(message, false);
             return task.report(&logs, not_started(exit::EMISSARY_FAILED, error), None, None);
         }
@@ -69,6 +70,7 @@ pub fn run(opts: &RunOptions) -> Result<i32, Fatal> {
     let (container, dependencies) = match select(&template, &task.name) {
         Ok(selected) => selected,
         Err(message) => {
+            eprintln!("emissary: {message}");
             let error = TaskError::system(message, false);
             return task.report(&logs, not_started(exit::EMISSARY_FAILED, error), None, None);
         }

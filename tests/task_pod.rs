@@ -1,0 +1,270 @@
+//! What happens inside a pod: `emissary init`, containerSet ordering, OOM kills.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::util::*;
+
+fn mode(path: &Path) -> u32 {
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o7777
+}
+
+#[test]
+fn init_installs_the_binary_and_world_writable_dirs() {
+    let dir = Dir::new("init-install");
+    let dest = dir.join("shared");
+    run_quick(&mut emissary(["init", "--dest", dest.to_str().unwrap()])).assert_code(0);
+    assert_eq!(
+        std::fs::read(dest.join("emissary")).unwrap(),
+        std::fs::read(emissary_bin()).unwrap()
+    );
+    assert_eq!(mode(&dest.join("emissary")), 0o555);
+    for d in ["", "ctr", "inputs"] {
+        assert_eq!(mode(&dest.join(d)), 0o777, "{d}");
+    }
+    let out = run_quick(
+        std::process::Command::new(dest.join("emissary")).args(["run", "--", "echo", "copied"]),
+    );
+    out.assert_code(0);
+    assert_eq!(out.stdout(), "copied\n");
+}
+
+#[test]
+fn a_concurrent_reader_never_sees_a_partial_binary() {
+    let dir = Dir::new("init-atomic");
+    let dest = dir.join("shared");
+    let binary = std::fs::read(emissary_bin()).unwrap();
+    let target = dest.join("emissary");
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let (done, target, len) = (done.clone(), target.clone(), binary.len());
+        std::thread::spawn(move || {
+            let (mut complete, mut partial) = (0, 0);
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Ok(bytes) = std::fs::read(&target) {
+                    if bytes.len() == len {
+                        complete += 1
+                    } else {
+                        partial += 1
+                    }
+                }
+            }
+            (complete, partial)
+        })
+    };
+    for _ in 0..20 {
+        run_quick(&mut emissary(["init", "--dest", dest.to_str().unwrap()])).assert_code(0);
+    }
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (complete, partial) = reader.join().unwrap();
+    assert_eq!(
+        partial, 0,
+        "a reader saw a partial binary ({complete} complete reads)"
+    );
+    assert!(complete > 0);
+    let leftovers: Vec<_> = std::fs::read_dir(&dest)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .filter(|n| n.to_string_lossy().starts_with('.'))
+        .collect();
+    assert!(leftovers.is_empty(), "temp files left: {leftovers:?}");
+}
+
+#[test]
+fn init_stages_inputs_and_the_task_container_moves_them_into_place() {
+    let dir = Dir::new("init-inputs");
+    let shared = dir.join("shared");
+    let target = dir.join("task-root/data.txt");
+    let spec = json!({
+        "inputs": {"artifacts": [{"name": "data", "path": target, "raw": {"data": "staged by init"}, "mode": 0o640}]},
+        "script": {"command": ["sh"], "source": format!("cat {}", target.display())}
+    });
+    let spec_text = spec.to_string();
+    run_quick(
+        emissary(["init", "--dest", shared.to_str().unwrap()]).env("EMISSARY_TEMPLATE", &spec_text),
+    )
+    .assert_code(0);
+    assert_eq!(
+        std::fs::read_to_string(shared.join("inputs/data")).unwrap(),
+        "staged by init"
+    );
+    assert_eq!(mode(&shared.join("template")), 0o444);
+    assert_eq!(mode(&shared.join("script")), 0o755);
+    assert!(!target.exists(), "init stages into the shared volume only");
+
+    let template = format!("@{}", shared.join("template").display());
+    let out = run_quick(
+        emissary(["run", "--root", shared.to_str().unwrap()]).env("EMISSARY_TEMPLATE", &template),
+    );
+    out.assert_code(0);
+    assert_eq!(out.stdout(), "staged by init");
+    assert_eq!(mode(&target), 0o640);
+    assert!(!shared.join("inputs/data").exists(), "moved, not copied");
+}
+
+fn container_set(dir: &Dir, a_script: &str) -> (std::path::PathBuf, String) {
+    let spec = json!({"containerSet": {"containers": [
+        {"name": "a", "command": ["sh", "-c", a_script]},
+        {"name": "main", "command": ["sh", "-c", format!("echo main ran; cat {}", dir.join("a.txt").display())], "dependencies": ["a"]}
+    ]}});
+    (dir.join("root"), spec.to_string())
+}
+
+#[test]
+fn a_container_set_runs_in_dependency_order() {
+    let dir = Dir::new("containerset-order");
+    let (root, spec) = container_set(
+        &dir,
+        &format!("sleep 0.3; echo from a > {}", dir.join("a.txt").display()),
+    );
+    let root_arg = root.to_str().unwrap();
+    let main = start(
+        emissary(["run", "--root", root_arg, "--container", "main"])
+            .env("EMISSARY_TEMPLATE", &spec),
+    );
+    std::thread::sleep(Duration::from_millis(100));
+    let a = run_quick(
+        emissary(["run", "--root", root_arg, "--container", "a"]).env("EMISSARY_TEMPLATE", &spec),
+    );
+    a.assert_code(0);
+    let main = main.finish(Duration::from_secs(10));
+    main.assert_code(0);
+    assert_eq!(main.stdout(), "main ran\nfrom a\n");
+    // Only main reports the task's outputs.
+    assert_eq!(
+        std::fs::read_to_string(root.join("ctr/a/exitcode")).unwrap(),
+        "0"
+    );
+    let outputs: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(root.join("outputs.json")).unwrap()).unwrap();
+    assert_eq!(outputs["container"], "main");
+}
+
+#[test]
+fn a_failed_dependency_skips_its_dependants() {
+    let dir = Dir::new("containerset-failed");
+    let (root, spec) = container_set(&dir, "exit 3");
+    let root_arg = root.to_str().unwrap();
+    run_quick(
+        emissary(["run", "--root", root_arg, "--container", "a"]).env("EMISSARY_TEMPLATE", &spec),
+    )
+    .assert_code(3);
+    let main = run_quick(
+        emissary(["run", "--root", root_arg, "--container", "main"])
+            .env("EMISSARY_TEMPLATE", &spec),
+    );
+    main.assert_code(125)
+        .assert_stderr_contains("skipped: dependency \"a\" failed with exit code 3");
+    assert!(!main.stdout().contains("main ran"));
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(root.join("ctr/main/summary.json")).unwrap())
+            .unwrap();
+    assert_eq!(summary["reason"], "StartFailed");
+    assert_eq!(
+        std::fs::read_to_string(root.join("ctr/main/exitcode")).unwrap(),
+        "125"
+    );
+}
+
+#[test]
+fn a_signal_while_waiting_for_dependencies_ends_the_wait() {
+    let dir = Dir::new("containerset-term");
+    let (root, spec) = container_set(&dir, "true");
+    let main = start(
+        emissary([
+            "run",
+            "--root",
+            root.to_str().unwrap(),
+            "--container",
+            "main",
+        ])
+        .env("EMISSARY_TEMPLATE", &spec),
+    );
+    assert!(wait_until(Duration::from_secs(5), || root
+        .join("ctr/main/signal")
+        .exists()));
+    main.signal(libc::SIGTERM);
+    let out = main.finish(Duration::from_secs(5));
+    out.assert_code(143);
+}
+
+#[test]
+fn an_unknown_container_is_a_clear_error() {
+    let dir = Dir::new("containerset-unknown");
+    let (root, spec) = container_set(&dir, "true");
+    run_quick(
+        emissary([
+            "run",
+            "--root",
+            root.to_str().unwrap(),
+            "--container",
+            "nope",
+        ])
+        .env("EMISSARY_TEMPLATE", &spec),
+    )
+    .assert_code(125)
+    .assert_stderr_contains("containerSet has no container \"nope\"");
+}
+
+/// A memory cgroup limited to `limit` bytes (v1 here, v2 where pure), removed on drop.
+struct MemoryCgroup {
+    dir: std::path::PathBuf,
+}
+
+impl MemoryCgroup {
+    fn create(name: &str, limit: u64) -> Option<MemoryCgroup> {
+        let (parent, limit_file) = if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+            ("/sys/fs/cgroup", "memory.max")
+        } else if Path::new("/sys/fs/cgroup/memory").is_dir() {
+            ("/sys/fs/cgroup/memory", "memory.limit_in_bytes")
+        } else {
+            return None;
+        };
+        let dir = Path::new(parent).join(format!("{name}-{}", std::process::id()));
+        std::fs::create_dir(&dir).ok()?;
+        std::fs::write(dir.join(limit_file), limit.to_string()).ok()?;
+        Some(MemoryCgroup { dir })
+    }
+}
+
+impl Drop for MemoryCgroup {
+    fn drop(&mut self) {
+        // Emptied by the run's end; retry briefly while the kernel finishes the exit.
+        for _ in 0..100 {
+            if std::fs::remove_dir(&self.dir).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+#[test]
+fn an_oom_killed_command_is_reported_as_oomkilled_and_the_emissary_survives() {
+    if !is_root() {
+        eprintln!("skipped: needs root for a memory cgroup");
+        return;
+    }
+    let Some(cgroup) = MemoryCgroup::create("emissary-oom", 48 << 20) else {
+        eprintln!("skipped: no memory cgroup controller");
+        return;
+    };
+    let dir = Dir::new("oom");
+    let summary = dir.join("s.json");
+    // Enter the cgroup, then exec the emissary; its child reads one endless line into memory.
+    let script = format!(
+        "echo $$ > {}/cgroup.procs && exec {} run --summary {} -- tail /dev/zero",
+        cgroup.dir.display(),
+        emissary_bin().display(),
+        summary.display()
+    );
+    let out = run_quick(std::process::Command::new("sh").args(["-c", &script]));
+    out.assert_code(137);
+    let json = dir.read_json("s.json");
+    assert_eq!(json["reason"], "OOMKilled", "{json}");
+    assert_eq!(json["error"]["retryable"], true);
+}
