@@ -41,9 +41,17 @@ fn leftovers_get_term_when_the_command_exits() {
 
 #[test]
 fn leftovers_that_ignore_term_are_killed_after_the_grace_period() {
+    let dir = Dir::new("leftovers-ignore-term");
     let marker = &marker(57);
+    // One leftover stays in the group, one escapes it with setsid; the command exits only
+    // once both ignore TERM (each touches a ready file after its trap).
+    let ready = |n: u32| dir.join(format!("ready{n}")).display().to_string();
     let script = format!(
-        "(trap '' TERM; exec sleep {marker}) & setsid sh -c 'trap \"\" TERM; sleep {marker}' & exit 0"
+        "(trap '' TERM; : > {r1}; exec sleep {marker}) & \
+         setsid sh -c 'trap \"\" TERM; : > {r2}; sleep {marker}' & \
+         while [ ! -e {r1} ] || [ ! -e {r2} ]; do sleep 0.01; done; exit 0",
+        r1 = ready(1),
+        r2 = ready(2)
     );
     let out = run_quick(&mut emissary([
         "run", "--grace", "700ms", "--", "sh", "-c", &script,

@@ -152,7 +152,8 @@ impl LogDir {
 /// One supervised execution.
 pub struct Job<'a> {
     pub program: &'a Program,
-    /// Pipe stdout/stderr through the emissary (needed for the log files and byte counts).
+    /// Pipe stdout/stderr through the emissary (needed for the log files and byte counts), and
+    /// gather what a report needs (OOM detection). Without it, the emissary is a bare init.
     pub capture: bool,
     pub deadline: Option<Instant>,
     pub grace: Duration,
@@ -245,7 +246,8 @@ pub fn execute(
     } else {
         None
     };
-    let oom_before = oom::kills();
+    // Only a report can tell an OOM kill from another SIGKILL; without one, skip the reads.
+    let oom_before = if job.capture { oom::kills() } else { None };
     let started_at = SystemTime::now();
     let start = Instant::now();
     let stdio = match &pipes {

@@ -1,18 +1,17 @@
-//! Starting the command: fork, isolate the child, exec, and learn whether exec worked.
+//! Starting the command: clone, isolate the child, exec, and learn whether exec worked.
 //!
 //! Everything the child needs (argv, envp, paths, the oom_score_adj text) is built before
-//! fork, so between fork and exec the child makes only raw system calls. A close-on-exec pipe
-//! carries the errno back if exec fails: EOF on it means the command is running.
+//! the child exists, so between clone and exec it makes only raw system calls.
 
-use std::ffi::{CStr, CString, OsStr, c_char, c_int};
+use std::ffi::{CStr, CString, OsStr, c_char, c_int, c_void};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::ptr;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use nix::errno::Errno;
-use nix::fcntl::OFlag;
 use nix::sys::wait::waitpid;
-use nix::unistd::{ForkResult, Pid, fork, pipe2};
+use nix::unistd::Pid;
 
 use protocol::exit;
 
@@ -127,67 +126,78 @@ impl std::fmt::Display for SpawnError {
 /// kubelet's QoS bands on the node.
 const OOM_SCORE_ADJ_RAISE: i32 = 100;
 
-/// Forks and execs `program` in its own process group. Signals must already be blocked
+/// Starts `program` in its own process group. Signals must already be blocked
 /// ([`crate::signals::block_all`]); the child starts with an empty mask. Dispositions are
 /// left alone, so what the caller ignored stays ignored across exec and everything else is
 /// default (exec resets handlers).
+///
+/// The child is a `clone(CLONE_VM | CLONE_VFORK)`, as glibc's posix_spawn does it: it runs on
+/// its own small stack in our memory while we wait, so no page tables are copied and no
+/// copy-on-write faults follow (fork cost ~150 µs more per run, BENCHMARKS.md). An exec error
+/// is left in shared memory for us to read when the child exits.
 pub fn spawn(program: &Program, stdio: Stdio) -> Result<Pid, SpawnError> {
-    let os = |what| move |errno| SpawnError::Os { what, errno };
     let argv = pointers(&program.argv);
     let envp = program.env.as_ref().map(|env| pointers(env));
     let oom_adj = raised_oom_score_adj();
-    let take_terminal = owns_foreground_terminal();
-    let parent = Pid::this();
-    let (report_read, report_write) = pipe2(OFlag::O_CLOEXEC).map_err(os("pipe"))?;
-
-    // SAFETY: the child only makes async-signal-safe system calls on data prepared above,
-    // then execs or _exits.
-    match unsafe { fork() }.map_err(os("fork"))? {
-        ForkResult::Child => unsafe {
-            let plan = ChildPlan {
-                argv: &argv,
-                envp: envp.as_deref(),
-                cwd: program.cwd.as_deref(),
-                stdout: stdio.stdout.as_ref().map(AsRawFd::as_raw_fd),
-                stderr: stdio.stderr.as_ref().map(AsRawFd::as_raw_fd),
-                oom_adj: oom_adj.as_deref(),
-                take_terminal,
-                parent: parent.as_raw(),
-                report: report_write.as_raw_fd(),
-            };
-            exec_child(&plan)
-        },
-        ForkResult::Parent { child } => {
-            drop(stdio);
-            drop(report_write);
-            let mut report = [0u8; 5];
-            let n = read_full(report_read.as_raw_fd(), &mut report);
-            if n < report.len() {
-                return Ok(child);
-            }
-            // exec failed: the child has _exited; collect it so no zombie is left.
-            let _ = waitpid(child, None);
-            let errno = Errno::from_raw(i32::from_ne_bytes(report[..4].try_into().unwrap()));
-            Err(match report[4] {
-                STAGE_CHDIR => SpawnError::Chdir {
-                    dir: program
-                        .cwd
-                        .as_deref()
-                        .map(|c| c.to_string_lossy().into_owned())
-                        .unwrap_or_default(),
-                    errno,
-                },
-                _ => SpawnError::Exec {
-                    program: program.name(),
-                    errno,
-                },
-            })
-        }
+    let failure = AtomicU64::new(0);
+    let plan = ChildPlan {
+        argv: &argv,
+        envp: envp.as_deref(),
+        cwd: program.cwd.as_deref(),
+        stdout: stdio.stdout.as_ref().map(AsRawFd::as_raw_fd),
+        stderr: stdio.stderr.as_ref().map(AsRawFd::as_raw_fd),
+        oom_adj: oom_adj.as_deref(),
+        take_terminal: owns_foreground_terminal(),
+        parent: Pid::this().as_raw(),
+        failure: &failure,
+    };
+    // execvp's PATH search and script fallback use a few KiB plus a copy of argv.
+    let mut stack = vec![0u8; CHILD_STACK + 16 * argv.len()];
+    // SAFETY: the stack outlives the child's use of it (CLONE_VFORK: we resume only after the
+    // child has exec'd or exited); the child makes raw system calls only on `plan`.
+    let pid = unsafe {
+        let top = stack.as_mut_ptr().add(stack.len()) as usize & !15;
+        libc::clone(
+            child_entry,
+            top as *mut c_void,
+            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+            &plan as *const ChildPlan<'_> as *mut c_void,
+        )
+    };
+    if pid < 0 {
+        return Err(SpawnError::Os {
+            what: "clone",
+            errno: Errno::last(),
+        });
     }
+    drop(stdio);
+    let child = Pid::from_raw(pid);
+    let failure = failure.load(Ordering::SeqCst);
+    if failure == 0 {
+        return Ok(child);
+    }
+    // exec failed: the child has _exited; collect it so no zombie is left.
+    let _ = waitpid(child, None);
+    let errno = Errno::from_raw((failure >> 8) as i32);
+    Err(match (failure & 0xff) as u8 {
+        STAGE_CHDIR => SpawnError::Chdir {
+            dir: program
+                .cwd
+                .as_deref()
+                .map(|c| c.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            errno,
+        },
+        _ => SpawnError::Exec {
+            program: program.name(),
+            errno,
+        },
+    })
 }
 
-const STAGE_EXEC: u8 = 0;
-const STAGE_CHDIR: u8 = 1;
+const CHILD_STACK: usize = 64 * 1024;
+const STAGE_EXEC: u8 = 1;
+const STAGE_CHDIR: u8 = 2;
 
 struct ChildPlan<'a> {
     argv: &'a [*const c_char],
@@ -198,12 +208,18 @@ struct ChildPlan<'a> {
     oom_adj: Option<&'a CStr>,
     take_terminal: bool,
     parent: libc::pid_t,
-    report: RawFd,
+    /// `errno << 8 | stage` when the child could not exec; 0 while all is well.
+    failure: &'a AtomicU64,
 }
 
-/// The child between fork and exec. Async-signal-safe calls only.
+extern "C" fn child_entry(plan: *mut c_void) -> c_int {
+    // SAFETY: `plan` is the ChildPlan the parent passed to clone, alive while it waits.
+    unsafe { exec_child(&*(plan as *const ChildPlan<'_>)) }
+}
+
+/// The child between clone and exec. Raw system calls only: it shares the parent's memory.
 unsafe fn exec_child(plan: &ChildPlan<'_>) -> ! {
-    // SAFETY: raw system calls on valid pointers prepared by the parent before fork.
+    // SAFETY: raw system calls on valid pointers prepared by the parent.
     unsafe {
         // Own process group, so a signal to the group reaches the command's whole tree but
         // never the emissary. Done here, not in the parent, so it holds before exec (tini).
@@ -245,24 +261,23 @@ unsafe fn exec_child(plan: &ChildPlan<'_>) -> ! {
         if let Some(dir) = plan.cwd
             && libc::chdir(dir.as_ptr()) != 0
         {
-            report_and_exit(plan.report, STAGE_CHDIR);
+            fail(plan, STAGE_CHDIR);
         }
         match plan.envp {
             Some(envp) => libc::execvpe(plan.argv[0], plan.argv.as_ptr(), envp.as_ptr()),
             None => libc::execvp(plan.argv[0], plan.argv.as_ptr()),
         };
-        report_and_exit(plan.report, STAGE_EXEC)
+        fail(plan, STAGE_EXEC)
     }
 }
 
-unsafe fn report_and_exit(fd: RawFd, stage: u8) -> ! {
-    // SAFETY: errno location and write(2) are async-signal-safe.
+/// Leaves errno and the failed stage for the parent, and exits.
+unsafe fn fail(plan: &ChildPlan<'_>, stage: u8) -> ! {
+    // SAFETY: the errno location and _exit are safe to use here.
     unsafe {
-        let errno = *libc::__errno_location();
-        let mut message = [0u8; 5];
-        message[..4].copy_from_slice(&errno.to_ne_bytes());
-        message[4] = stage;
-        libc::write(fd, message.as_ptr().cast(), message.len());
+        let errno = *libc::__errno_location() as u64;
+        plan.failure
+            .store(errno << 8 | u64::from(stage), Ordering::SeqCst);
         libc::_exit(exit::NOT_FOUND)
     }
 }
@@ -276,26 +291,26 @@ fn pointers(strings: &[CString]) -> Vec<*const c_char> {
         .collect()
 }
 
-/// Reads until `buf` is full or EOF; returns the bytes read.
-fn read_full(fd: RawFd, buf: &mut [u8]) -> usize {
-    let mut filled = 0;
-    while filled < buf.len() {
-        // SAFETY: writing into the unfilled tail of `buf`.
-        let n = unsafe { libc::read(fd, buf[filled..].as_mut_ptr().cast(), buf.len() - filled) };
-        match n {
-            0 => break,
-            n if n > 0 => filled += n as usize,
-            _ if Errno::last() == Errno::EINTR => continue,
-            _ => break,
-        }
-    }
-    filled
-}
-
 /// The child's `oom_score_adj`: ours raised by [`OOM_SCORE_ADJ_RAISE`], capped at 1000, so the
 /// kernel picks the command, not the supervisor that must survive to report (Argo #9083).
 fn raised_oom_score_adj() -> Option<CString> {
-    let ours: i32 = std::fs::read_to_string("/proc/self/oom_score_adj")
+    // A raw read into a stack buffer: this runs on every start, and fs::read_to_string costs
+    // two more system calls.
+    let mut buf = [0u8; 16];
+    // SAFETY: open/read/close on a buffer we own.
+    let n = unsafe {
+        let fd = libc::open(
+            c"/proc/self/oom_score_adj".as_ptr(),
+            libc::O_RDONLY | libc::O_CLOEXEC,
+        );
+        if fd < 0 {
+            return None;
+        }
+        let n = libc::read(fd, buf.as_mut_ptr().cast(), buf.len());
+        libc::close(fd);
+        n
+    };
+    let ours: i32 = std::str::from_utf8(buf.get(..usize::try_from(n).ok()?)?)
         .ok()?
         .trim()
         .parse()

@@ -378,20 +378,27 @@ fn walk_size(dir: &Path) -> u64 {
         .sum()
 }
 
-/// containerSet hand-off: from container `a`'s exitcode file landing to `main`'s command
-/// running (its first action touches a file), median of 20.
+/// containerSet hand-off: the harness lands container `a`'s exitcode file itself (as a's
+/// emissary would, temp + rename) and `main`'s command prints the wall clock (`date +%s%N`);
+/// the median of 20, next to what `date` alone takes to start.
 fn handoff_latency(emissary: &Path, scratch: &Path, report: &mut String) {
-    use std::os::unix::fs::MetadataExt;
+    let now_ns = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as f64
+    };
+    let printed_ns = |out: &[u8]| String::from_utf8_lossy(out).trim().parse::<f64>().unwrap();
     let mut samples = Vec::new();
+    let mut date_alone = Vec::new();
     for i in 0..20 {
         let root = scratch.join(format!("handoff-{i}"));
-        let marker = root.join("main-started");
         let spec = serde_json::json!({"containerSet": {"containers": [
             {"name": "a", "command": ["true"]},
-            {"name": "main", "command": ["sh", "-c", format!(": > {}", marker.display())], "dependencies": ["a"]}
+            {"name": "main", "command": ["date", "+%s%N"], "dependencies": ["a"]}
         ]}})
         .to_string();
-        let mut main = Command::new(emissary)
+        let main = Command::new(emissary)
             .args([
                 "run",
                 "--root",
@@ -400,26 +407,26 @@ fn handoff_latency(emissary: &Path, scratch: &Path, report: &mut String) {
                 "main",
             ])
             .env("EMISSARY_TEMPLATE", &spec)
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .spawn()
             .unwrap();
-        thread::sleep(Duration::from_millis(50));
-        let status = Command::new(emissary)
-            .args(["run", "--root", root.to_str().unwrap(), "--container", "a"])
-            .env("EMISSARY_TEMPLATE", &spec)
-            .stdout(Stdio::null())
-            .status()
-            .unwrap();
-        assert!(status.success() && main.wait().unwrap().success());
-        let ns = |p: &Path| {
-            let m = fs::metadata(p).unwrap();
-            m.mtime() as f64 * 1e9 + m.mtime_nsec() as f64
-        };
-        samples.push((ns(&marker) - ns(&root.join("ctr/a/exitcode"))) / 1e6);
+        thread::sleep(Duration::from_millis(100));
+        let dir = root.join("ctr/a");
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join(".exitcode.tmp"), "0").unwrap();
+        let t0 = now_ns();
+        fs::rename(dir.join(".exitcode.tmp"), dir.join("exitcode")).unwrap();
+        let out = main.wait_with_output().unwrap();
+        assert!(out.status.success());
+        samples.push((printed_ns(&out.stdout) - t0) / 1e6);
+        let t0 = now_ns();
+        let out = Command::new("date").arg("+%s%N").output().unwrap();
+        date_alone.push((printed_ns(&out.stdout) - t0) / 1e6);
     }
     writeln!(
         report,
-        "| containerSet hand-off, `a` exits → `main`'s command runs (median of 20) | {:.2} ms | Argo, Tekton: poll every 1 s | | ≤ 5 ms |",
+        "| containerSet hand-off, `a`'s exitcode lands → `main`'s command runs (median of 20; includes `date` starting: {:.2} ms alone) | {:.2} ms | Argo, Tekton: poll every 1 s | | ≤ 5 ms |",
+        median(date_alone),
         median(samples)
     )
     .unwrap();
