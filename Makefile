@@ -12,8 +12,12 @@ SIZE_LIMIT := 2000000
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 # Debian packages, installed only when missing.
-TEST_PACKAGES := util-linux procps zstd gzip diffutils findutils python3
+TEST_PACKAGES := util-linux procps zstd gzip diffutils findutils python3 python3-venv buildah ca-certificates busybox-static
 BENCH_PACKAGES := tini hyperfine zstd
+# Offline Kubernetes schema validation (the PyPI package bundles the v1.32 schemas).
+VENV := .tools/venv
+KUBERNETES_VALIDATE := $(VENV)/bin/kubernetes-validate
+IMAGE_DIR := target/images
 
 define apt_install
 	@missing=""; for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -23,7 +27,7 @@ define apt_install
 	fi
 endef
 
-.PHONY: build static size lint test run bench clean deps-test deps-bench
+.PHONY: build static size lint test run bench image clean deps-test deps-bench deps-manifests
 
 ## build: debug builds of every binary
 build:
@@ -44,9 +48,10 @@ lint:
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-## test: lint, size, then every unit and black-box test against the static emissary
-test: deps-test lint size build
-	EMISSARY_BIN=$(CURDIR)/$(STATIC_BIN) $(CARGO) test --workspace
+## test: lint, size, images, then every unit and black-box test against the static emissary
+test: deps-test deps-manifests lint size build image
+	EMISSARY_BIN=$(CURDIR)/$(STATIC_BIN) IMAGE_DIR=$(CURDIR)/$(IMAGE_DIR) \
+	KUBERNETES_VALIDATE=$(CURDIR)/$(KUBERNETES_VALIDATE) $(CARGO) test --workspace
 
 ## run: a short demo of what the emissary does
 run: static
@@ -57,8 +62,16 @@ bench: deps-bench static
 	$(CARGO) build --release -p emissary-tests --bin emissary-bench
 	EMISSARY_BIN=$(CURDIR)/$(STATIC_BIN) target/release/emissary-bench $(BENCH)
 
+## image: OCI archives of both images, built FROM scratch with buildah (no Docker daemon)
+image: static deps-test
+	tests/build-images.sh $(STATIC_BIN) $(IMAGE_DIR)
+
 deps-test:
 	$(call apt_install,$(TEST_PACKAGES))
+
+deps-manifests:
+	@command -v kubectl >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq kubectl; }
+	@[ -x $(KUBERNETES_VALIDATE) ] || { python3 -m venv $(VENV) && $(VENV)/bin/pip install -q kubernetes-validate==1.37.0; }
 
 deps-bench:
 	$(call apt_install,$(BENCH_PACKAGES))

@@ -5,6 +5,7 @@
 
 mod util;
 
+mod deploy;
 mod run_capture;
 mod run_cli;
 mod run_exit;

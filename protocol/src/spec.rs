@@ -237,7 +237,8 @@ pub struct TarArchive {
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ZstdArchive {
-    /// zstd level 1-19; default 1 (fast, and still smaller than gzip -6).
+    /// zstd level 1-19; default 1 (fast, and still smaller than gzip -6). The emissary ships
+    /// zstd's fast strategies only (size budget), so levels above 4 compress like level 4.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub level: Option<i32>,
 }

@@ -1,0 +1,169 @@
+//! Deployment artifacts: the images are FROM scratch with one layer, and the Kubernetes
+//! manifests validate offline against the v1.32 schemas with unknown fields rejected.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::util::*;
+
+fn image_dir() -> PathBuf {
+    std::env::var_os("IMAGE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/images"))
+}
+
+/// Every file of an OCI archive, by path.
+fn oci_files(archive: &Path) -> BTreeMap<String, Vec<u8>> {
+    let file = std::fs::File::open(archive)
+        .unwrap_or_else(|e| panic!("{}: {e} (run `make image`)", archive.display()));
+    let mut tar = tar::Archive::new(file);
+    let mut files = BTreeMap::new();
+    for entry in tar.entries().unwrap() {
+        let mut entry = entry.unwrap();
+        let path = entry
+            .path()
+            .unwrap()
+            .to_string_lossy()
+            .trim_start_matches("./")
+            .to_owned();
+        let mut bytes = Vec::new();
+        entry.read_to_end(&mut bytes).unwrap();
+        files.insert(path, bytes);
+    }
+    files
+}
+
+fn blob<'a>(files: &'a BTreeMap<String, Vec<u8>>, digest: &serde_json::Value) -> &'a [u8] {
+    let hex = digest.as_str().unwrap().strip_prefix("sha256:").unwrap();
+    files
+        .get(&format!("blobs/sha256/{hex}"))
+        .unwrap_or_else(|| panic!("missing blob {hex}"))
+}
+
+/// (path, mode, bytes) of every entry in a (possibly gzipped) layer.
+fn layer_entries(layer: &[u8]) -> Vec<(String, u32, Vec<u8>)> {
+    let reader: Box<dyn Read> = if layer.starts_with(&[0x1f, 0x8b]) {
+        Box::new(flate2::read::GzDecoder::new(layer))
+    } else {
+        Box::new(layer)
+    };
+    let mut tar = tar::Archive::new(reader);
+    let mut entries = Vec::new();
+    for entry in tar.entries().unwrap() {
+        let mut entry = entry.unwrap();
+        let path = entry
+            .path()
+            .unwrap()
+            .to_string_lossy()
+            .trim_start_matches("./")
+            .to_owned();
+        let mode = entry.header().mode().unwrap();
+        let mut bytes = Vec::new();
+        entry.read_to_end(&mut bytes).unwrap();
+        if !path.is_empty() {
+            entries.push((path, mode, bytes));
+        }
+    }
+    entries
+}
+
+#[test]
+fn the_emissary_image_is_the_static_binary_alone() {
+    let archive = image_dir().join("emissary.oci.tar");
+    let files = oci_files(&archive);
+    let index: serde_json::Value = serde_json::from_slice(&files["index.json"]).unwrap();
+    let manifest: serde_json::Value =
+        serde_json::from_slice(blob(&files, &index["manifests"][0]["digest"])).unwrap();
+    let layers = manifest["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), 1, "one layer: {manifest}");
+    let config: serde_json::Value =
+        serde_json::from_slice(blob(&files, &manifest["config"]["digest"])).unwrap();
+    assert_eq!(config["config"]["User"], "65532:65532");
+    assert_eq!(
+        config["config"]["Entrypoint"],
+        serde_json::json!(["/emissary"])
+    );
+    assert_eq!(
+        config["config"]["Cmd"],
+        serde_json::json!(["init", "--dest", "/var/run/emissary"])
+    );
+    let entries = layer_entries(blob(&files, &layers[0]["digest"]));
+    let names: Vec<&str> = entries.iter().map(|(p, _, _)| p.as_str()).collect();
+    assert_eq!(
+        names,
+        ["emissary"],
+        "nothing but the binary (no shell, no libc)"
+    );
+    assert!(
+        entries[0].2 == std::fs::read(emissary_bin()).unwrap(),
+        "the layer holds the binary under test"
+    );
+    assert_eq!(entries[0].1 & 0o111, 0o111, "executable");
+    let size = std::fs::metadata(&archive).unwrap().len();
+    assert!(
+        size <= 2_500_000,
+        "emissary image is {size} bytes, over its 2.5 MB goal"
+    );
+}
+
+fn kubernetes_validate() -> PathBuf {
+    std::env::var_os("KUBERNETES_VALIDATE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../.tools/venv/bin/kubernetes-validate")
+        })
+}
+
+fn validate(file: &Path) -> Output {
+    run_quick(
+        Command::new(kubernetes_validate())
+            .args(["--strict", "-k", "1.32"])
+            .arg(file),
+    )
+}
+
+#[test]
+fn the_manifests_validate_against_kubernetes_1_32() {
+    let dir = Dir::new("manifests");
+    let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../images/deploy");
+    let rendered = run_quick(
+        Command::new("kubectl")
+            .arg("kustomize")
+            .arg(deploy.join("overlays/example")),
+    );
+    rendered.assert_code(0);
+    let text = rendered.stdout();
+    for kind in [
+        "DaemonSet",
+        "Deployment",
+        "Service",
+        "MutatingWebhookConfiguration",
+        "ConfigMap",
+        "ServiceAccount",
+    ] {
+        assert!(
+            text.contains(&format!("kind: {kind}\n")),
+            "the overlay renders no {kind}"
+        );
+    }
+    let file = dir.write("rendered.yaml", &text);
+    let out = validate(&file);
+    out.assert_code(0);
+    assert!(
+        !out.stdout().contains("WARN") && !out.stderr().contains("WARN"),
+        "{}",
+        out.dump()
+    );
+
+    // The validator must be able to fail: an unknown field and a wrong type are caught.
+    for (from, to) in [
+        ("containerPort: 7946", "containerPortt: 7946"),
+        ("replicas: 2", "replicas: \"two\""),
+    ] {
+        assert!(text.contains(from), "{from} not in the rendered manifests");
+        let broken = dir.write("broken.yaml", text.replacen(from, to, 1));
+        assert_ne!(validate(&broken).code, Some(0), "{to} was not caught");
+    }
+}
