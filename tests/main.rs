@@ -6,6 +6,8 @@
 mod util;
 
 mod deploy;
+mod pod;
+mod pod_scenarios;
 mod run_capture;
 mod run_cli;
 mod run_exit;

@@ -63,8 +63,12 @@ pub fn init(opts: &InitOptions) -> Result<(), String> {
 }
 
 /// A directory every uid in the pod can write (mode set explicitly: the umask would narrow it).
+/// An emptyDir is already 0777 but owned by root, and chmod by a non-root init would fail.
 fn shared_dir(dir: &Path) -> io::Result<()> {
     fs::create_dir_all(dir)?;
+    if fs::metadata(dir)?.permissions().mode() & 0o777 == 0o777 {
+        return Ok(());
+    }
     fs::set_permissions(dir, fs::Permissions::from_mode(0o777))
 }
 
