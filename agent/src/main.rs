@@ -1,12 +1,32 @@
-//! emissary-agent: the per-node daemon (skeleton; the server lands with the agent issue).
+//! emissary-agent: the per-node daemon. `main` only parses and wires.
 #![forbid(unsafe_code)]
+
+mod body;
+mod cache;
+mod commands;
+mod config;
+mod controller;
+mod inject;
+mod metrics;
+mod outbox;
+mod serve;
+mod server;
+mod store;
+mod token;
+mod webhook;
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
     name = "emissary-agent",
-    about = "The per-node emissary agent.",
+    about = "The per-node emissary agent: serves the emissaries on its node over HTTP with per-task tokens, \
+             holds the artifact store's credentials, caches inputs, and delivers task events to the workflow \
+             controller through a durable on-disk outbox.",
     disable_version_flag = true
 )]
 struct Cli {
@@ -16,13 +36,125 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the agent. Options: flags > EMISSARY_AGENT_* env > --config TOML file > defaults.
+    Serve(Box<config::ServeArgs>),
+    /// Print a task token (for controllers in other languages, and for debugging).
+    Token(TokenArgs),
+    /// Inject the emissary into a Pod (YAML or JSON) and print it in the same format.
+    Inject(InjectArgs),
+    /// Serve the Kubernetes mutating admission webhook (HTTPS) that injects labelled pods.
+    Webhook(webhook::WebhookArgs),
     /// Print the version.
     Version,
 }
 
-fn main() -> std::process::ExitCode {
-    match Cli::parse().command {
-        Command::Version => println!("emissary-agent {}", env!("CARGO_PKG_VERSION")),
+#[derive(clap::Args)]
+struct TokenArgs {
+    /// The node secret file.
+    #[arg(long, value_name = "FILE")]
+    secret_file: PathBuf,
+    #[arg(long, value_name = "ID")]
+    task: String,
+    #[arg(long, value_name = "N")]
+    attempt: u32,
+    /// The workflow the task belongs to (the store key's second level).
+    #[arg(long, value_name = "NAME", default_value = "default")]
+    workflow: String,
+    /// How long the token is valid (e.g. 30m, 12h).
+    #[arg(long, value_name = "DURATION", default_value = "24h")]
+    ttl: String,
+}
+
+#[derive(clap::Args)]
+struct InjectArgs {
+    /// The Pod to inject; `-` for stdin.
+    #[arg(
+        short = 'f',
+        long = "filename",
+        value_name = "FILE",
+        default_value = "-"
+    )]
+    file: String,
+    /// Injection settings (the ConfigMap's inject.yaml).
+    #[arg(long, value_name = "FILE")]
+    config: PathBuf,
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("emissary-agent: {message}");
+            ExitCode::from(1)
+        }
     }
-    std::process::ExitCode::SUCCESS
+}
+
+fn run(cli: Cli) -> Result<(), String> {
+    match cli.command {
+        Command::Serve(args) => {
+            let settings = (*args).resolve()?;
+            init_logging();
+            runtime()?.block_on(serve::serve(settings))
+        }
+        Command::Token(args) => {
+            let secret = token::Secret::from_file(&args.secret_file)?;
+            let ttl = protocol::duration::parse(&args.ttl).map_err(|e| format!("--ttl: {e}"))?;
+            if !protocol::api::valid_name(&args.task) || !protocol::api::valid_name(&args.workflow)
+            {
+                return Err("--task and --workflow must be names of [A-Za-z0-9._-]".into());
+            }
+            let claims = token::Claims {
+                wf: args.workflow,
+                task: args.task,
+                attempt: args.attempt,
+                exp: token::now() + ttl.as_secs(),
+            };
+            println!("{}", secret.sign(&claims));
+            Ok(())
+        }
+        Command::Inject(args) => {
+            let config = inject::load_config(&args.config)?;
+            let text = if args.file == "-" {
+                let mut text = String::new();
+                std::io::stdin()
+                    .read_to_string(&mut text)
+                    .map_err(|e| format!("reading stdin: {e}"))?;
+                text
+            } else {
+                std::fs::read_to_string(&args.file)
+                    .map_err(|e| format!("cannot read {}: {e}", args.file))?
+            };
+            print!("{}", inject::inject_text(&text, &config)?);
+            Ok(())
+        }
+        Command::Webhook(args) => {
+            init_logging();
+            runtime()?.block_on(webhook::serve(args))
+        }
+        Command::Version => {
+            println!("emissary-agent {}", env!("CARGO_PKG_VERSION"));
+            Ok(())
+        }
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("tokio runtime: {e}"))
+}
+
+/// JSON lines on stderr; `RUST_LOG` filters (default `info`).
+fn init_logging() {
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    tracing_subscriber::fmt()
+        .json()
+        .with_env_filter(filter)
+        .with_current_span(true)
+        .with_span_list(false)
+        .with_writer(std::io::stderr)
+        .init();
 }

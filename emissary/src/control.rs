@@ -1,7 +1,8 @@
 //! The control FIFO: how `emissary signal --dir DIR SIG` reaches a running `emissary run`.
 //!
 //! `emissary run --log-dir DIR` creates the FIFO `DIR/signal` and holds it open for reading and
-//! writing (so it never sees EOF); each write is one line naming a signal, read in the
+//! writing (so it never sees EOF); each write is one line naming a signal (or `terminate`, how
+//! the agent's relay asks for the TERM-then-KILL escalation), read in the
 //! supervisor's poll loop the moment it arrives. No polling interval, no file races (Argo's
 //! signal file was polled every 2 s). The FIFO is removed when the run ends, so a sender gets a
 //! clear "no emissary is running" instead of a write into the void.
@@ -18,6 +19,15 @@ use crate::signals;
 
 /// The FIFO's name inside the control directory.
 pub const FIFO_NAME: &str = "signal";
+
+/// What a line of the FIFO asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Message {
+    /// Forward this signal to the command's group.
+    Signal(i32),
+    /// Stop the command: SIGTERM, then SIGKILL after the grace period (the agent's terminate).
+    Terminate,
+}
 
 /// The listening end, owned by `emissary run`.
 pub struct Control {
@@ -48,8 +58,8 @@ pub fn listen(dir: &Path) -> io::Result<Control> {
 }
 
 impl Control {
-    /// Every complete signal line received so far. Unreadable lines are reported and skipped.
-    pub fn drain(&mut self) -> Vec<i32> {
+    /// Every complete line received so far. Unreadable lines are reported and skipped.
+    pub fn drain(&mut self) -> Vec<Message> {
         let mut buf = [0u8; 512];
         loop {
             match self.fifo.read(&mut buf) {
@@ -66,6 +76,9 @@ impl Control {
         String::from_utf8_lossy(&lines)
             .split_whitespace()
             .filter_map(|word| {
+                if word == "terminate" {
+                    return Some(Message::Terminate);
+                }
                 let signal = signals::parse(word);
                 if signal.is_none() {
                     eprintln!(
@@ -73,7 +86,7 @@ impl Control {
                         self.path.display()
                     );
                 }
-                signal
+                signal.map(Message::Signal)
             })
             .collect()
     }

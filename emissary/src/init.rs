@@ -11,6 +11,7 @@ use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
+use crate::agent::Agent;
 use crate::archive::Limits;
 use crate::fsutil::{temp_name, write_atomic_mode};
 use crate::inputs::{self, Sources};
@@ -42,19 +43,24 @@ pub fn init(opts: &InitOptions) -> Result<(), String> {
     if let Some(script) = &loaded.template.script {
         write_mode(&opts.dest.join("script"), script.source.as_bytes(), 0o755)?;
     }
-    let store = opts.store.as_deref().map(LocalStore::new);
+    // Inputs come through the node agent when the pod has one, else from --store.
+    let agent = Agent::from_env().transpose()?;
+    let local = opts.store.as_deref().map(LocalStore::new);
+    let store: Option<&dyn Store> = match &agent {
+        Some(agent) => Some(agent),
+        None => local.as_ref().map(|s| s as &dyn Store),
+    };
     let sources = Sources {
         overrides: &[],
         staged: None,
-        store: store.as_ref().map(|s| s as &dyn Store),
+        store,
         limits: Limits::default(),
     };
     let staged_dir = opts.dest.join("inputs");
     for artifact in &loaded.template.inputs.artifacts {
         let dest = staged_dir.join(&artifact.name);
-        let fail = |e: String| format!("input artifact {:?}: {e}", artifact.name);
         // Not available here (e.g. no store in this container): the task container tries.
-        if let Some(digest) = inputs::stage_one(artifact, &dest, &sources).map_err(fail)? {
+        if let Some(digest) = inputs::stage_one(artifact, &dest, &sources).map_err(|e| e.message)? {
             let digest_file = inputs::digest_file(&staged_dir, &artifact.name);
             write_mode(&digest_file, digest.sha256.as_bytes(), 0o444)?;
         }

@@ -30,42 +30,74 @@ pub struct Staged {
     pub sha256: String,
 }
 
+/// An input that could not be staged.
+#[derive(Debug)]
+pub struct InputError {
+    pub message: String,
+    /// The store failed (the platform's fault), rather than the input being missing or bad.
+    pub system: bool,
+}
+
 /// Stages every input artifact of `template` at its path.
-pub fn stage_all(template: &Template, sources: &Sources<'_>) -> Result<Vec<Staged>, String> {
+pub fn stage_all(template: &Template, sources: &Sources<'_>) -> Result<Vec<Staged>, InputError> {
     let mut staged = Vec::new();
     for artifact in &template.inputs.artifacts {
         let dest = PathBuf::from(artifact.path.as_deref().unwrap_or_default());
-        let fail = |e: String| format!("input artifact {:?}: {e}", artifact.name);
-        match stage_one(artifact, &dest, sources).map_err(fail)? {
-            Some(digest) => {
-                if let Some(mode) = artifact.mode {
-                    fs::set_permissions(&dest, fs::Permissions::from_mode(mode))
-                        .map_err(|e| fail(format!("chmod {:o} {}: {e}", mode, dest.display())))?;
-                }
-                staged.push(Staged {
-                    name: artifact.name.clone(),
-                    sha256: digest.sha256,
-                });
-            }
+        match stage_one(artifact, &dest, sources)? {
+            Some(digest) => staged.push(Staged {
+                name: artifact.name.clone(),
+                sha256: digest.sha256,
+            }),
             None if artifact.optional => {}
             None => {
                 let key = artifact
                     .store_key()
                     .map(|k| format!(" (key {k:?})"))
                     .unwrap_or_default();
-                return Err(fail(format!("not found{key}; it is not optional")));
+                return Err(InputError {
+                    message: format!(
+                        "input artifact {:?}: not found{key}; it is not optional",
+                        artifact.name
+                    ),
+                    system: false,
+                });
             }
         }
     }
     Ok(staged)
 }
 
-/// Stages one input at `dest`; `Ok(None)` when no source has it.
+/// Stages one input at `dest`, with its `mode` applied; `Ok(None)` when no source has it.
 pub fn stage_one(
     artifact: &InputArtifact,
     dest: &Path,
     sources: &Sources<'_>,
-) -> Result<Option<Digest>, String> {
+) -> Result<Option<Digest>, InputError> {
+    let fail = |system: bool| {
+        move |e: String| InputError {
+            message: format!("input artifact {:?}: {e}", artifact.name),
+            system,
+        }
+    };
+    let digest = fetch(artifact, dest, sources)?;
+    if let (Some(_), Some(mode)) = (&digest, artifact.mode) {
+        fs::set_permissions(dest, fs::Permissions::from_mode(mode))
+            .map_err(|e| fail(false)(format!("chmod {mode:o} {}: {e}", dest.display())))?;
+    }
+    Ok(digest)
+}
+
+fn fetch(
+    artifact: &InputArtifact,
+    dest: &Path,
+    sources: &Sources<'_>,
+) -> Result<Option<Digest>, InputError> {
+    let fail = |system: bool| {
+        move |e: String| InputError {
+            message: format!("input artifact {:?}: {e}", artifact.name),
+            system,
+        }
+    };
     let unpack = match &artifact.archive {
         Some(a) if a.none.is_some() => Unpack::Never,
         _ => Unpack::Auto,
@@ -75,13 +107,15 @@ pub fn stage_one(
         .iter()
         .find(|(name, _)| name == &artifact.name)
     {
-        return stage_path(path, dest, unpack, sources.limits).map(Some);
+        return stage_path(path, dest, unpack, sources.limits)
+            .map(Some)
+            .map_err(fail(false));
     }
     if let Some(dir) = &sources.staged {
         let staged = dir.join(&artifact.name);
         if fs::symlink_metadata(&staged).is_ok() {
             let sha256 = fs::read_to_string(digest_file(dir, &artifact.name)).unwrap_or_default();
-            move_into(&staged, dest)?;
+            move_into(&staged, dest).map_err(fail(true))?;
             return Ok(Some(Digest {
                 size: 0,
                 sha256: sha256.trim().to_owned(),
@@ -89,19 +123,19 @@ pub fn stage_one(
         }
     }
     if let Some(raw) = &artifact.raw {
-        return archive::stage(
-            &mut Cursor::new(raw.data.as_bytes()),
-            dest,
-            Unpack::Never,
-            sources.limits,
-        )
-        .map(Some);
+        let mut data = Cursor::new(raw.data.as_bytes());
+        return archive::stage(&mut data, dest, Unpack::Never, sources.limits)
+            .map(Some)
+            .map_err(fail(false));
     }
     let (Some(key), Some(store)) = (artifact.store_key(), sources.store) else {
         return Ok(None);
     };
-    match store.get(key)? {
-        Some(mut reader) => archive::stage(&mut reader, dest, unpack, sources.limits).map(Some),
+    // A store that fails is the platform's problem (retryable); a bad archive is the input's.
+    match store.get(key).map_err(fail(true))? {
+        Some(mut reader) => archive::stage(&mut reader, dest, unpack, sources.limits)
+            .map(Some)
+            .map_err(fail(false)),
         None => Ok(None),
     }
 }

@@ -9,12 +9,14 @@
 //! [`inputs`], [`outputs`], [`archive`], [`store`], [`deps`] (containerSet ordering), [`oom`]
 //! and [`init`].
 
+pub mod agent;
 pub mod archive;
 pub mod capture;
 pub mod cli;
 pub mod control;
 pub mod deps;
 pub mod fsutil;
+pub mod http;
 pub mod init;
 pub mod inputs;
 pub mod oom;

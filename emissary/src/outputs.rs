@@ -17,8 +17,22 @@ pub const RESULT_LIMIT: u64 = 256 * 1024;
 /// An output parameter larger than this is an error (it belongs in an artifact).
 pub const PARAMETER_LIMIT: u64 = 256 * 1024;
 
+/// An output that could not be collected.
+pub struct OutputError {
+    pub message: String,
+    /// The store failed (the platform's fault), rather than the step not producing it.
+    pub system: bool,
+}
+
+fn user(message: String) -> OutputError {
+    OutputError {
+        message,
+        system: false,
+    }
+}
+
 /// Collects parameters and artifacts of `template`; returns them with the errors met.
-pub fn collect(template: &Template, store: &dyn Store) -> (Outputs, Vec<String>) {
+pub fn collect(template: &Template, store: &dyn Store) -> (Outputs, Vec<OutputError>) {
     let mut outputs = Outputs::default();
     let mut errors = Vec::new();
     for p in &template.outputs.parameters {
@@ -37,7 +51,7 @@ pub fn collect(template: &Template, store: &dyn Store) -> (Outputs, Vec<String>)
                         value: default.clone(),
                     })
                 }
-                _ => errors.push(format!("output parameter {:?}: {path}: {e}", p.name)),
+                _ => errors.push(user(format!("output parameter {:?}: {path}: {e}", p.name))),
             },
         }
     }
@@ -45,18 +59,18 @@ pub fn collect(template: &Template, store: &dyn Store) -> (Outputs, Vec<String>)
         let path = Path::new(a.path.as_deref().unwrap_or_default());
         if std::fs::symlink_metadata(path).is_err() {
             if !a.optional {
-                errors.push(format!(
+                errors.push(user(format!(
                     "output artifact {:?}: {} does not exist",
                     a.name,
                     path.display()
-                ));
+                )));
             }
             continue;
         }
         let packing = match Archive::packing(a.archive.as_ref()) {
             Ok(p) => p,
             Err(e) => {
-                errors.push(format!("output artifact {:?}: {e}", a.name));
+                errors.push(user(format!("output artifact {:?}: {e}", a.name)));
                 continue;
             }
         };
@@ -72,7 +86,10 @@ pub fn collect(template: &Template, store: &dyn Store) -> (Outputs, Vec<String>)
                 stored,
                 archive: packing.format,
             }),
-            Err(e) => errors.push(format!("output artifact {:?}: {e}", a.name)),
+            Err(e) => errors.push(OutputError {
+                message: format!("output artifact {:?}: {e}", a.name),
+                system: true,
+            }),
         }
     }
     (outputs, errors)

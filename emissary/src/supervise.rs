@@ -9,7 +9,7 @@ use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::unistd::Pid;
 
-use crate::control::Control;
+use crate::control::{Control, Message};
 use crate::reap::{self, Terminator};
 use crate::signals::Signals;
 use crate::spawn::ChildStatus;
@@ -53,8 +53,11 @@ pub fn supervise(
             }
         }
         if let Some(control) = control.as_deref_mut() {
-            for signal in control.drain() {
-                terminator.forward(signal);
+            for message in control.drain() {
+                match message {
+                    Message::Signal(signal) => terminator.forward(signal),
+                    Message::Terminate => terminator.start(Instant::now()),
+                }
             }
         }
 

@@ -18,6 +18,7 @@ use protocol::api::{Outputs, TaskResult};
 use protocol::spec::{Container, Template};
 use protocol::{ExitReason, TaskError, exit, time};
 
+use crate::agent::Agent;
 use crate::archive::{self, Limits};
 use crate::deps::{self, Waited};
 use crate::fsutil::{write_atomic, write_atomic_mode};
@@ -55,71 +56,67 @@ pub fn run(opts: &RunOptions) -> Result<i32, Fatal> {
         owns_outputs: true,
         json: Vec::new(),
         staged: Vec::new(),
+        agent: None,
     };
 
     let loaded = match template::load(opts.template.as_deref(), &opts.params) {
         Ok(loaded) => loaded,
-        Err(message) => {
-            eprintln!("emissary: {message}");
-            let error = TaskError::system(message, false);
-            return task.report(&logs, not_started(exit::EMISSARY_FAILED, error), None, None);
-        }
+        Err(message) => return task.refuse(&logs, None, TaskError::system(message, false)),
     };
     task.json = loaded.json;
     let template = loaded.template;
     let (container, dependencies) = match select(&template, &task.name) {
         Ok(selected) => selected,
-        Err(message) => {
-            eprintln!("emissary: {message}");
-            let error = TaskError::system(message, false);
-            return task.report(&logs, not_started(exit::EMISSARY_FAILED, error), None, None);
-        }
+        Err(message) => return task.refuse(&logs, None, TaskError::system(message, false)),
     };
     task.owns_outputs = template.container_set.is_none() || task.name == MAIN;
+    match Agent::from_env() {
+        None => {}
+        Some(Ok(agent)) => task.agent = Some(agent),
+        Some(Err(message)) => return task.refuse(&logs, None, TaskError::system(message, false)),
+    }
 
     match deps::wait(&ctr_root, &dependencies, &signals).map_err(Fatal)? {
         Waited::Ready => {}
         Waited::Failed(dep, code) => {
             let message = format!("skipped: dependency {dep:?} failed with exit code {code}");
-            eprintln!("emissary: {message}");
-            let error = TaskError::user(message, false);
-            return task.report(
-                &logs,
-                not_started(exit::EMISSARY_FAILED, error),
-                Some(&template),
-                None,
-            );
+            return task.refuse(&logs, Some(&template), TaskError::user(message, false));
         }
         Waited::Interrupted(signal) => {
-            let mut outcome = not_started(
-                exit::for_signal(signal),
-                TaskError::user("stopped while waiting for dependencies", false),
-            );
+            let error = TaskError::user("stopped while waiting for dependencies", false);
+            let mut outcome = not_started(exit::for_signal(signal), error);
             outcome.reason = ExitReason::Signaled;
             outcome.signal = Some(signal);
             return task.report(&logs, outcome, Some(&template), None);
         }
     }
 
-    let input_store = opts.store.as_deref().map(LocalStore::new);
+    if let Some(agent) = &task.agent
+        && let Err(message) = agent.start(&task.name)
+    {
+        return task.refuse(&logs, Some(&template), TaskError::system(message, true));
+    }
     if task.owns_outputs {
+        let local = opts.store.as_deref().map(LocalStore::new);
+        let store: Option<&dyn Store> = match &task.agent {
+            Some(agent) => Some(agent),
+            None => local.as_ref().map(|s| s as &dyn Store),
+        };
         let sources = Sources {
             overrides: &opts.inputs,
             staged: Some(root.join("inputs")),
-            store: input_store.as_ref().map(|s| s as &dyn Store),
+            store,
             limits: limits_from_env(),
         };
         match inputs::stage_all(&template, &sources) {
             Ok(staged) => task.staged = staged,
-            Err(message) => {
-                eprintln!("emissary: {message}");
-                let error = TaskError::user(message, false);
-                return task.report(
-                    &logs,
-                    not_started(exit::EMISSARY_FAILED, error),
-                    Some(&template),
-                    None,
-                );
+            Err(e) => {
+                let error = if e.system {
+                    TaskError::system(e.message, true)
+                } else {
+                    TaskError::user(e.message, false)
+                };
+                return task.refuse(&logs, Some(&template), error);
             }
         }
     }
@@ -127,16 +124,13 @@ pub fn run(opts: &RunOptions) -> Result<i32, Fatal> {
     let program = match task.program(opts, &template, &container, &logs.dir) {
         Ok(program) => program,
         Err(message) => {
-            eprintln!("emissary: {message}");
-            let error = TaskError::system(message, false);
-            return task.report(
-                &logs,
-                not_started(exit::EMISSARY_FAILED, error),
-                Some(&template),
-                None,
-            );
+            return task.refuse(&logs, Some(&template), TaskError::system(message, false));
         }
     };
+    if let Some(agent) = &task.agent {
+        agent.relay_commands(logs.dir.join(crate::control::FIFO_NAME));
+        agent.relay_progress(&task.name, progress_file(&logs.dir));
+    }
     let job = Job {
         program: &program,
         capture: true,
@@ -144,8 +138,12 @@ pub fn run(opts: &RunOptions) -> Result<i32, Fatal> {
         grace: opts.grace,
     };
     let outcome = run::execute(job, &signals, Some(&mut logs))?;
-    let store = LocalStore::new(&root);
-    task.report(&logs, outcome, Some(&template), Some(&store))
+    let local = LocalStore::new(&root);
+    let store: &dyn Store = match &task.agent {
+        Some(agent) => agent,
+        None => &local,
+    };
+    task.report(&logs, outcome, Some(&template), Some(store))
 }
 
 /// The task being run: where it reports, and what it has learnt so far.
@@ -156,9 +154,27 @@ struct Task {
     /// The substituted spec, for the inputs digest.
     json: Vec<u8>,
     staged: Vec<inputs::Staged>,
+    /// The node agent, when the pod has one: the store and where the result goes.
+    agent: Option<Agent>,
 }
 
 impl Task {
+    /// The command will not run: say why, and report it.
+    fn refuse(
+        &self,
+        logs: &LogDir,
+        template: Option<&Template>,
+        error: TaskError,
+    ) -> Result<i32, Fatal> {
+        eprintln!("emissary: {}", error.message);
+        self.report(
+            logs,
+            not_started(exit::EMISSARY_FAILED, error),
+            template,
+            None,
+        )
+    }
+
     /// The command line and environment for `container`.
     fn program(
         &self,
@@ -240,9 +256,19 @@ impl Task {
                 let (collected, errors) = outputs::collect(template, store);
                 result_outputs = collected;
                 if !errors.is_empty() {
-                    let message = errors.join("; ");
+                    let message = errors
+                        .iter()
+                        .map(|e| e.message.as_str())
+                        .collect::<Vec<_>>()
+                        .join("; ");
                     eprintln!("emissary: {message}");
-                    outcome.fail(TaskError::user(message, false));
+                    // A store that failed is the platform's problem; a missing file, the step's.
+                    let error = if errors.iter().any(|e| e.system) {
+                        TaskError::system(message, true)
+                    } else {
+                        TaskError::user(message, false)
+                    };
+                    outcome.fail(error);
                 }
                 if include_result() {
                     match outputs::result(&logs.dir.join("stdout")) {
@@ -259,18 +285,28 @@ impl Task {
             }
             result_outputs.progress = outputs::progress(&progress_file(&logs.dir));
         }
+        let inputs_digest = (!self.json.is_empty()).then(|| self.inputs_digest());
+        let build = |outcome: &Outcome, outputs: Outputs| TaskResult {
+            container: self.name.clone(),
+            exit_code: outcome.exit_code,
+            reason: outcome.reason,
+            error: outcome.error.clone(),
+            outputs,
+            inputs_digest: inputs_digest.clone(),
+            summary: Some(outcome.summary()),
+        };
+        if self.owns_outputs
+            && let Some(agent) = &self.agent
+            && let Err(message) = agent.result(&build(&outcome, result_outputs.clone()))
+        {
+            // The result did not reach the controller: the pod's exit must say so.
+            eprintln!("emissary: {message}");
+            outcome.fail(TaskError::system(message, true));
+        }
         let summary = outcome.summary();
         run::write_summary(&logs.dir.join("summary.json"), &summary)?;
         if self.owns_outputs {
-            let result = TaskResult {
-                container: self.name.clone(),
-                exit_code: outcome.exit_code,
-                reason: outcome.reason,
-                error: outcome.error.clone(),
-                outputs: result_outputs,
-                inputs_digest: (!self.json.is_empty()).then(|| self.inputs_digest()),
-                summary: Some(summary),
-            };
+            let result = build(&outcome, result_outputs);
             let mut json = serde_json::to_vec_pretty(&result)?;
             json.push(b'\n');
             let path = self.root.join("outputs.json");

@@ -2,6 +2,14 @@
 //! (`/v1/events`, `/v1/nodes/{node}/commands`). Paths, bodies and the event model live here so
 //! both sides, and the OpenAPI document, agree on one definition.
 //!
+//! Controller API (the agent is the client; `protocol/openapi.yaml` describes it):
+//!
+//! | method | path | body | answer |
+//! |---|---|---|---|
+//! | POST | `/v1/events` | [`EventBatch`] | any 2xx acknowledges every event of the batch |
+//! | GET | `/v1/nodes/{node}/commands?wait=30s` | | 200 [`NodeCommands`] (possibly empty) |
+//! | POST | `/v1/nodes/{node}/heartbeat` | [`Heartbeat`] | 2xx |
+//!
 //! Emissary API (bearer token per task attempt; see the agent's `token` module):
 //!
 //! | method | path | body | answer |
@@ -257,6 +265,25 @@ pub struct NodeCommand {
     pub attempt: u32,
     #[serde(flatten)]
     pub command: Command,
+}
+
+/// A task attempt, by identity.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskRef {
+    pub task_id: String,
+    pub attempt: u32,
+}
+
+/// `POST {controller}/v1/nodes/{node}/heartbeat`, every 10 s: the agent is alive, and these
+/// attempts are in touch with it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    pub node: String,
+    /// RFC 3339.
+    pub timestamp: String,
+    pub active: Vec<TaskRef>,
+    /// Events journaled but not yet acknowledged.
+    pub undelivered_bytes: u64,
 }
 
 /// `GET {controller}/v1/nodes/{node}/commands?wait=30s` answer.

@@ -1,0 +1,106 @@
+//! HTTP bodies: small ones in memory, large ones streamed through a bounded channel.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::{Body as HttpBody, Frame, Incoming};
+use tokio::sync::mpsc;
+
+/// Every response body.
+pub type Body = BoxBody<Bytes, io::Error>;
+
+pub fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+pub fn empty() -> Body {
+    Empty::new().map_err(|never| match never {}).boxed()
+}
+
+/// A body fed by a task through a bounded channel: the sender waits when the client is slow,
+/// so memory stays at `depth` chunks whatever the size.
+pub struct ChannelBody {
+    rx: mpsc::Receiver<io::Result<Bytes>>,
+}
+
+pub fn channel(depth: usize) -> (mpsc::Sender<io::Result<Bytes>>, Body) {
+    let (tx, rx) = mpsc::channel(depth);
+    (tx, ChannelBody { rx }.boxed())
+}
+
+impl HttpBody for ChannelBody {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        self.rx
+            .poll_recv(cx)
+            .map(|chunk| chunk.map(|r| r.map(Frame::data)))
+    }
+}
+
+/// Where an upload's bytes come from, one chunk at a time.
+pub trait Chunks {
+    /// The next chunk, `None` at the end.
+    fn next_chunk(&mut self) -> impl Future<Output = Option<io::Result<Bytes>>> + Send;
+}
+
+/// A request body, with a limit on how long the client may stay silent.
+pub struct Upload {
+    pub body: Incoming,
+    pub idle: Duration,
+}
+
+impl Chunks for Upload {
+    async fn next_chunk(&mut self) -> Option<io::Result<Bytes>> {
+        loop {
+            let frame = match tokio::time::timeout(self.idle, self.body.frame()).await {
+                Err(_) => {
+                    return Some(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "the client stopped sending",
+                    )));
+                }
+                Ok(None) => return None,
+                Ok(Some(Err(e))) => return Some(Err(io::Error::other(e))),
+                Ok(Some(Ok(frame))) => frame,
+            };
+            if let Ok(data) = frame.into_data() {
+                return Some(Ok(data));
+            }
+        }
+    }
+}
+
+/// Bytes already in memory (an offloaded parameter value).
+pub struct InMemory(pub Option<Bytes>);
+
+impl Chunks for InMemory {
+    async fn next_chunk(&mut self) -> Option<io::Result<Bytes>> {
+        self.0.take().map(Ok)
+    }
+}
+
+/// Reads a whole request body, refusing more than `limit` bytes.
+pub async fn read_limited(body: Incoming, limit: usize, idle: Duration) -> Result<Vec<u8>, String> {
+    let mut upload = Upload { body, idle };
+    let mut out = Vec::new();
+    while let Some(chunk) = upload.next_chunk().await {
+        let chunk = chunk.map_err(|e| e.to_string())?;
+        if out.len() + chunk.len() > limit {
+            return Err(format!("request body larger than {limit} bytes"));
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok(out)
+}

@@ -1,0 +1,153 @@
+//! The node input cache: objects from a remote store kept on the node's disk, named by
+//! SHA-256 of (key, ETag) so a changed object is a different entry; least recently used first
+//! out past a byte bound; one download however many tasks ask at once; kept across restarts.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use http_body_util::BodyExt;
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncWriteExt;
+
+use crate::store::{ObjectMeta, Store, StoreError, hex};
+
+pub struct Cache {
+    dir: PathBuf,
+    max_bytes: u64,
+    total: Mutex<u64>,
+    downloads: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// Whether a lookup found the object already cached.
+pub enum Lookup {
+    Hit(PathBuf),
+    Fetched(PathBuf),
+}
+
+impl Cache {
+    pub fn open(dir: &Path, max_bytes: u64) -> std::io::Result<Cache> {
+        std::fs::create_dir_all(dir)?;
+        let mut total = 0;
+        for entry in std::fs::read_dir(dir)?.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') {
+                // A download cut short by a crash.
+                let _ = std::fs::remove_file(entry.path());
+            } else {
+                total += entry.metadata()?.len();
+            }
+        }
+        Ok(Cache {
+            dir: dir.to_owned(),
+            max_bytes,
+            total: Mutex::new(total),
+            downloads: Mutex::default(),
+        })
+    }
+
+    /// The cached file for `key` at version `meta`, downloading it first if needed.
+    pub async fn get(
+        &self,
+        store: &Store,
+        key: &str,
+        meta: &ObjectMeta,
+    ) -> Result<Lookup, StoreError> {
+        let name = hex(&Sha256::digest(format!("{key}\0{}", meta.etag).as_bytes()));
+        let path = self.dir.join(&name);
+        if touch(&path) {
+            return Ok(Lookup::Hit(path));
+        }
+        let lock = self
+            .downloads
+            .lock()
+            .unwrap()
+            .entry(name.clone())
+            .or_default()
+            .clone();
+        let _one_download = lock.lock().await;
+        if touch(&path) {
+            return Ok(Lookup::Hit(path));
+        }
+        let result = self.download(store, key, &path).await;
+        self.downloads.lock().unwrap().remove(&name);
+        result.map(|()| Lookup::Fetched(path))
+    }
+
+    async fn download(&self, store: &Store, key: &str, path: &Path) -> Result<(), StoreError> {
+        let Some((_, mut body)) = store.get(key).await? else {
+            return Err(StoreError::Failed(format!("{key} vanished from the store")));
+        };
+        let tmp = self.dir.join(format!(
+            ".{}.{}",
+            path.file_name().unwrap_or_default().to_string_lossy(),
+            rand::random::<u64>()
+        ));
+        let failed =
+            |e: std::io::Error| StoreError::Failed(format!("node cache {}: {e}", tmp.display()));
+        let written = async {
+            let mut file = tokio::fs::File::create(&tmp).await.map_err(failed)?;
+            let mut size = 0u64;
+            while let Some(frame) = body.frame().await {
+                let frame =
+                    frame.map_err(|e| StoreError::Unavailable(format!("reading {key}: {e}")))?;
+                if let Ok(data) = frame.into_data() {
+                    size += data.len() as u64;
+                    file.write_all(&data).await.map_err(failed)?;
+                }
+            }
+            file.flush().await.map_err(failed)?;
+            tokio::fs::rename(&tmp, path).await.map_err(failed)?;
+            Ok(size)
+        }
+        .await;
+        let size = match written {
+            Ok(size) => size,
+            Err(e) => {
+                let _ = tokio::fs::remove_file(&tmp).await;
+                return Err(e);
+            }
+        };
+        *self.total.lock().unwrap() += size;
+        self.evict(path);
+        Ok(())
+    }
+
+    /// Removes least recently used entries until the cache fits its bound (never `keep`).
+    fn evict(&self, keep: &Path) {
+        let mut total = self.total.lock().unwrap();
+        if *total <= self.max_bytes {
+            return;
+        }
+        let mut entries: Vec<(SystemTime, u64, PathBuf)> = std::fs::read_dir(&self.dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| !e.file_name().to_string_lossy().starts_with('.') && e.path() != keep)
+            .filter_map(|e| {
+                let meta = e.metadata().ok()?;
+                Some((meta.modified().ok()?, meta.len(), e.path()))
+            })
+            .collect();
+        entries.sort();
+        for (_, size, path) in entries {
+            if *total <= self.max_bytes {
+                break;
+            }
+            // An open reader keeps its file; the name goes now.
+            if std::fs::remove_file(&path).is_ok() {
+                *total -= size;
+            }
+        }
+    }
+}
+
+/// Marks a cached file as just used; false when it is not there.
+fn touch(path: &Path) -> bool {
+    std::fs::File::options()
+        .write(true)
+        .open(path)
+        .and_then(|f| f.set_modified(SystemTime::now()))
+        .is_ok()
+}

@@ -1,0 +1,271 @@
+//! `emissary-agent serve` settings. Precedence: flags > `EMISSARY_AGENT_*` environment >
+//! the TOML file given with `--config` (keys are the long flag names: `store = "s3://b/p"`,
+//! `s3-path-style = true`) > defaults.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+
+/// Every option is optional here so that "not given" can fall through to the file.
+#[derive(Args, Debug, Default)]
+pub struct ServeArgs {
+    /// TOML file with defaults for any option below.
+    #[arg(long, value_name = "FILE", env = "EMISSARY_AGENT_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// The emissary API address [default: 0.0.0.0:7946].
+    #[arg(long, value_name = "ADDR", env = "EMISSARY_AGENT_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// The admin address: /metrics, /healthz, /readyz [default: 0.0.0.0:9090].
+    #[arg(long, value_name = "ADDR", env = "EMISSARY_AGENT_ADMIN_LISTEN")]
+    pub admin_listen: Option<SocketAddr>,
+    /// Journal, node cache and the default local store [default: /var/lib/emissary-agent].
+    #[arg(long, value_name = "DIR", env = "EMISSARY_AGENT_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// The node secret that signs task tokens (shared with the controller; ≥ 16 bytes).
+    #[arg(long, value_name = "FILE", env = "EMISSARY_AGENT_SECRET_FILE")]
+    pub secret_file: Option<PathBuf>,
+    /// The workflow controller; without it, events go to DATA_DIR/events.jsonl.
+    #[arg(long, value_name = "URL", env = "EMISSARY_AGENT_CONTROLLER_URL")]
+    pub controller_url: Option<String>,
+    /// file:///DIR or s3://BUCKET/PREFIX [default: file://DATA_DIR/store].
+    #[arg(long, value_name = "URL", env = "EMISSARY_AGENT_STORE")]
+    pub store: Option<String>,
+    /// S3 endpoint (for S3-compatible servers) [default: AWS's].
+    #[arg(long, value_name = "URL", env = "EMISSARY_AGENT_S3_ENDPOINT")]
+    pub s3_endpoint: Option<String>,
+    /// S3 region [default: us-east-1].
+    #[arg(long, value_name = "REGION", env = "EMISSARY_AGENT_S3_REGION")]
+    pub s3_region: Option<String>,
+    /// Address buckets by path (http://host/bucket/key) rather than by host name.
+    #[arg(long, value_name = "BOOL", env = "EMISSARY_AGENT_S3_PATH_STYLE", num_args = 0..=1, default_missing_value = "true")]
+    pub s3_path_style: Option<bool>,
+    /// This node's name, in events and the controller's command URL [default: the hostname].
+    #[arg(long, value_name = "NAME", env = "EMISSARY_AGENT_NODE")]
+    pub node: Option<String>,
+    /// Parameters and results larger than this go to the store, events carry a reference
+    /// [default: 65536].
+    #[arg(long, value_name = "BYTES", env = "EMISSARY_AGENT_INLINE_LIMIT")]
+    pub inline_limit: Option<usize>,
+    /// The node input cache's size bound [default: 10737418240, 10 GiB].
+    #[arg(long, value_name = "BYTES", env = "EMISSARY_AGENT_CACHE_MAX_BYTES")]
+    pub cache_max_bytes: Option<u64>,
+    /// Undelivered events kept on disk at most; beyond it new events are refused (503) and the
+    /// emissaries retry [default: 268435456, 256 MiB].
+    #[arg(long, value_name = "BYTES", env = "EMISSARY_AGENT_JOURNAL_MAX_BYTES")]
+    pub journal_max_bytes: Option<u64>,
+    /// On SIGTERM, how long in-flight requests and the outbox flush may take [default: 30s].
+    #[arg(long, value_name = "DURATION", env = "EMISSARY_AGENT_SHUTDOWN_TIMEOUT")]
+    pub shutdown_timeout: Option<String>,
+    /// Written (atomically) once listening: {"api": ADDR, "admin": ADDR}.
+    #[arg(long, value_name = "FILE", env = "EMISSARY_AGENT_READY_FILE")]
+    pub ready_file: Option<PathBuf>,
+}
+
+/// Resolved settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub secret_file: PathBuf,
+    pub controller_url: Option<String>,
+    pub store: String,
+    pub s3_endpoint: Option<String>,
+    pub s3_region: String,
+    pub s3_path_style: bool,
+    pub node: String,
+    pub inline_limit: usize,
+    pub cache_max_bytes: u64,
+    pub journal_max_bytes: u64,
+    pub shutdown_timeout: Duration,
+    pub ready_file: Option<PathBuf>,
+}
+
+impl ServeArgs {
+    /// Flags and environment (already in `self`) over the file over the defaults.
+    pub fn resolve(self) -> Result<Settings, String> {
+        let file: BTreeMap<String, toml::Value> = match &self.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+                toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?
+            }
+            None => BTreeMap::new(),
+        };
+        const KNOWN: &[&str] = &[
+            "listen",
+            "admin-listen",
+            "data-dir",
+            "secret-file",
+            "controller-url",
+            "store",
+            "s3-endpoint",
+            "s3-region",
+            "s3-path-style",
+            "node",
+            "inline-limit",
+            "cache-max-bytes",
+            "journal-max-bytes",
+            "shutdown-timeout",
+            "ready-file",
+        ];
+        if let Some(unknown) = file.keys().find(|k| !KNOWN.contains(&k.as_str())) {
+            return Err(format!(
+                "config file: unknown key {unknown:?} (known: {})",
+                KNOWN.join(", ")
+            ));
+        }
+        let text = |key: &str| -> Result<Option<String>, String> {
+            match file.get(key) {
+                None => Ok(None),
+                Some(toml::Value::String(s)) => Ok(Some(s.clone())),
+                Some(other) => Err(format!("config file: {key} must be a string, not {other}")),
+            }
+        };
+        let number = |key: &str| -> Result<Option<u64>, String> {
+            match file.get(key) {
+                None => Ok(None),
+                Some(toml::Value::Integer(n)) if *n >= 0 => Ok(Some(*n as u64)),
+                Some(other) => Err(format!(
+                    "config file: {key} must be a non-negative integer, not {other}"
+                )),
+            }
+        };
+        let parse = |key: &str, value: Option<String>| -> Result<Option<SocketAddr>, String> {
+            value
+                .map(|v| {
+                    v.parse()
+                        .map_err(|e| format!("config file: {key} {v:?}: {e}"))
+                })
+                .transpose()
+        };
+        let data_dir = self
+            .data_dir
+            .or(text("data-dir")?.map(PathBuf::from))
+            .unwrap_or_else(|| "/var/lib/emissary-agent".into());
+        let secret_file = self
+            .secret_file
+            .or(text("secret-file")?.map(PathBuf::from))
+            .ok_or("no node secret: pass --secret-file FILE (or set EMISSARY_AGENT_SECRET_FILE)")?;
+        let path_style = match (self.s3_path_style, file.get("s3-path-style")) {
+            (Some(b), _) => b,
+            (None, Some(toml::Value::Boolean(b))) => *b,
+            (None, Some(other)) => {
+                return Err(format!(
+                    "config file: s3-path-style must be true or false, not {other}"
+                ));
+            }
+            (None, None) => false,
+        };
+        let timeout = self
+            .shutdown_timeout
+            .or(text("shutdown-timeout")?)
+            .unwrap_or_else(|| "30s".into());
+        let settings = Settings {
+            listen: match self.listen {
+                Some(a) => a,
+                None => parse("listen", text("listen")?)?
+                    .unwrap_or_else(|| "0.0.0.0:7946".parse().unwrap()),
+            },
+            admin_listen: match self.admin_listen {
+                Some(a) => a,
+                None => parse("admin-listen", text("admin-listen")?)?
+                    .unwrap_or_else(|| "0.0.0.0:9090".parse().unwrap()),
+            },
+            store: self
+                .store
+                .or(text("store")?)
+                .unwrap_or_else(|| format!("file://{}", data_dir.join("store").display())),
+            secret_file,
+            controller_url: self
+                .controller_url
+                .or(text("controller-url")?)
+                .map(|u| u.trim_end_matches('/').to_owned()),
+            s3_endpoint: self.s3_endpoint.or(text("s3-endpoint")?),
+            s3_region: self
+                .s3_region
+                .or(text("s3-region")?)
+                .unwrap_or_else(|| "us-east-1".into()),
+            s3_path_style: path_style,
+            node: self.node.or(text("node")?).unwrap_or_else(hostname),
+            inline_limit: self
+                .inline_limit
+                .or(number("inline-limit")?.map(|n| n as usize))
+                .unwrap_or(64 * 1024),
+            cache_max_bytes: self
+                .cache_max_bytes
+                .or(number("cache-max-bytes")?)
+                .unwrap_or(10 << 30),
+            journal_max_bytes: self
+                .journal_max_bytes
+                .or(number("journal-max-bytes")?)
+                .unwrap_or(256 << 20),
+            shutdown_timeout: protocol::duration::parse(&timeout)
+                .map_err(|e| format!("shutdown-timeout: {e}"))?,
+            ready_file: self.ready_file.or(text("ready-file")?.map(PathBuf::from)),
+            data_dir,
+        };
+        if let Some(url) = &settings.controller_url
+            && !url.starts_with("http://")
+        {
+            return Err(format!(
+                "controller-url {url:?}: only http:// is supported (put a TLS proxy in front for https)"
+            ));
+        }
+        Ok(settings)
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "node".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_beat_the_file_and_the_file_beats_defaults() {
+        let dir = std::env::temp_dir().join(format!("agent-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("agent.toml");
+        std::fs::write(
+            &file,
+            "store = \"s3://b/p\"\ninline-limit = 10\nnode = \"from-file\"\nsecret-file = \"/s\"\n",
+        )
+        .unwrap();
+        let args = ServeArgs {
+            config: Some(file.clone()),
+            node: Some("from-flag".into()),
+            ..Default::default()
+        };
+        let s = args.resolve().unwrap();
+        assert_eq!(
+            (s.store.as_str(), s.inline_limit, s.node.as_str()),
+            ("s3://b/p", 10, "from-flag")
+        );
+        assert_eq!(s.listen, "0.0.0.0:7946".parse().unwrap());
+
+        std::fs::write(&file, "stroe = \"x\"\n").unwrap();
+        let err = ServeArgs {
+            config: Some(file.clone()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap_err();
+        assert!(err.contains("unknown key \"stroe\""), "{err}");
+        std::fs::write(&file, "inline-limit = \"big\"\nsecret-file = \"/s\"\n").unwrap();
+        let err = ServeArgs {
+            config: Some(file),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap_err();
+        assert!(err.contains("inline-limit"), "{err}");
+    }
+}

@@ -1,0 +1,275 @@
+//! The controller side: delivering the outbox, relaying commands, heartbeats.
+//!
+//! Delivery is in journal order, in batches of up to 500 events; a batch is acknowledged by any
+//! 2xx, and only then removed. Failures back off exponentially with full jitter, 100 ms to
+//! 30 s. Without a controller, events are appended (and fsynced) to `DATA_DIR/events.jsonl`
+//! instead, through the same journal.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use protocol::api::{EventBatch, Heartbeat, NodeCommands, TaskRef};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::commands::Commands;
+use crate::metrics::Metrics;
+use crate::outbox::{Outbox, Reader};
+
+const BATCH: usize = 500;
+const HEARTBEAT: Duration = Duration::from_secs(10);
+
+/// Where events go.
+#[derive(Clone)]
+pub enum Sink {
+    Controller {
+        url: String,
+        client: Box<Client<HttpConnector, Full<Bytes>>>,
+    },
+    File(PathBuf),
+}
+
+impl Sink {
+    pub fn new(url: Option<&str>, events_file: PathBuf) -> Sink {
+        match url {
+            Some(url) => {
+                let mut connector = HttpConnector::new();
+                connector.set_connect_timeout(Some(Duration::from_secs(5)));
+                let client = Client::builder(TokioExecutor::new()).build(connector);
+                Sink::Controller {
+                    url: url.to_owned(),
+                    client: Box::new(client),
+                }
+            }
+            None => Sink::File(events_file),
+        }
+    }
+}
+
+/// Exponential backoff with full jitter.
+pub struct Backoff {
+    next: Duration,
+}
+
+impl Backoff {
+    pub fn new() -> Backoff {
+        Backoff {
+            next: Duration::from_millis(100),
+        }
+    }
+
+    pub fn reset(&mut self) {
+        self.next = Duration::from_millis(100);
+    }
+
+    pub fn step(&mut self) -> Duration {
+        let wait = self.next.mul_f64(rand::random::<f64>());
+        self.next = (self.next * 2).min(Duration::from_secs(30));
+        wait
+    }
+}
+
+/// Delivers journaled events until `stop` turns true and the journal is empty (or `stop`
+/// turns true and a delivery fails: the rest waits for the next start).
+pub async fn deliver(
+    outbox: Outbox,
+    sink: Sink,
+    node: String,
+    metrics: Arc<Metrics>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut reader = match Reader::open(&outbox) {
+        Ok(r) => r,
+        Err(e) => {
+            warn!(error = %e, "cannot read the journal; no events will be delivered");
+            return;
+        }
+    };
+    let mut backoff = Backoff::new();
+    loop {
+        let batch = match tokio::task::block_in_place(|| reader.peek(BATCH)) {
+            Ok(batch) => batch,
+            Err(e) => {
+                warn!(error = %e, "reading the journal");
+                Vec::new()
+            }
+        };
+        if batch.is_empty() {
+            if *stop.borrow() {
+                return;
+            }
+            tokio::select! {
+                _ = outbox.appended.notified() => {}
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = stop.changed() => {}
+            }
+            continue;
+        }
+        let last = batch.last().expect("not empty").id;
+        let events = batch.into_iter().map(|r| r.event).collect();
+        match send(&sink, &node, events).await {
+            Ok(count) => {
+                metrics.events_delivered.inc_by(count);
+                if let Err(e) = tokio::task::block_in_place(|| reader.ack(last)) {
+                    warn!(error = %e, "recording delivery in the journal");
+                }
+                backoff.reset();
+            }
+            Err(e) => {
+                metrics.delivery_failures.inc();
+                warn!(error = %e, "event delivery failed; will retry");
+                if *stop.borrow() {
+                    return;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff.step()) => {}
+                    _ = stop.changed() => {}
+                }
+            }
+        }
+    }
+}
+
+async fn send(sink: &Sink, node: &str, events: Vec<protocol::api::Event>) -> Result<u64, String> {
+    let count = events.len() as u64;
+    match sink {
+        Sink::File(path) => {
+            let path = path.clone();
+            tokio::task::spawn_blocking(move || {
+                let mut lines = Vec::new();
+                for event in &events {
+                    serde_json::to_writer(&mut lines, event).map_err(|e| e.to_string())?;
+                    lines.push(b'\n');
+                }
+                let mut file = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&path)
+                    .map_err(|e| e.to_string())?;
+                file.write_all(&lines)
+                    .and_then(|()| file.sync_data())
+                    .map_err(|e| format!("{}: {e}", path.display()))
+            })
+            .await
+            .map_err(|e| e.to_string())??;
+            Ok(count)
+        }
+        Sink::Controller { url, client } => {
+            let body = serde_json::to_vec(&EventBatch {
+                node: node.to_owned(),
+                events,
+            })
+            .map_err(|e| e.to_string())?;
+            let request = hyper::Request::post(format!("{url}/v1/events"))
+                .header("content-type", "application/json")
+                .body(Full::new(Bytes::from(body)))
+                .map_err(|e| e.to_string())?;
+            let response = tokio::time::timeout(Duration::from_secs(30), client.request(request))
+                .await
+                .map_err(|_| "the controller did not answer in 30 s".to_owned())?
+                .map_err(|e| format!("POST {url}/v1/events: {e}"))?;
+            if response.status().is_success() {
+                Ok(count)
+            } else {
+                Err(format!("POST {url}/v1/events: {}", response.status()))
+            }
+        }
+    }
+}
+
+/// Long-polls the controller for commands and hands them to the tasks' own long-polls.
+pub async fn relay_commands(
+    sink: Sink,
+    node: String,
+    commands: Arc<Commands>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let Sink::Controller { url, client } = sink else {
+        return;
+    };
+    let mut backoff = Backoff::new();
+    loop {
+        let poll = async {
+            let request = hyper::Request::get(format!("{url}/v1/nodes/{node}/commands?wait=30s"))
+                .body(Full::new(Bytes::new()))
+                .map_err(|e| e.to_string())?;
+            let response = tokio::time::timeout(Duration::from_secs(45), client.request(request))
+                .await
+                .map_err(|_| "no answer in 45 s".to_owned())?
+                .map_err(|e| e.to_string())?;
+            if !response.status().is_success() {
+                return Err(format!("status {}", response.status()));
+            }
+            let bytes = response
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| e.to_string())?
+                .to_bytes();
+            serde_json::from_slice::<NodeCommands>(&bytes).map_err(|e| format!("bad answer: {e}"))
+        };
+        let outcome = tokio::select! {
+            outcome = poll => outcome,
+            _ = stop.changed() => return,
+        };
+        match outcome {
+            Ok(list) => {
+                backoff.reset();
+                for c in list.commands {
+                    info!(task = %c.task_id, attempt = c.attempt, command = ?c.command, "command relayed");
+                    commands.push(&c.task_id, c.attempt, c.command);
+                }
+            }
+            Err(e) => {
+                warn!(error = %e, "polling the controller for commands");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff.step()) => {}
+                    _ = stop.changed() => return,
+                }
+            }
+        }
+    }
+}
+
+/// Tells the controller every 10 s that this node's agent is alive, and who it serves.
+pub async fn heartbeats(
+    sink: Sink,
+    node: String,
+    commands: Arc<Commands>,
+    outbox: Outbox,
+    mut stop: watch::Receiver<bool>,
+) {
+    let Sink::Controller { url, client } = sink else {
+        return;
+    };
+    loop {
+        let beat = Heartbeat {
+            node: node.clone(),
+            timestamp: protocol::time::format_rfc3339(std::time::SystemTime::now()),
+            active: commands
+                .active()
+                .into_iter()
+                .map(|(task_id, attempt)| TaskRef { task_id, attempt })
+                .collect(),
+            undelivered_bytes: outbox.bytes.load(std::sync::atomic::Ordering::Relaxed),
+        };
+        let body = serde_json::to_vec(&beat).unwrap_or_default();
+        if let Ok(request) = hyper::Request::post(format!("{url}/v1/nodes/{node}/heartbeat"))
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body)))
+        {
+            let _ = tokio::time::timeout(Duration::from_secs(5), client.request(request)).await;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(HEARTBEAT) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}

@@ -1,0 +1,389 @@
+//! The outbox: every event is appended to an on-disk journal, and fsynced, before the emissary
+//! hears "ok"; it is delivered to the controller in order and removed only once acknowledged.
+//!
+//! Layout under `DATA_DIR/journal/`: segments `NNNNNNNNNNNNNNNNNNNN.jsonl` (named by their first
+//! record id; one JSON record per line), `cursor` (the last delivered id), `seqs.json` (the last
+//! `seq` of every task attempt whose records are gone). A kill -9 loses nothing acknowledged: a
+//! half-written last line is ignored on restart, records after the cursor are sent again (the
+//! controller deduplicates by `(task_id, attempt, seq)`), and `seq` never repeats.
+//!
+//! Full journal (`--journal-max-bytes`): new events are refused with 503 and the emissary
+//! retries with backoff; nothing is ever dropped to make room.
+
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufRead, BufReader, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use protocol::api::{Event, Phase};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Notify, mpsc, oneshot};
+
+/// A new segment starts past this size.
+const SEGMENT_BYTES: u64 = 8 << 20;
+/// Attempts whose last event was final are forgotten from the seq map after this long.
+const SEQ_RETENTION_SECS: u64 = 7 * 24 * 3600;
+
+/// One journal line.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Record {
+    pub id: u64,
+    pub event: Event,
+}
+
+/// Why an append was refused.
+#[derive(Debug)]
+pub enum AppendError {
+    Full,
+    Io(String),
+}
+
+impl std::fmt::Display for AppendError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AppendError::Full => {
+                f.write_str("the event journal is full (the controller is not taking events)")
+            }
+            AppendError::Io(e) => write!(f, "journal write failed: {e}"),
+        }
+    }
+}
+
+struct Append {
+    event: Event,
+    done: oneshot::Sender<Result<Event, AppendError>>,
+}
+
+/// The writing side, shared by request handlers.
+#[derive(Clone)]
+pub struct Outbox {
+    tx: mpsc::Sender<Append>,
+    /// Wakes the delivery loop when records land.
+    pub appended: Arc<Notify>,
+    /// Bytes in live segments (the writer adds, delivery subtracts).
+    pub bytes: Arc<AtomicU64>,
+    pub dir: PathBuf,
+}
+
+impl Outbox {
+    /// Opens (or recovers) the journal in `dir` and starts its writer thread.
+    pub fn open(dir: &Path, max_bytes: u64) -> io::Result<Outbox> {
+        fs::create_dir_all(dir)?;
+        let mut seqs: HashMap<(String, u32), SeqState> = read_seqs(dir)?;
+        let (mut next_id, mut live_bytes) = (read_cursor(dir)? + 1, 0u64);
+        for segment in segments(dir)? {
+            let file = File::open(&segment.path)?;
+            live_bytes += file.metadata()?.len();
+            for record in read_records(file)? {
+                next_id = next_id.max(record.id + 1);
+                let state = seqs
+                    .entry((record.event.task_id.clone(), record.event.attempt))
+                    .or_default();
+                state.seq = state.seq.max(record.event.seq);
+            }
+        }
+        let bytes = Arc::new(AtomicU64::new(live_bytes));
+        let appended = Arc::new(Notify::new());
+        let (tx, rx) = mpsc::channel(1024);
+        let writer = Writer {
+            dir: dir.to_owned(),
+            seqs,
+            next_id,
+            current: None,
+            bytes: bytes.clone(),
+            max_bytes,
+            appended: appended.clone(),
+        };
+        std::thread::Builder::new()
+            .name("journal".into())
+            .spawn(move || writer.run(rx))?;
+        Ok(Outbox {
+            tx,
+            appended,
+            bytes,
+            dir: dir.to_owned(),
+        })
+    }
+
+    /// Journals `event` (its `seq` is assigned here); returns it once it is on disk.
+    pub async fn append(&self, event: Event) -> Result<Event, AppendError> {
+        let (done, wait) = oneshot::channel();
+        self.tx
+            .send(Append { event, done })
+            .await
+            .map_err(|_| AppendError::Io("journal writer stopped".into()))?;
+        wait.await
+            .map_err(|_| AppendError::Io("journal writer stopped".into()))?
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct SeqState {
+    seq: u64,
+    #[serde(default)]
+    final_at: Option<u64>,
+}
+
+struct Segment {
+    first_id: u64,
+    path: PathBuf,
+}
+
+struct Writer {
+    dir: PathBuf,
+    seqs: HashMap<(String, u32), SeqState>,
+    next_id: u64,
+    current: Option<(File, u64)>,
+    bytes: Arc<AtomicU64>,
+    max_bytes: u64,
+    appended: Arc<Notify>,
+}
+
+impl Writer {
+    /// Group commit: takes every append waiting, writes them, one fsync, then answers all.
+    fn run(mut self, mut rx: mpsc::Receiver<Append>) {
+        while let Some(first) = rx.blocking_recv() {
+            let mut batch = vec![first];
+            while let Ok(more) = rx.try_recv() {
+                batch.push(more);
+            }
+            let mut written = Vec::with_capacity(batch.len());
+            let mut failure = None;
+            for append in batch {
+                if self.bytes.load(Ordering::Relaxed) >= self.max_bytes {
+                    let _ = append.done.send(Err(AppendError::Full));
+                    continue;
+                }
+                match self.write(append.event) {
+                    Ok(event) => written.push((append.done, event)),
+                    Err(e) => {
+                        failure = Some(e.to_string());
+                        let _ = append.done.send(Err(AppendError::Io(e.to_string())));
+                    }
+                }
+            }
+            let synced = match &mut self.current {
+                Some((file, _)) => file.sync_data().map_err(|e| e.to_string()),
+                None => Ok(()),
+            };
+            let outcome = failure.map_or(synced, Err);
+            for (done, event) in written {
+                let _ = done.send(outcome.clone().map(|()| event).map_err(AppendError::Io));
+            }
+            self.appended.notify_one();
+        }
+        if let Some((file, _)) = &self.current {
+            let _ = file.sync_all();
+        }
+        let _ = self.save_seqs();
+    }
+
+    fn write(&mut self, mut event: Event) -> io::Result<Event> {
+        let state = self
+            .seqs
+            .entry((event.task_id.clone(), event.attempt))
+            .or_default();
+        state.seq += 1;
+        event.seq = state.seq;
+        if matches!(
+            event.phase,
+            Phase::Succeeded
+                | Phase::Failed
+                | Phase::TimedOut
+                | Phase::Aborted
+                | Phase::RetryableFailure
+        ) {
+            state.final_at = Some(crate::token::now());
+        }
+        let record = Record {
+            id: self.next_id,
+            event,
+        };
+        let mut line = serde_json::to_vec(&record).map_err(io::Error::other)?;
+        line.push(b'\n');
+        let rotate = self
+            .current
+            .as_ref()
+            .is_none_or(|(_, size)| *size >= SEGMENT_BYTES);
+        if rotate {
+            // The snapshot covers every record of the segments delivery may now delete.
+            self.save_seqs()?;
+            let path = self.dir.join(format!("{:020}.jsonl", record.id));
+            let file = OpenOptions::new().create(true).append(true).open(path)?;
+            let size = file.metadata()?.len();
+            self.current = Some((file, size));
+        }
+        let (file, size) = self.current.as_mut().expect("opened above");
+        file.write_all(&line)?;
+        *size += line.len() as u64;
+        self.bytes.fetch_add(line.len() as u64, Ordering::Relaxed);
+        self.next_id += 1;
+        Ok(record.event)
+    }
+
+    fn save_seqs(&mut self) -> io::Result<()> {
+        let now = crate::token::now();
+        self.seqs.retain(|_, s| {
+            s.final_at
+                .is_none_or(|t| now.saturating_sub(t) < SEQ_RETENTION_SECS)
+        });
+        let list: Vec<(&String, u32, &SeqState)> =
+            self.seqs.iter().map(|((t, a), s)| (t, *a, s)).collect();
+        write_atomic(
+            &self.dir.join("seqs.json"),
+            &serde_json::to_vec(&list).map_err(io::Error::other)?,
+        )
+    }
+}
+
+fn read_seqs(dir: &Path) -> io::Result<HashMap<(String, u32), SeqState>> {
+    match fs::read(dir.join("seqs.json")) {
+        Ok(bytes) => {
+            let list: Vec<(String, u32, SeqState)> =
+                serde_json::from_slice(&bytes).map_err(io::Error::other)?;
+            Ok(list.into_iter().map(|(t, a, s)| ((t, a), s)).collect())
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(HashMap::new()),
+        Err(e) => Err(e),
+    }
+}
+
+fn read_cursor(dir: &Path) -> io::Result<u64> {
+    match fs::read_to_string(dir.join("cursor")) {
+        Ok(text) => text
+            .trim()
+            .parse()
+            .map_err(|_| io::Error::other(format!("{}/cursor is corrupt", dir.display()))),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(0),
+        Err(e) => Err(e),
+    }
+}
+
+fn segments(dir: &Path) -> io::Result<Vec<Segment>> {
+    let mut list: Vec<Segment> = fs::read_dir(dir)?
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let first_id = name.strip_suffix(".jsonl")?.parse().ok()?;
+            Some(Segment {
+                first_id,
+                path: e.path(),
+            })
+        })
+        .collect();
+    list.sort_by_key(|s| s.first_id);
+    Ok(list)
+}
+
+/// Every complete record of a segment; a torn last line (a crash mid-write) is skipped.
+fn read_records(file: File) -> io::Result<Vec<Record>> {
+    let mut records = Vec::new();
+    for line in BufReader::new(file).lines() {
+        let line = line?;
+        match serde_json::from_str::<Record>(&line) {
+            Ok(record) => records.push(record),
+            Err(_) => break,
+        }
+    }
+    Ok(records)
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut file = File::create(&tmp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    fs::rename(&tmp, path)
+}
+
+/// The reading side: records after the cursor, in order, and acknowledgement.
+pub struct Reader {
+    dir: PathBuf,
+    cursor: u64,
+    /// Where the next unread record is: (segment first id, byte offset).
+    position: Option<(u64, u64)>,
+    /// Where the position moves once the last peeked batch is acknowledged.
+    pending: Option<(u64, u64)>,
+    bytes: Arc<AtomicU64>,
+}
+
+impl Reader {
+    pub fn open(outbox: &Outbox) -> io::Result<Reader> {
+        Ok(Reader {
+            dir: outbox.dir.clone(),
+            cursor: read_cursor(&outbox.dir)?,
+            position: None,
+            pending: None,
+            bytes: outbox.bytes.clone(),
+        })
+    }
+
+    /// Up to `max` records after the cursor (without consuming them).
+    pub fn peek(&mut self, max: usize) -> io::Result<Vec<Record>> {
+        let mut out = Vec::new();
+        let segments = segments(&self.dir)?;
+        let start = match self.position {
+            Some((first, _)) => segments
+                .iter()
+                .position(|s| s.first_id == first)
+                .unwrap_or(0),
+            None => 0,
+        };
+        for segment in &segments[start..] {
+            let mut file = File::open(&segment.path)?;
+            let offset = match self.position {
+                Some((first, offset)) if first == segment.first_id => offset,
+                _ => 0,
+            };
+            file.seek(SeekFrom::Start(offset))?;
+            let mut reader = BufReader::new(file);
+            let mut line = String::new();
+            let mut consumed = offset;
+            loop {
+                line.clear();
+                let n = reader.read_line(&mut line)?;
+                if n == 0 || !line.ends_with('\n') {
+                    break; // end, or a line still being written
+                }
+                let Ok(record) = serde_json::from_str::<Record>(&line) else {
+                    break;
+                };
+                consumed += n as u64;
+                if record.id <= self.cursor {
+                    self.position = Some((segment.first_id, consumed));
+                    continue;
+                }
+                out.push((record, segment.first_id, consumed));
+                if out.len() >= max {
+                    break;
+                }
+            }
+            if out.len() >= max {
+                break;
+            }
+        }
+        let records = out.iter().map(|(r, _, _)| r.clone()).collect();
+        self.pending = out.last().map(|(_, first, offset)| (*first, *offset));
+        Ok(records)
+    }
+
+    /// Marks everything up to `id` delivered; drops segments wholly delivered.
+    pub fn ack(&mut self, id: u64) -> io::Result<()> {
+        self.cursor = id;
+        write_atomic(&self.dir.join("cursor"), id.to_string().as_bytes())?;
+        if let Some(pending) = self.pending.take() {
+            self.position = Some(pending);
+        }
+        let segments = segments(&self.dir)?;
+        for pair in segments.windows(2) {
+            if pair[1].first_id <= id + 1 {
+                let size = fs::metadata(&pair[0].path).map(|m| m.len()).unwrap_or(0);
+                fs::remove_file(&pair[0].path)?;
+                self.bytes.fetch_sub(size, Ordering::Relaxed);
+            }
+        }
+        Ok(())
+    }
+}

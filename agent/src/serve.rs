@@ -1,0 +1,180 @@
+//! `emissary-agent serve`: wires the pieces and runs until SIGTERM.
+//!
+//! Shutdown: stop accepting, let in-flight requests (uploads) finish within the shutdown
+//! timeout, then give the outbox the rest of it to drain to the controller; what is left stays
+//! journaled for the next start.
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::cache::Cache;
+use crate::commands::Commands;
+use crate::config::Settings;
+use crate::controller::{self, Sink};
+use crate::metrics::Metrics;
+use crate::outbox::Outbox;
+use crate::server::{self, App};
+use crate::store::{S3Settings, Store};
+use crate::token::Secret;
+
+pub async fn serve(settings: Settings) -> Result<(), String> {
+    let secret = Secret::from_file(&settings.secret_file)?;
+    let s3 = S3Settings {
+        endpoint: settings.s3_endpoint.clone(),
+        region: settings.s3_region.clone(),
+        path_style: settings.s3_path_style,
+    };
+    let store = Store::open(&settings.store, &s3).await?;
+    let data = &settings.data_dir;
+    let outbox = Outbox::open(&data.join("journal"), settings.journal_max_bytes).map_err(|e| {
+        format!(
+            "cannot open the journal in {}: {e}",
+            data.join("journal").display()
+        )
+    })?;
+    let cache = Cache::open(&data.join("cache"), settings.cache_max_bytes).map_err(|e| {
+        format!(
+            "cannot open the node cache in {}: {e}",
+            data.join("cache").display()
+        )
+    })?;
+    let metrics = Arc::new(Metrics::new(outbox.bytes.clone()));
+    let commands = Arc::new(Commands::default());
+    let app = Arc::new(App {
+        secret,
+        store,
+        cache: Some(cache),
+        outbox: outbox.clone(),
+        commands: commands.clone(),
+        metrics: metrics.clone(),
+        node: settings.node.clone(),
+        inline_limit: settings.inline_limit,
+        next_request: Default::default(),
+    });
+
+    let api = TcpListener::bind(settings.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", settings.listen))?;
+    let admin = TcpListener::bind(settings.admin_listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", settings.admin_listen))?;
+    let (api_addr, admin_addr) = (
+        api.local_addr().map_err(|e| e.to_string())?,
+        admin.local_addr().map_err(|e| e.to_string())?,
+    );
+
+    let (stop_tx, stop) = watch::channel(false);
+    let sink = Sink::new(
+        settings.controller_url.as_deref(),
+        data.join("events.jsonl"),
+    );
+    let delivery = tokio::spawn(controller::deliver(
+        outbox.clone(),
+        sink.clone(),
+        settings.node.clone(),
+        metrics.clone(),
+        stop.clone(),
+    ));
+    tokio::spawn(controller::relay_commands(
+        sink.clone(),
+        settings.node.clone(),
+        commands.clone(),
+        stop.clone(),
+    ));
+    tokio::spawn(controller::heartbeats(
+        sink,
+        settings.node.clone(),
+        commands,
+        outbox,
+        stop.clone(),
+    ));
+
+    let ready = Arc::new(AtomicBool::new(false));
+    let graceful = GracefulShutdown::new();
+    let mut api_stop = stop.clone();
+    let admin_app = app.clone();
+    let admin_ready = ready.clone();
+    let mut admin_stop = stop.clone();
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                accepted = admin.accept() => accepted,
+                _ = admin_stop.changed() => return,
+            };
+            let Ok((stream, _)) = accepted else { continue };
+            let (app, ready) = (admin_app.clone(), admin_ready.clone());
+            tokio::spawn(async move {
+                let service = service_fn(move |req| server::admin(app.clone(), ready.clone(), req));
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+
+    if let Some(path) = &settings.ready_file {
+        let json =
+            serde_json::json!({ "api": api_addr.to_string(), "admin": admin_addr.to_string() });
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, json.to_string())
+            .and_then(|()| std::fs::rename(&tmp, path))
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    }
+    ready.store(true, std::sync::atomic::Ordering::Relaxed);
+    info!(api = %api_addr, admin = %admin_addr, store = %settings.store, node = %settings.node, "listening");
+
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| e.to_string())?;
+    let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .map_err(|e| e.to_string())?;
+    loop {
+        let accepted = tokio::select! {
+            accepted = api.accept() => accepted,
+            _ = terminate.recv() => break,
+            _ = interrupt.recv() => break,
+            _ = api_stop.changed() => break,
+        };
+        let (stream, _) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                warn!(error = %e, "accept");
+                continue;
+            }
+        };
+        let app = app.clone();
+        let service = service_fn(move |req| server::handle(app.clone(), req));
+        let connection = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            // A client that never finishes its headers is cut off.
+            .header_read_timeout(std::time::Duration::from_secs(30))
+            .serve_connection(TokioIo::new(stream), service);
+        let watched = graceful.watch(connection);
+        tokio::spawn(async move {
+            let _ = watched.await;
+        });
+    }
+
+    info!(timeout = ?settings.shutdown_timeout, "shutting down: finishing in-flight requests");
+    ready.store(false, std::sync::atomic::Ordering::Relaxed);
+    drop(api);
+    let deadline = tokio::time::Instant::now() + settings.shutdown_timeout;
+    if tokio::time::timeout_at(deadline, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        warn!("in-flight requests did not finish in time");
+    }
+    let _ = stop_tx.send(true);
+    if tokio::time::timeout_at(deadline, delivery).await.is_err() {
+        warn!("the outbox did not drain in time; undelivered events stay journaled");
+    }
+    info!("stopped");
+    Ok(())
+}

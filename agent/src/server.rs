@@ -1,0 +1,526 @@
+//! The emissary API (`/v1/tasks/{task}/{attempt}/...`) and the admin endpoints.
+//!
+//! Every task request carries `Authorization: Bearer TOKEN`; a token opens only its own task
+//! attempt's paths (401 for a bad or expired token, 403 for another task's). JSON bodies are
+//! capped at 1 MiB and a malformed one is a 400 naming the field; names must be single safe
+//! path segments; a client silent for 60 s mid-body is cut off.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use protocol::api::{
+    self, Command, Event, EventOutputs, EventParameter, Phase, ProgressReport, StartRequest,
+    TaskResult, Usage, Value,
+};
+use serde::de::DeserializeOwned;
+use tracing::{Instrument, info, info_span, warn};
+
+use crate::body::{Body, InMemory, Upload, empty, full, read_limited};
+use crate::cache::{Cache, Lookup};
+use crate::commands::Commands;
+use crate::metrics::{Metrics, RequestLabels};
+use crate::outbox::{AppendError, Outbox};
+use crate::store::{Store, StoreError, stream_file};
+use crate::token::{Claims, Secret};
+
+const JSON_LIMIT: usize = 1 << 20;
+/// How long a client may stay silent in the middle of a body.
+pub const BODY_IDLE: Duration = Duration::from_secs(60);
+/// The longest a commands long-poll may wait.
+const MAX_WAIT: Duration = Duration::from_secs(60);
+
+/// Everything a request handler needs.
+pub struct App {
+    pub secret: Secret,
+    pub store: Store,
+    pub cache: Option<Cache>,
+    pub outbox: Outbox,
+    pub commands: Arc<Commands>,
+    pub metrics: Arc<Metrics>,
+    pub node: String,
+    pub inline_limit: usize,
+    pub next_request: AtomicU64,
+}
+
+/// An error answer: status and message (sent as `{"error": message}`).
+struct Refusal(StatusCode, String);
+
+impl Refusal {
+    fn new(status: StatusCode, message: impl Into<String>) -> Refusal {
+        Refusal(status, message.into())
+    }
+}
+
+impl From<StoreError> for Refusal {
+    fn from(e: StoreError) -> Refusal {
+        let status = match e {
+            StoreError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            StoreError::Source(_) => StatusCode::BAD_REQUEST,
+            StoreError::Failed(_) => StatusCode::BAD_GATEWAY,
+        };
+        Refusal(status, e.to_string())
+    }
+}
+
+impl From<AppendError> for Refusal {
+    fn from(e: AppendError) -> Refusal {
+        let status = match e {
+            AppendError::Full => StatusCode::SERVICE_UNAVAILABLE,
+            AppendError::Io(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        Refusal(status, e.to_string())
+    }
+}
+
+fn json_response(status: StatusCode, value: &impl serde::Serialize) -> Response<Body> {
+    let bytes = serde_json::to_vec(value).unwrap_or_default();
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(full(bytes))
+        .expect("valid response")
+}
+
+/// Serves one request of the emissary API.
+pub async fn handle(
+    app: Arc<App>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, std::convert::Infallible> {
+    let id = app.next_request.fetch_add(1, Ordering::Relaxed);
+    let span =
+        info_span!("request", request_id = id, method = %req.method(), path = %req.uri().path());
+    async move {
+        let (route, result) = route(&app, req).await;
+        let response = match result {
+            Ok(response) => response,
+            Err(Refusal(status, message)) => {
+                if status.is_server_error() {
+                    warn!(status = status.as_u16(), error = %message, "refused");
+                } else {
+                    info!(status = status.as_u16(), error = %message, "refused");
+                }
+                json_response(status, &serde_json::json!({ "error": message }))
+            }
+        };
+        app.metrics
+            .requests
+            .get_or_create(&RequestLabels {
+                route,
+                status: response.status().as_u16(),
+            })
+            .inc();
+        info!(status = response.status().as_u16(), "done");
+        Ok(response)
+    }
+    .instrument(span)
+    .await
+}
+
+async fn route(
+    app: &App,
+    req: Request<Incoming>,
+) -> (&'static str, Result<Response<Body>, Refusal>) {
+    let path = req.uri().path().to_owned();
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let ["v1", "tasks", task, attempt, rest @ ..] = segments.as_slice() else {
+        return (
+            "unknown",
+            Err(Refusal::new(
+                StatusCode::NOT_FOUND,
+                format!("no such endpoint: {path}"),
+            )),
+        );
+    };
+    let route = match (req.method(), rest) {
+        (&Method::POST, ["start"]) => "start",
+        (&Method::POST, ["progress"]) => "progress",
+        (&Method::POST, ["result"]) => "result",
+        (&Method::GET, ["inputs", _]) => "inputs",
+        (&Method::PUT, ["outputs", _]) => "outputs",
+        (&Method::GET, ["commands"]) => "commands",
+        _ => {
+            return (
+                "unknown",
+                Err(Refusal::new(
+                    StatusCode::NOT_FOUND,
+                    format!("no such endpoint: {} {path}", req.method()),
+                )),
+            );
+        }
+    };
+    let result = async {
+        if !api::valid_name(task) {
+            return Err(Refusal::new(
+                StatusCode::BAD_REQUEST,
+                format!("task id {task:?} is not a name of [A-Za-z0-9._-]"),
+            ));
+        }
+        let attempt: u32 = attempt.parse().map_err(|_| {
+            Refusal::new(
+                StatusCode::BAD_REQUEST,
+                format!("attempt {attempt:?} is not a number"),
+            )
+        })?;
+        let claims = authorize(app, &req, task, attempt)?;
+        match route {
+            "start" => start(app, &claims, req).await,
+            "progress" => progress(app, &claims, req).await,
+            "result" => result(app, &claims, req).await,
+            "inputs" => input(app, &req, rest[1]).await,
+            "outputs" => output(app, &claims, req, rest[1]).await,
+            _ => commands(app, &claims, &req).await,
+        }
+    }
+    .await;
+    (route, result)
+}
+
+fn authorize(
+    app: &App,
+    req: &Request<Incoming>,
+    task: &str,
+    attempt: u32,
+) -> Result<Claims, Refusal> {
+    let header = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    let token = header.strip_prefix("Bearer ").ok_or_else(|| {
+        Refusal::new(
+            StatusCode::UNAUTHORIZED,
+            "missing Authorization: Bearer token",
+        )
+    })?;
+    let claims = app
+        .secret
+        .verify(token.trim(), crate::token::now())
+        .map_err(|e| Refusal::new(StatusCode::UNAUTHORIZED, e.to_string()))?;
+    if claims.task != task || claims.attempt != attempt {
+        return Err(Refusal::new(
+            StatusCode::FORBIDDEN,
+            format!(
+                "this token is for task {}/{}, not {task}/{attempt}",
+                claims.task, claims.attempt
+            ),
+        ));
+    }
+    Ok(claims)
+}
+
+/// A JSON body, with the path of the field at fault when it does not parse.
+async fn json_body<T: DeserializeOwned>(req: Request<Incoming>) -> Result<T, Refusal> {
+    let bytes = read_limited(req.into_body(), JSON_LIMIT, BODY_IDLE)
+        .await
+        .map_err(|e| Refusal::new(StatusCode::PAYLOAD_TOO_LARGE, e))?;
+    let de = &mut serde_json::Deserializer::from_slice(&bytes);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let at = if path == "." {
+            String::new()
+        } else {
+            format!("field {path}: ")
+        };
+        Refusal::new(
+            StatusCode::BAD_REQUEST,
+            format!("bad JSON body: {at}{}", e.into_inner()),
+        )
+    })
+}
+
+fn event(app: &App, claims: &Claims, phase: Phase) -> Event {
+    Event {
+        task_id: claims.task.clone(),
+        attempt: claims.attempt,
+        seq: 0,
+        phase,
+        timestamp: protocol::time::format_rfc3339(std::time::SystemTime::now()),
+        node: app.node.clone(),
+        container: None,
+        exit_code: None,
+        outputs: None,
+        error: None,
+        usage: None,
+        progress: None,
+        inputs_digest: None,
+    }
+}
+
+async fn journal(app: &App, event: Event) -> Result<Response<Body>, Refusal> {
+    let event = app.outbox.append(event).await?;
+    app.metrics.events_appended.inc();
+    Ok(json_response(
+        StatusCode::OK,
+        &serde_json::json!({ "seq": event.seq }),
+    ))
+}
+
+async fn start(
+    app: &App,
+    claims: &Claims,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Refusal> {
+    let start: StartRequest = json_body(req).await?;
+    let mut e = event(app, claims, Phase::Running);
+    e.container = Some(start.container);
+    journal(app, e).await
+}
+
+async fn progress(
+    app: &App,
+    claims: &Claims,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Refusal> {
+    let report: ProgressReport = json_body(req).await?;
+    let mut e = event(app, claims, Phase::Running);
+    e.container = Some(report.container);
+    e.progress = Some(report.progress);
+    journal(app, e).await
+}
+
+async fn result(
+    app: &App,
+    claims: &Claims,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Refusal> {
+    let result: TaskResult = json_body(req).await?;
+    let phase = if app.commands.was_terminated(&claims.task, claims.attempt)
+        && result.reason != protocol::ExitReason::Completed
+    {
+        Phase::Aborted
+    } else {
+        Phase::of_result(&result)
+    };
+    let mut e = event(app, claims, phase);
+    e.container = Some(result.container.clone());
+    e.exit_code = Some(result.exit_code);
+    e.error = result.error.clone();
+    e.inputs_digest = result.inputs_digest.clone();
+    e.progress = result.outputs.progress.clone();
+    e.usage = result.summary.as_ref().map(|s| Usage {
+        duration_ms: s.duration_ms,
+        user_cpu_ms: s.user_cpu_ms,
+        sys_cpu_ms: s.sys_cpu_ms,
+        max_rss_kb: s.max_rss_kb,
+    });
+    let mut outputs = EventOutputs {
+        parameters: Vec::new(),
+        result: None,
+        result_truncated: result.outputs.result_truncated,
+        artifacts: result.outputs.artifacts.clone(),
+    };
+    for p in result.outputs.parameters {
+        let value =
+            inline_or_offload(app, claims, &format!("parameters/{}", p.name), p.value).await?;
+        outputs.parameters.push(EventParameter {
+            name: p.name,
+            value,
+        });
+    }
+    if let Some(text) = result.outputs.result {
+        outputs.result = Some(inline_or_offload(app, claims, "result", text).await?);
+    }
+    e.outputs = Some(outputs);
+    journal(app, e).await
+}
+
+/// A value small enough travels in the event; a larger one goes to the store, and the event
+/// carries where (as Flyte offloads literals).
+async fn inline_or_offload(
+    app: &App,
+    claims: &Claims,
+    name: &str,
+    value: String,
+) -> Result<Value, Refusal> {
+    if value.len() <= app.inline_limit {
+        return Ok(Value::Inline(value));
+    }
+    let key = object_key(app, claims, name);
+    let stored = app
+        .store
+        .put(&key, &mut InMemory(Some(Bytes::from(value))))
+        .await?;
+    Ok(Value::Offloaded(stored))
+}
+
+/// `{prefix}/{workflow}/{task}/{attempt}/{name}`.
+fn object_key(app: &App, claims: &Claims, name: &str) -> String {
+    let prefix = app.store.prefix();
+    let base = format!("{}/{}/{}/{name}", claims.wf, claims.task, claims.attempt);
+    if prefix.is_empty() {
+        base
+    } else {
+        format!("{prefix}/{base}")
+    }
+}
+
+async fn input(app: &App, req: &Request<Incoming>, name: &str) -> Result<Response<Body>, Refusal> {
+    if !api::valid_name(name) {
+        return Err(Refusal::new(
+            StatusCode::BAD_REQUEST,
+            format!("input name {name:?} is not a name of [A-Za-z0-9._-]"),
+        ));
+    }
+    let key = query(req, "key")
+        .ok_or_else(|| Refusal::new(StatusCode::BAD_REQUEST, "missing ?key= of the input"))?;
+    let not_found = || {
+        Refusal::new(
+            StatusCode::NOT_FOUND,
+            format!("no object {key:?} in the store"),
+        )
+    };
+    let (size, body) = match &app.cache {
+        Some(cache) if !app.store.is_local() => {
+            let meta = app.store.head(&key).await?.ok_or_else(not_found)?;
+            let path = match cache.get(&app.store, &key, &meta).await? {
+                Lookup::Hit(path) => {
+                    app.metrics.cache_hits.inc();
+                    path
+                }
+                Lookup::Fetched(path) => {
+                    app.metrics.cache_misses.inc();
+                    app.metrics.store_downloads.inc();
+                    path
+                }
+            };
+            let file = tokio::fs::File::open(&path).await.map_err(|e| {
+                Refusal::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("node cache: {e}"),
+                )
+            })?;
+            (meta.size, stream_file(file))
+        }
+        _ => {
+            let (meta, body) = app.store.get(&key).await?.ok_or_else(not_found)?;
+            app.metrics.store_downloads.inc();
+            (meta.size, body)
+        }
+    };
+    app.metrics.download_bytes.inc_by(size);
+    Ok(Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", "application/octet-stream")
+        .header("content-length", size)
+        .body(body)
+        .expect("valid response"))
+}
+
+async fn output(
+    app: &App,
+    claims: &Claims,
+    req: Request<Incoming>,
+    file: &str,
+) -> Result<Response<Body>, Refusal> {
+    if !api::valid_name(file) {
+        return Err(Refusal::new(
+            StatusCode::BAD_REQUEST,
+            format!("output name {file:?} is not a name of [A-Za-z0-9._-]"),
+        ));
+    }
+    let key = object_key(app, claims, file);
+    let mut upload = Upload {
+        body: req.into_body(),
+        idle: BODY_IDLE,
+    };
+    let stored = app.store.put(&key, &mut upload).await?;
+    app.metrics.upload_bytes.inc_by(stored.size);
+    info!(key = %stored.key, size = stored.size, "stored");
+    Ok(json_response(StatusCode::OK, &stored))
+}
+
+async fn commands(
+    app: &App,
+    claims: &Claims,
+    req: &Request<Incoming>,
+) -> Result<Response<Body>, Refusal> {
+    let wait = match query(req, "wait") {
+        Some(text) => protocol::duration::parse(&text)
+            .map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, format!("wait: {e}")))?,
+        None => Duration::ZERO,
+    };
+    let list: Vec<Command> = app
+        .commands
+        .wait(&claims.task, claims.attempt, wait.min(MAX_WAIT))
+        .await;
+    if list.is_empty() {
+        return Ok(Response::builder()
+            .status(StatusCode::NO_CONTENT)
+            .body(empty())
+            .expect("valid response"));
+    }
+    Ok(json_response(StatusCode::OK, &list))
+}
+
+/// One query parameter, percent-decoded.
+fn query(req: &Request<Incoming>, name: &str) -> Option<String> {
+    req.uri().query()?.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        (k == name).then(|| percent_decode(v))
+    })
+}
+
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let digit = |i: usize| bytes.get(i).and_then(|&b| (b as char).to_digit(16));
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match (bytes[i], digit(i + 1), digit(i + 2)) {
+            (b'%', Some(high), Some(low)) => {
+                out.push((high * 16 + low) as u8);
+                i += 3;
+            }
+            (b'+', _, _) => {
+                out.push(b' ');
+                i += 1;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The admin port: metrics and probes.
+pub async fn admin(
+    app: Arc<App>,
+    ready: Arc<std::sync::atomic::AtomicBool>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, std::convert::Infallible> {
+    let response = match req.uri().path() {
+        "/metrics" => Response::builder()
+            .header(
+                "content-type",
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )
+            .body(full(app.metrics.encode())),
+        "/healthz" => Response::builder().body(full("ok\n")),
+        "/readyz" if ready.load(Ordering::Relaxed) => Response::builder().body(full("ready\n")),
+        "/readyz" => Response::builder()
+            .status(StatusCode::SERVICE_UNAVAILABLE)
+            .body(full("starting\n")),
+        _ => Response::builder()
+            .status(StatusCode::NOT_FOUND)
+            .body(full("not found\n")),
+    };
+    Ok(response.expect("valid response"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percent_decoding_is_exact() {
+        assert_eq!(percent_decode("a%2Fb%20c+d"), "a/b c d");
+        assert_eq!(percent_decode("100%"), "100%");
+        assert_eq!(percent_decode("%zz"), "%zz");
+    }
+}

@@ -1,0 +1,426 @@
+//! Artifact stores behind one type: a local directory (the default: nothing to configure) or
+//! S3 (aws-sdk-s3: multipart streaming upload with one part in memory, streamed download).
+//!
+//! Keys are `{prefix}/{workflow}/{task}/{attempt}/{file}`. An upload that fails leaves nothing
+//! visible: a temporary file renamed into place, or an aborted multipart upload.
+
+use std::io;
+use std::path::{Component, Path, PathBuf};
+
+use aws_sdk_s3::Client;
+use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+use bytes::{Bytes, BytesMut};
+use protocol::api::StoredArtifact;
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::body::{Body, Chunks, channel};
+
+/// S3 multipart part size: the memory one upload holds (S3's minimum is 5 MiB).
+const PART_SIZE: usize = 8 << 20;
+
+/// How a store operation failed.
+#[derive(Debug)]
+pub enum StoreError {
+    /// The store could not be reached or answered 5xx: worth retrying.
+    Unavailable(String),
+    /// The upload's own source failed (the client went away, timed out).
+    Source(String),
+    /// Anything else (refused key, 4xx).
+    Failed(String),
+}
+
+impl std::fmt::Display for StoreError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreError::Unavailable(m) => write!(f, "store unavailable: {m}"),
+            StoreError::Source(m) => write!(f, "upload interrupted: {m}"),
+            StoreError::Failed(m) => write!(f, "store error: {m}"),
+        }
+    }
+}
+
+/// An object's identity for caching: its size and the store's entity tag.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectMeta {
+    pub size: u64,
+    pub etag: String,
+}
+
+/// Where artifacts live.
+pub enum Store {
+    Local {
+        root: PathBuf,
+    },
+    S3 {
+        client: Client,
+        bucket: String,
+        prefix: String,
+    },
+}
+
+/// S3 settings from the agent's configuration.
+pub struct S3Settings {
+    pub endpoint: Option<String>,
+    pub region: String,
+    pub path_style: bool,
+}
+
+impl Store {
+    /// `file:///DIR` or `s3://BUCKET/PREFIX`.
+    pub async fn open(url: &str, s3: &S3Settings) -> Result<Store, String> {
+        if let Some(dir) = url.strip_prefix("file://") {
+            let root = PathBuf::from(dir);
+            tokio::fs::create_dir_all(&root)
+                .await
+                .map_err(|e| format!("cannot create store {dir}: {e}"))?;
+            return Ok(Store::Local { root });
+        }
+        let Some(rest) = url.strip_prefix("s3://") else {
+            return Err(format!(
+                "--store {url:?}: expected file:///DIR or s3://BUCKET/PREFIX"
+            ));
+        };
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        if bucket.is_empty() {
+            return Err(format!("--store {url:?}: no bucket"));
+        }
+        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .region(aws_config::Region::new(s3.region.clone()));
+        if let Some(endpoint) = &s3.endpoint {
+            loader = loader.endpoint_url(endpoint);
+        }
+        let shared = loader.load().await;
+        let config = aws_sdk_s3::config::Builder::from(&shared)
+            .force_path_style(s3.path_style)
+            // Checksums only where S3 requires them: portable to S3-compatible servers.
+            .request_checksum_calculation(
+                aws_sdk_s3::config::RequestChecksumCalculation::WhenRequired,
+            )
+            .response_checksum_validation(
+                aws_sdk_s3::config::ResponseChecksumValidation::WhenRequired,
+            )
+            .build();
+        Ok(Store::S3 {
+            client: Client::from_conf(config),
+            bucket: bucket.to_owned(),
+            prefix: prefix.trim_matches('/').to_owned(),
+        })
+    }
+
+    /// The key prefix every object of this agent goes under (empty for a local store).
+    pub fn prefix(&self) -> &str {
+        match self {
+            Store::Local { .. } => "",
+            Store::S3 { prefix, .. } => prefix,
+        }
+    }
+
+    /// True when reads are local anyway (no point in a node cache).
+    pub fn is_local(&self) -> bool {
+        matches!(self, Store::Local { .. })
+    }
+
+    /// Streams `source` to `key`; the object appears only once complete.
+    pub async fn put(
+        &self,
+        key: &str,
+        source: &mut impl Chunks,
+    ) -> Result<StoredArtifact, StoreError> {
+        match self {
+            Store::Local { root } => put_local(root, key, source).await,
+            Store::S3 { client, bucket, .. } => put_s3(client, bucket, key, source).await,
+        }
+    }
+
+    pub async fn head(&self, key: &str) -> Result<Option<ObjectMeta>, StoreError> {
+        match self {
+            Store::Local { root } => {
+                let path = local_path(root, key)?;
+                match tokio::fs::metadata(&path).await {
+                    Ok(meta) => {
+                        use std::os::unix::fs::MetadataExt;
+                        Ok(Some(ObjectMeta {
+                            size: meta.len(),
+                            etag: format!("{}-{}", meta.mtime_nsec(), meta.len()),
+                        }))
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+                    Err(e) => Err(StoreError::Failed(format!("{}: {e}", path.display()))),
+                }
+            }
+            Store::S3 { client, bucket, .. } => {
+                match client.head_object().bucket(bucket).key(key).send().await {
+                    Ok(head) => Ok(Some(ObjectMeta {
+                        size: head.content_length().unwrap_or(0).max(0) as u64,
+                        etag: head.e_tag().unwrap_or_default().to_owned(),
+                    })),
+                    Err(e) if e.as_service_error().is_some_and(|s| s.is_not_found()) => Ok(None),
+                    Err(e) => Err(s3_error("head", key, e)),
+                }
+            }
+        }
+    }
+
+    /// Opens `key` as a streamed body; `None` when there is no such object.
+    pub async fn get(&self, key: &str) -> Result<Option<(ObjectMeta, Body)>, StoreError> {
+        match self {
+            Store::Local { root } => {
+                let path = local_path(root, key)?;
+                let Some(meta) = self.head(key).await? else {
+                    return Ok(None);
+                };
+                let file = match tokio::fs::File::open(&path).await {
+                    Ok(f) => f,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+                    Err(e) => return Err(StoreError::Failed(format!("{}: {e}", path.display()))),
+                };
+                Ok(Some((meta, stream_file(file))))
+            }
+            Store::S3 { client, bucket, .. } => {
+                let object = match client.get_object().bucket(bucket).key(key).send().await {
+                    Ok(o) => o,
+                    Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => {
+                        return Ok(None);
+                    }
+                    Err(e) => return Err(s3_error("get", key, e)),
+                };
+                let meta = ObjectMeta {
+                    size: object.content_length().unwrap_or(0).max(0) as u64,
+                    etag: object.e_tag().unwrap_or_default().to_owned(),
+                };
+                let (tx, body) = channel(4);
+                let mut stream = object.body;
+                tokio::spawn(async move {
+                    loop {
+                        let chunk = match stream.next().await {
+                            None => break,
+                            Some(Ok(bytes)) => Ok(bytes),
+                            Some(Err(e)) => Err(io::Error::other(e)),
+                        };
+                        let failed = chunk.is_err();
+                        if tx.send(chunk).await.is_err() || failed {
+                            break;
+                        }
+                    }
+                });
+                Ok(Some((meta, body)))
+            }
+        }
+    }
+}
+
+/// A file as a body, read on a task in 256 KiB chunks.
+pub fn stream_file(mut file: tokio::fs::File) -> Body {
+    let (tx, body) = channel(4);
+    tokio::spawn(async move {
+        loop {
+            let mut buf = BytesMut::with_capacity(256 * 1024);
+            match file.read_buf(&mut buf).await {
+                Ok(0) => break,
+                Ok(_) => {
+                    if tx.send(Ok(buf.freeze())).await.is_err() {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e)).await;
+                    break;
+                }
+            }
+        }
+    });
+    body
+}
+
+fn local_path(root: &Path, key: &str) -> Result<PathBuf, StoreError> {
+    let relative = Path::new(key);
+    if key.is_empty()
+        || !relative
+            .components()
+            .all(|c| matches!(c, Component::Normal(_)))
+    {
+        return Err(StoreError::Failed(format!(
+            "store key {key:?} must be a relative path without . or .."
+        )));
+    }
+    Ok(root.join(relative))
+}
+
+async fn put_local(
+    root: &Path,
+    key: &str,
+    source: &mut impl Chunks,
+) -> Result<StoredArtifact, StoreError> {
+    let path = local_path(root, key)?;
+    let dir = path.parent().unwrap_or(root).to_owned();
+    let failed = |e: io::Error| StoreError::Failed(format!("{}: {e}", path.display()));
+    tokio::fs::create_dir_all(&dir).await.map_err(failed)?;
+    let tmp = dir.join(format!(
+        ".{}.tmp.{}",
+        path.file_name().unwrap_or_default().to_string_lossy(),
+        rand::random::<u64>()
+    ));
+    let result = async {
+        let mut file = tokio::fs::File::create(&tmp).await.map_err(failed)?;
+        let (mut hasher, mut size) = (Sha256::new(), 0u64);
+        while let Some(chunk) = source.next_chunk().await {
+            let chunk = chunk.map_err(|e| StoreError::Source(e.to_string()))?;
+            hasher.update(&chunk);
+            size += chunk.len() as u64;
+            file.write_all(&chunk).await.map_err(failed)?;
+        }
+        // Durable before it is visible: the result event will point at it.
+        file.sync_all().await.map_err(failed)?;
+        tokio::fs::rename(&tmp, &path).await.map_err(failed)?;
+        Ok(StoredArtifact {
+            key: key.to_owned(),
+            size,
+            sha256: hex(&hasher.finalize()),
+        })
+    }
+    .await;
+    if result.is_err() {
+        let _ = tokio::fs::remove_file(&tmp).await;
+    }
+    result
+}
+
+async fn put_s3(
+    client: &Client,
+    bucket: &str,
+    key: &str,
+    source: &mut impl Chunks,
+) -> Result<StoredArtifact, StoreError> {
+    let (mut hasher, mut size) = (Sha256::new(), 0u64);
+    let mut part = BytesMut::with_capacity(PART_SIZE);
+    let mut upload: Option<(String, Vec<CompletedPart>)> = None;
+    let result = async {
+        loop {
+            let chunk = source
+                .next_chunk()
+                .await
+                .transpose()
+                .map_err(|e| StoreError::Source(e.to_string()))?;
+            if let Some(chunk) = &chunk {
+                hasher.update(chunk);
+                size += chunk.len() as u64;
+                part.extend_from_slice(chunk);
+            }
+            let last = chunk.is_none();
+            if part.len() >= PART_SIZE || (last && upload.is_some() && !part.is_empty()) {
+                if upload.is_none() {
+                    let created = client
+                        .create_multipart_upload()
+                        .bucket(bucket)
+                        .key(key)
+                        .send()
+                        .await
+                        .map_err(|e| s3_error("create multipart upload", key, e))?;
+                    upload = Some((
+                        created.upload_id().unwrap_or_default().to_owned(),
+                        Vec::new(),
+                    ));
+                }
+                let (id, parts) = upload.as_mut().expect("created above");
+                let number = parts.len() as i32 + 1;
+                let body = part.split().freeze();
+                let sent = client
+                    .upload_part()
+                    .bucket(bucket)
+                    .key(key)
+                    .upload_id(id.as_str())
+                    .part_number(number)
+                    .body(ByteStream::from(body))
+                    .send()
+                    .await
+                    .map_err(|e| s3_error("upload part", key, e))?;
+                parts.push(
+                    CompletedPart::builder()
+                        .part_number(number)
+                        .set_e_tag(sent.e_tag().map(str::to_owned))
+                        .build(),
+                );
+            }
+            if last {
+                break;
+            }
+        }
+        match &upload {
+            Some((id, parts)) => {
+                let completed = CompletedMultipartUpload::builder()
+                    .set_parts(Some(parts.clone()))
+                    .build();
+                client
+                    .complete_multipart_upload()
+                    .bucket(bucket)
+                    .key(key)
+                    .upload_id(id.as_str())
+                    .multipart_upload(completed)
+                    .send()
+                    .await
+                    .map_err(|e| s3_error("complete multipart upload", key, e))?;
+            }
+            None => {
+                // Small enough for one request.
+                let body: Bytes = part.split().freeze();
+                client
+                    .put_object()
+                    .bucket(bucket)
+                    .key(key)
+                    .body(ByteStream::from(body))
+                    .send()
+                    .await
+                    .map_err(|e| s3_error("put", key, e))?;
+            }
+        }
+        Ok(StoredArtifact {
+            key: key.to_owned(),
+            size,
+            sha256: hex(&hasher.finalize()),
+        })
+    }
+    .await;
+    if result.is_err()
+        && let Some((id, _)) = &upload
+    {
+        // Parts of a failed upload must not linger (nor ever become an object).
+        let _ = client
+            .abort_multipart_upload()
+            .bucket(bucket)
+            .key(key)
+            .upload_id(id.as_str())
+            .send()
+            .await;
+    }
+    result
+}
+
+fn s3_error<E: std::error::Error + 'static>(
+    what: &str,
+    key: &str,
+    e: aws_sdk_s3::error::SdkError<E, aws_sdk_s3::config::http::HttpResponse>,
+) -> StoreError {
+    use aws_sdk_s3::error::SdkError;
+    // Not reached, timed out, or 5xx/429: another try may work. A 4xx will not.
+    let retryable = matches!(
+        e,
+        SdkError::DispatchFailure(_) | SdkError::TimeoutError(_) | SdkError::ResponseError(_)
+    ) || e
+        .raw_response()
+        .is_some_and(|r| r.status().as_u16() >= 500 || r.status().as_u16() == 429);
+    let message = format!(
+        "{what} {key}: {}",
+        aws_sdk_s3::error::DisplayErrorContext(&e)
+    );
+    if retryable {
+        StoreError::Unavailable(message)
+    } else {
+        StoreError::Failed(message)
+    }
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

@@ -1,0 +1,270 @@
+//! The node agent, from the emissary's side: the artifact store, the reports (start, progress,
+//! result) and the commands (terminate, signal) of one task attempt.
+//!
+//! Configured by the injector's environment: `EMISSARY_AGENT_ADDR` (`IP:PORT`),
+//! `EMISSARY_TOKEN`, `EMISSARY_TASK_ID`, `EMISSARY_ATTEMPT`. Every call retries with jittered
+//! backoff while the agent is unreachable or answers 5xx, for at most `EMISSARY_AGENT_RETRY`
+//! (default 60s): then the task fails with a system, retryable error, never a hang.
+
+use std::fs::OpenOptions;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use protocol::api::{self, Command, ProgressReport, StartRequest, StoredArtifact, TaskResult};
+use protocol::spec::Packing;
+
+use crate::archive;
+use crate::http::{Client, HttpError};
+use crate::store::Store;
+use crate::template::env_any;
+
+pub struct Agent {
+    client: Client,
+    task: String,
+    attempt: u32,
+    retry_for: Duration,
+}
+
+impl Agent {
+    /// The agent named by the environment; `None` when there is none (standalone).
+    pub fn from_env() -> Option<Result<Agent, String>> {
+        let addr = env_any(&["EMISSARY_AGENT_ADDR"])?;
+        Some((|| {
+            let token = env_any(&["EMISSARY_TOKEN"])
+                .ok_or("EMISSARY_AGENT_ADDR is set but EMISSARY_TOKEN is not")?;
+            let task = env_any(&["EMISSARY_TASK_ID"])
+                .ok_or("EMISSARY_AGENT_ADDR is set but EMISSARY_TASK_ID is not")?;
+            if !api::valid_name(&task) {
+                return Err(format!(
+                    "EMISSARY_TASK_ID {task:?} is not a name of [A-Za-z0-9._-]"
+                ));
+            }
+            let attempt = match env_any(&["EMISSARY_ATTEMPT"]) {
+                Some(text) => text
+                    .parse()
+                    .map_err(|_| format!("EMISSARY_ATTEMPT {text:?} is not a number"))?,
+                None => 0,
+            };
+            let retry_for = match env_any(&["EMISSARY_AGENT_RETRY"]) {
+                Some(text) => protocol::duration::parse(&text)
+                    .map_err(|e| format!("EMISSARY_AGENT_RETRY: {e}"))?,
+                None => Duration::from_secs(60),
+            };
+            // The token is in our environment: make /proc/self/environ unreadable to the
+            // command (same uid) and refuse ptrace. exec gives the command a dumpable state.
+            // SAFETY: prctl with integer arguments.
+            unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
+            Ok(Agent {
+                client: Client::new(&addr, &token)?,
+                task,
+                attempt,
+                retry_for,
+            })
+        })())
+    }
+
+    fn path(&self, rest: &str) -> String {
+        api::task_path(&self.task, self.attempt, rest)
+    }
+
+    /// Runs `call` until it succeeds, fails for good, or the retry budget is spent.
+    fn retry<T>(
+        &self,
+        what: &str,
+        mut call: impl FnMut() -> Result<T, HttpError>,
+    ) -> Result<T, String> {
+        let until = Instant::now() + self.retry_for;
+        let mut wait = Duration::from_millis(100);
+        loop {
+            match call() {
+                Ok(value) => return Ok(value),
+                Err(e) if e.retryable() && Instant::now() + wait < until => {
+                    eprintln!("emissary: {what}: {e}; retrying");
+                    std::thread::sleep(wait.mul_f64(0.5 + jitter() / 2.0));
+                    wait = (wait * 2).min(Duration::from_secs(5));
+                }
+                Err(e) if e.retryable() => {
+                    return Err(format!("{what}: the agent is unreachable: {e}"));
+                }
+                Err(e) => return Err(format!("{what}: {e}")),
+            }
+        }
+    }
+
+    pub fn start(&self, container: &str) -> Result<(), String> {
+        let body = StartRequest {
+            container: container.to_owned(),
+            started_at: protocol::time::format_rfc3339(std::time::SystemTime::now()),
+        };
+        self.retry("reporting the start", || {
+            self.client.post_json(&self.path("start"), &body)
+        })
+        .map(drop)
+    }
+
+    pub fn result(&self, result: &TaskResult) -> Result<(), String> {
+        self.retry("reporting the result", || {
+            self.client.post_json(&self.path("result"), result)
+        })
+        .map(drop)
+    }
+
+    /// Relays the agent's commands for this task into the control FIFO `fifo`, where the
+    /// supervisor reads them like `emissary signal` (a thread; it ends with the process).
+    pub fn relay_commands(&self, fifo: PathBuf) {
+        let (client, path) = (self.client.clone(), self.path("commands?wait=30s"));
+        let spawned = std::thread::Builder::new().name("commands".into()).stack_size(64 * 1024).spawn(move || {
+            let mut wait = Duration::from_millis(100);
+            loop {
+                match client.send("GET", &path, None, Duration::from_secs(45)).and_then(read_commands) {
+                    Ok(commands) => {
+                        wait = Duration::from_millis(100);
+                        let lines: String = commands
+                            .iter()
+                            .map(|c| match c {
+                                Command::Terminate => "terminate\n".to_owned(),
+                                Command::Signal { signal } => format!("{signal}\n"),
+                            })
+                            .collect();
+                        if !lines.is_empty()
+                            && let Err(e) = OpenOptions::new().write(true).open(&fifo).and_then(|mut f| f.write_all(lines.as_bytes()))
+                        {
+                            eprintln!("emissary: delivering a command to {}: {e}", fifo.display());
+                        }
+                    }
+                    Err(e) if e.retryable() => {
+                        std::thread::sleep(wait);
+                        wait = (wait * 2).min(Duration::from_secs(5));
+                    }
+                    Err(e) => {
+                        eprintln!("emissary: the agent refused the command poll ({e}); commands will not reach this task");
+                        return;
+                    }
+                }
+            }
+        });
+        if let Err(e) = spawned {
+            eprintln!("emissary: cannot start the command relay: {e}");
+        }
+    }
+
+    /// Reports `N/M` progress written to `file`, as it changes (a thread, woken by inotify).
+    pub fn relay_progress(&self, container: &str, file: PathBuf) {
+        let (client, path, container) = (
+            self.client.clone(),
+            self.path("progress"),
+            container.to_owned(),
+        );
+        let _ = std::thread::Builder::new()
+            .name("progress".into())
+            .stack_size(64 * 1024)
+            .spawn(move || {
+                use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+                let (Some(dir), Some(name)) = (file.parent(), file.file_name()) else {
+                    return;
+                };
+                let Ok(inotify) = Inotify::init(InitFlags::IN_CLOEXEC) else {
+                    return;
+                };
+                if inotify
+                    .add_watch(
+                        dir,
+                        AddWatchFlags::IN_CLOSE_WRITE | AddWatchFlags::IN_MOVED_TO,
+                    )
+                    .is_err()
+                {
+                    return;
+                }
+                let mut last = None;
+                loop {
+                    let Ok(events) = inotify.read_events() else {
+                        return;
+                    };
+                    if !events.iter().any(|e| e.name.as_deref() == Some(name)) {
+                        continue;
+                    }
+                    let progress = crate::outputs::progress(&file);
+                    if progress.is_some() && progress != last {
+                        let report = ProgressReport {
+                            container: container.clone(),
+                            progress: progress.clone().unwrap_or_default(),
+                        };
+                        let _ = client.post_json(&path, &report);
+                        last = progress;
+                    }
+                }
+            });
+    }
+}
+
+fn read_commands(response: crate::http::Response) -> Result<Vec<Command>, HttpError> {
+    if response.status == 204 {
+        return Ok(Vec::new());
+    }
+    let body = response.into_success()?;
+    serde_json::from_slice(&body).map_err(|e| HttpError {
+        status: None,
+        message: format!("bad commands answer: {e}"),
+    })
+}
+
+impl Store for Agent {
+    fn get(&self, key: &str) -> Result<Option<Box<dyn Read + '_>>, String> {
+        let path = self.path(&format!("inputs/input?key={}", percent_encode(key)));
+        let response = self.retry("fetching an input", || {
+            let response = self
+                .client
+                .send("GET", &path, None, Duration::from_secs(300))?;
+            match response.status {
+                200..=299 | 404 => Ok(response),
+                _ => Err(response.into_error()),
+            }
+        })?;
+        if response.status == 404 {
+            return Ok(None);
+        }
+        Ok(Some(Box::new(response.into_reader())))
+    }
+
+    fn put(&self, file: &str, source: &Path, packing: Packing) -> Result<StoredArtifact, String> {
+        let path = self.path(&format!("outputs/{file}"));
+        // A broken upload (agent restarted mid-way) is packed and sent again from the start:
+        // the agent only makes an object visible once it is complete.
+        let body = self.retry("uploading an output", || {
+            let mut upload = self.client.put_stream(&path)?;
+            archive::pack(source, packing, &mut upload).map_err(|e| {
+                let broken = matches!(
+                    e.kind(),
+                    std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+                );
+                HttpError {
+                    status: if broken { None } else { Some(400) },
+                    message: format!("packing {}: {e}", source.display()),
+                }
+            })?;
+            upload.finish()
+        })?;
+        serde_json::from_slice(&body).map_err(|e| format!("the agent's answer to the upload: {e}"))
+    }
+}
+
+fn percent_encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b'/' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// A number in [0, 1) from the clock's low bits: enough to spread retries apart.
+fn jitter() -> f64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    f64::from(nanos % 1000) / 1000.0
+}
