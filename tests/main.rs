@@ -5,6 +5,12 @@
 
 mod util;
 
+mod agent_api;
+mod agent_e2e;
+mod agent_outbox;
+mod agent_s3;
+mod agent_util;
+mod controller;
 mod deploy;
 mod pod;
 mod pod_scenarios;
@@ -14,6 +20,7 @@ mod run_exit;
 mod run_reaping;
 mod run_signals;
 mod run_timeouts;
+mod s3;
 mod tarball;
 mod task_artifacts;
 mod task_pod;

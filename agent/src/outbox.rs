@@ -62,7 +62,7 @@ pub struct Outbox {
     tx: mpsc::Sender<Append>,
     /// Wakes the delivery loop when records land.
     pub appended: Arc<Notify>,
-    /// Bytes in live segments (the writer adds, delivery subtracts).
+    /// Bytes of undelivered records (the writer adds, delivery subtracts).
     pub bytes: Arc<AtomicU64>,
     pub dir: PathBuf,
 }
@@ -72,11 +72,13 @@ impl Outbox {
     pub fn open(dir: &Path, max_bytes: u64) -> io::Result<Outbox> {
         fs::create_dir_all(dir)?;
         let mut seqs: HashMap<(String, u32), SeqState> = read_seqs(dir)?;
-        let (mut next_id, mut live_bytes) = (read_cursor(dir)? + 1, 0u64);
+        let cursor = read_cursor(dir)?;
+        let (mut next_id, mut live_bytes) = (cursor + 1, 0u64);
         for segment in segments(dir)? {
-            let file = File::open(&segment.path)?;
-            live_bytes += file.metadata()?.len();
-            for record in read_records(file)? {
+            for (record, len) in read_records(File::open(&segment.path)?)? {
+                if record.id > cursor {
+                    live_bytes += len;
+                }
                 next_id = next_id.max(record.id + 1);
                 let state = seqs
                     .entry((record.event.task_id.clone(), record.event.attempt))
@@ -277,13 +279,20 @@ fn segments(dir: &Path) -> io::Result<Vec<Segment>> {
     Ok(list)
 }
 
-/// Every complete record of a segment; a torn last line (a crash mid-write) is skipped.
-fn read_records(file: File) -> io::Result<Vec<Record>> {
+/// Every complete record of a segment with its line's length; a torn last line (a crash
+/// mid-write) is skipped.
+fn read_records(file: File) -> io::Result<Vec<(Record, u64)>> {
     let mut records = Vec::new();
-    for line in BufReader::new(file).lines() {
-        let line = line?;
+    let mut reader = BufReader::new(file);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        let n = reader.read_line(&mut line)?;
+        if n == 0 || !line.ends_with('\n') {
+            break;
+        }
         match serde_json::from_str::<Record>(&line) {
-            Ok(record) => records.push(record),
+            Ok(record) => records.push((record, n as u64)),
             Err(_) => break,
         }
     }
@@ -304,8 +313,8 @@ pub struct Reader {
     cursor: u64,
     /// Where the next unread record is: (segment first id, byte offset).
     position: Option<(u64, u64)>,
-    /// Where the position moves once the last peeked batch is acknowledged.
-    pending: Option<(u64, u64)>,
+    /// Where the position moves once the last peeked batch is acknowledged, and its bytes.
+    pending: Option<(u64, u64, u64)>,
     bytes: Arc<AtomicU64>,
 }
 
@@ -322,7 +331,9 @@ impl Reader {
 
     /// Up to `max` records after the cursor (without consuming them).
     pub fn peek(&mut self, max: usize) -> io::Result<Vec<Record>> {
-        let mut out = Vec::new();
+        let mut records = Vec::new();
+        let mut bytes = 0u64;
+        let mut end = self.position;
         let segments = segments(&self.dir)?;
         let start = match self.position {
             Some((first, _)) => segments
@@ -331,41 +342,37 @@ impl Reader {
                 .unwrap_or(0),
             None => 0,
         };
-        for segment in &segments[start..] {
-            let mut file = File::open(&segment.path)?;
-            let offset = match self.position {
+        'segments: for segment in &segments[start..] {
+            let mut offset = match self.position {
                 Some((first, offset)) if first == segment.first_id => offset,
                 _ => 0,
             };
+            let mut file = File::open(&segment.path)?;
             file.seek(SeekFrom::Start(offset))?;
             let mut reader = BufReader::new(file);
             let mut line = String::new();
-            let mut consumed = offset;
             loop {
                 line.clear();
                 let n = reader.read_line(&mut line)?;
                 if n == 0 || !line.ends_with('\n') {
-                    break; // end, or a line still being written
+                    break; // the end, or a line still being written
                 }
                 let Ok(record) = serde_json::from_str::<Record>(&line) else {
                     break;
                 };
-                consumed += n as u64;
+                offset += n as u64;
+                end = Some((segment.first_id, offset));
                 if record.id <= self.cursor {
-                    self.position = Some((segment.first_id, consumed));
-                    continue;
+                    continue; // delivered before a restart
                 }
-                out.push((record, segment.first_id, consumed));
-                if out.len() >= max {
-                    break;
+                bytes += n as u64;
+                records.push(record);
+                if records.len() >= max {
+                    break 'segments;
                 }
-            }
-            if out.len() >= max {
-                break;
             }
         }
-        let records = out.iter().map(|(r, _, _)| r.clone()).collect();
-        self.pending = out.last().map(|(_, first, offset)| (*first, *offset));
+        self.pending = end.map(|(first, offset)| (first, offset, bytes));
         Ok(records)
     }
 
@@ -373,15 +380,14 @@ impl Reader {
     pub fn ack(&mut self, id: u64) -> io::Result<()> {
         self.cursor = id;
         write_atomic(&self.dir.join("cursor"), id.to_string().as_bytes())?;
-        if let Some(pending) = self.pending.take() {
-            self.position = Some(pending);
+        if let Some((first, offset, bytes)) = self.pending.take() {
+            self.position = Some((first, offset));
+            self.bytes.fetch_sub(bytes, Ordering::Relaxed);
         }
         let segments = segments(&self.dir)?;
         for pair in segments.windows(2) {
             if pair[1].first_id <= id + 1 {
-                let size = fs::metadata(&pair[0].path).map(|m| m.len()).unwrap_or(0);
                 fs::remove_file(&pair[0].path)?;
-                self.bytes.fetch_sub(size, Ordering::Relaxed);
             }
         }
         Ok(())

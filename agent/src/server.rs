@@ -94,6 +94,7 @@ pub async fn handle(
     let span =
         info_span!("request", request_id = id, method = %req.method(), path = %req.uri().path());
     async move {
+        info!("received");
         let (route, result) = route(&app, req).await;
         let response = match result {
             Ok(response) => response,

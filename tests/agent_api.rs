@@ -1,0 +1,356 @@
+//! The agent's emissary API: tokens, bad input, streamed artifacts, events, commands.
+
+use std::time::{Duration, Instant};
+
+use crate::agent_util::*;
+use crate::controller::Controller;
+use crate::util::*;
+
+fn events_file(agent: &Agent) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(agent.dir.join("data/events.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn store_files(agent: &Agent) -> Vec<String> {
+    let out = std::process::Command::new("find")
+        .arg(agent.dir.join("data/store"))
+        .args(["-type", "f"])
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn a_token_opens_only_its_own_task_and_nothing_is_written_otherwise() {
+    let dir = Dir::new("agent-auth");
+    let agent = Agent::start(dir.join("agent"), &[]);
+    let good = agent.token("wf", "task-a", 0, "1h");
+    let other_task = agent.token("wf", "task-b", 0, "1h");
+    let other_attempt = agent.token("wf", "task-a", 1, "1h");
+    let expired = agent.token("wf", "task-a", 0, "0s");
+    let forged = {
+        let (claims, mac) = good.split_once('.').unwrap();
+        format!("{claims}.{}", mac.chars().rev().collect::<String>())
+    };
+    let start = br#"{"container": "main", "started_at": "2026-01-01T00:00:00Z"}"#;
+    for (auth, status) in [
+        (None, 401),
+        (Some(forged.as_str()), 401),
+        (Some(expired.as_str()), 401),
+        (Some("not-a-token"), 401),
+        (Some(other_task.as_str()), 403),
+        (Some(other_attempt.as_str()), 403),
+    ] {
+        let header = auth.map(bearer);
+        let headers: Vec<(&str, &str)> = header
+            .iter()
+            .map(|h| ("Authorization", h.as_str()))
+            .collect();
+        let (got, body) = http(
+            agent.api,
+            "POST",
+            "/v1/tasks/task-a/0/start",
+            &headers,
+            start,
+        );
+        assert_eq!(got, status, "{auth:?}: {}", String::from_utf8_lossy(&body));
+        let (got, _) = http(
+            agent.api,
+            "PUT",
+            "/v1/tasks/task-a/0/outputs/out.tgz",
+            &headers,
+            b"payload",
+        );
+        assert_eq!(got, status, "{auth:?} upload");
+    }
+    std::thread::sleep(Duration::from_millis(1200));
+    assert!(
+        events_file(&agent).is_empty(),
+        "a refused request made an event"
+    );
+    assert!(
+        store_files(&agent).is_empty(),
+        "a refused upload wrote {:?}",
+        store_files(&agent)
+    );
+
+    let (got, _) = http(
+        agent.api,
+        "POST",
+        "/v1/tasks/task-a/0/start",
+        &[("Authorization", &bearer(&good))],
+        start,
+    );
+    assert_eq!(got, 200);
+}
+
+#[test]
+fn bad_input_is_refused_with_a_message_that_names_it() {
+    let dir = Dir::new("agent-bad-input");
+    let agent = Agent::start(dir.join("agent"), &[]);
+    let token = agent.token("wf", "t", 0, "1h");
+    let auth = [("Authorization", bearer(&token))];
+    let auth: Vec<(&str, &str)> = auth.iter().map(|(k, v)| (*k, v.as_str())).collect();
+
+    let (status, body) = http(
+        agent.api,
+        "POST",
+        "/v1/tasks/t/0/result",
+        &auth,
+        br#"{"container": "main", "exit_code": "zero"}"#,
+    );
+    assert_eq!(status, 400);
+    assert!(
+        String::from_utf8_lossy(&body).contains("exit_code"),
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
+    let (status, body) = http(
+        agent.api,
+        "POST",
+        "/v1/tasks/t/0/start",
+        &auth,
+        b"{not json",
+    );
+    assert_eq!(status, 400, "{}", String::from_utf8_lossy(&body));
+    let (status, _) = http(
+        agent.api,
+        "POST",
+        "/v1/tasks/t/0/progress",
+        &auth,
+        &vec![b' '; 2 << 20],
+    );
+    assert_eq!(status, 413);
+    for path in [
+        "/v1/tasks/t/0/outputs/a%20b",
+        "/v1/tasks/t/0/outputs/..",
+        "/v1/tasks/t/zero/start",
+        "/v1/tasks/t%2Fx/0/start",
+    ] {
+        let (status, body) = http(agent.api, "PUT", path, &auth, b"x");
+        assert!(
+            status == 400 || status == 404,
+            "{path}: {status} {}",
+            String::from_utf8_lossy(&body)
+        );
+    }
+    let (status, _) = http(agent.api, "GET", "/v1/tasks/t/0/inputs/x", &auth, b"");
+    assert_eq!(status, 400, "an input needs ?key=");
+    let (status, _) = http(
+        agent.api,
+        "GET",
+        "/v1/tasks/t/0/inputs/x?key=no/such/object",
+        &auth,
+        b"",
+    );
+    assert_eq!(status, 404);
+    let (status, _) = http(agent.api, "GET", "/v1/elsewhere", &[], b"");
+    assert_eq!(status, 404);
+    assert!(store_files(&agent).is_empty());
+}
+
+#[test]
+fn artifacts_stream_through_byte_exact_and_events_are_journaled_in_order() {
+    let dir = Dir::new("agent-roundtrip");
+    let agent = Agent::start(dir.join("agent"), &["--inline-limit", "100"]);
+    let token = agent.token("wf-9", "step", 2, "1h");
+    let auth = bearer(&token);
+    let auth = [("Authorization", auth.as_str())];
+    let payload = noise(5 << 20, 3);
+    let (status, body) = http(
+        agent.api,
+        "PUT",
+        "/v1/tasks/step/2/outputs/out.tar.zst",
+        &auth,
+        &payload,
+    );
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let stored: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(stored["key"], "wf-9/step/2/out.tar.zst");
+    assert_eq!(stored["size"], payload.len());
+    let sha = std::process::Command::new("sha256sum")
+        .arg(agent.dir.join("data/store/wf-9/step/2/out.tar.zst"))
+        .output()
+        .unwrap();
+    assert_eq!(
+        stored["sha256"],
+        String::from_utf8_lossy(&sha.stdout)
+            .split_whitespace()
+            .next()
+            .unwrap()
+    );
+
+    let (status, body) = http(
+        agent.api,
+        "GET",
+        "/v1/tasks/step/2/inputs/in?key=wf-9/step/2/out.tar.zst",
+        &auth,
+        b"",
+    );
+    assert_eq!(status, 200);
+    assert!(body == payload, "downloaded bytes differ");
+
+    let big = "x".repeat(150);
+    let result = serde_json::json!({
+        "container": "main", "exit_code": 0, "reason": "Completed",
+        "outputs": {"parameters": [{"name": "small", "value": "v"}, {"name": "big", "value": big}], "result": "ok", "artifacts": []},
+        "inputs_digest": "abc"
+    });
+    for (path, body) in [
+        (
+            "start",
+            serde_json::json!({"container": "main", "started_at": "2026-01-01T00:00:00Z"}),
+        ),
+        (
+            "progress",
+            serde_json::json!({"container": "main", "progress": "1/2"}),
+        ),
+        ("result", result),
+    ] {
+        let (status, answer) = http(
+            agent.api,
+            "POST",
+            &format!("/v1/tasks/step/2/{path}"),
+            &auth,
+            body.to_string().as_bytes(),
+        );
+        assert_eq!(status, 200, "{path}: {}", String::from_utf8_lossy(&answer));
+    }
+    assert!(
+        wait_until(Duration::from_secs(10), || events_file(&agent).len() == 3),
+        "{:?}",
+        events_file(&agent)
+    );
+    let events = events_file(&agent);
+    let phases: Vec<&str> = events
+        .iter()
+        .map(|e| e["phase"].as_str().unwrap())
+        .collect();
+    assert_eq!(phases, ["Running", "Running", "Succeeded"]);
+    let seqs: Vec<u64> = events.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, [1, 2, 3]);
+    assert_eq!(events[1]["progress"], "1/2");
+    let params = &events[2]["outputs"]["parameters"];
+    assert_eq!(params[0]["value"]["inline"], "v");
+    let offloaded = &params[1]["value"]["offloaded"];
+    assert_eq!(offloaded["key"], "wf-9/step/2/parameters/big");
+    assert_eq!(
+        std::fs::read_to_string(agent.dir.join("data/store/wf-9/step/2/parameters/big")).unwrap(),
+        big
+    );
+    assert_eq!(events[2]["inputs_digest"], "abc");
+    assert!(agent.metric("emissary_agent_events_appended") >= 3.0);
+}
+
+#[test]
+fn commands_reach_the_tasks_long_poll_at_once() {
+    let dir = Dir::new("agent-commands");
+    let controller = Controller::start();
+    let agent = Agent::start(dir.join("agent"), &["--controller-url", &controller.url()]);
+    let token = agent.token("wf", "t", 0, "1h");
+    let api = agent.api;
+    let poll = std::thread::spawn(move || {
+        let started = Instant::now();
+        let (status, body) = http(
+            api,
+            "GET",
+            "/v1/tasks/t/0/commands?wait=30s",
+            &[("Authorization", &bearer(&token))],
+            b"",
+        );
+        (status, body, started.elapsed())
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let sent = Instant::now();
+    controller
+        .command(serde_json::json!({"task_id": "t", "attempt": 0, "kind": "signal", "signal": 10}));
+    let (status, body, waited) = poll.join().unwrap();
+    let latency = sent.elapsed();
+    assert_eq!(status, 200);
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&body).unwrap(),
+        serde_json::json!([{"kind": "signal", "signal": 10}])
+    );
+    assert!(
+        waited >= Duration::from_millis(250),
+        "the poll answered before the command existed"
+    );
+    assert!(
+        latency < Duration::from_secs(2),
+        "relayed after {latency:?}"
+    );
+
+    // No command: the long-poll ends with 204 after its wait.
+    let other = agent.token("wf", "t", 1, "1h");
+    let (status, _) = http(
+        agent.api,
+        "GET",
+        "/v1/tasks/t/1/commands?wait=200ms",
+        &[("Authorization", &bearer(&other))],
+        b"",
+    );
+    assert_eq!(status, 204);
+    assert!(
+        wait_until(Duration::from_secs(15), || controller.heartbeats() > 0),
+        "no heartbeat"
+    );
+}
+
+#[test]
+fn probes_and_metrics_are_served_on_the_admin_port() {
+    let dir = Dir::new("agent-admin");
+    let agent = Agent::start(dir.join("agent"), &[]);
+    assert_eq!(
+        http(agent.api, "POST", "/v1/tasks/t/0/start", &[], b"{}").0,
+        401
+    );
+    let (status, body) = http(agent.admin, "GET", "/healthz", &[], b"");
+    assert_eq!((status, body.as_slice()), (200, &b"ok\n"[..]));
+    assert_eq!(http(agent.admin, "GET", "/readyz", &[], b"").0, 200);
+    let (status, body) = http(agent.admin, "GET", "/metrics", &[], b"");
+    assert_eq!(status, 200);
+    let text = String::from_utf8(body).unwrap();
+    for name in [
+        "emissary_agent_http_requests",
+        "emissary_agent_journal_bytes",
+        "emissary_agent_events_delivered",
+    ] {
+        assert!(text.contains(name), "metrics lack {name}:\n{text}");
+    }
+    assert!(text.ends_with("# EOF\n"));
+}
+
+#[test]
+fn sigterm_finishes_in_flight_uploads_then_exits() {
+    use std::io::Write;
+    let dir = Dir::new("agent-sigterm");
+    let mut agent = Agent::start(dir.join("agent"), &[]);
+    let token = agent.token("wf", "t", 0, "1h");
+    let mut stream = std::net::TcpStream::connect(agent.api).unwrap();
+    let payload = noise(1 << 20, 8);
+    write!(stream, "PUT /v1/tasks/t/0/outputs/slow HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Length: {}\r\n\r\n", payload.len()).unwrap();
+    stream.write_all(&payload[..1000]).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let pid = agent.pid();
+    kill(pid, libc::SIGTERM);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        std::net::TcpStream::connect(agent.api).is_err(),
+        "still accepting after SIGTERM"
+    );
+    stream.write_all(&payload[1000..]).unwrap();
+    let (status, _) = read_response(stream);
+    assert_eq!(status, 200, "the in-flight upload was cut off");
+    assert!(agent.terminate(Duration::from_secs(10)).success());
+    assert_eq!(
+        std::fs::read(agent.dir.join("data/store/wf/t/0/slow")).unwrap(),
+        payload
+    );
+}

@@ -1,0 +1,175 @@
+//! The outbox under faults: a controller that is down or failing, an agent killed -9.
+
+use std::io::Write;
+use std::time::Duration;
+
+use crate::agent_util::*;
+use crate::controller::Controller;
+use crate::util::*;
+
+fn post(agent: &Agent, token: &str, task: &str, path: &str, body: serde_json::Value) -> u16 {
+    let auth = bearer(token);
+    http(
+        agent.api,
+        "POST",
+        &format!("/v1/tasks/{task}/0/{path}"),
+        &[("Authorization", &auth)],
+        body.to_string().as_bytes(),
+    )
+    .0
+}
+
+fn progress(n: usize) -> serde_json::Value {
+    serde_json::json!({"container": "main", "progress": format!("{n}/100")})
+}
+
+/// (task, seq, progress) of every event, in arrival order.
+fn summary(events: &[serde_json::Value]) -> Vec<(String, u64, String)> {
+    events
+        .iter()
+        .map(|e| {
+            (
+                e["task_id"].as_str().unwrap().to_owned(),
+                e["seq"].as_u64().unwrap(),
+                e["progress"].as_str().unwrap_or("").to_owned(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn events_wait_out_a_controller_outage_and_arrive_in_order() {
+    let dir = Dir::new("outbox-outage");
+    let mut controller = Controller::start();
+    let agent = Agent::start(dir.join("agent"), &["--controller-url", &controller.url()]);
+    let (a, b) = (
+        agent.token("wf", "a", 0, "1h"),
+        agent.token("wf", "b", 0, "1h"),
+    );
+    controller.down();
+    for n in 0..30 {
+        assert_eq!(
+            post(&agent, &a, "a", "progress", progress(n)),
+            200,
+            "journaling must not need the controller"
+        );
+        assert_eq!(post(&agent, &b, "b", "progress", progress(n)), 200);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    controller.set_failing(true);
+    controller.up();
+    std::thread::sleep(Duration::from_millis(700));
+    assert!(
+        controller.events().is_empty(),
+        "a 503 must not count as delivered"
+    );
+    controller.set_failing(false);
+    controller.wait_events(60, Duration::from_secs(60));
+    std::thread::sleep(Duration::from_millis(500));
+    let events = summary(&controller.events());
+    assert_eq!(events.len(), 60, "duplicates or losses: {events:?}");
+    for task in ["a", "b"] {
+        let mine: Vec<_> = events.iter().filter(|(t, _, _)| t == task).collect();
+        let seqs: Vec<u64> = mine.iter().map(|(_, s, _)| *s).collect();
+        assert_eq!(
+            seqs,
+            (1..=30).collect::<Vec<_>>(),
+            "task {task} out of order"
+        );
+        let progress: Vec<String> = mine.iter().map(|(_, _, p)| p.clone()).collect();
+        assert_eq!(
+            progress,
+            (0..30).map(|n| format!("{n}/100")).collect::<Vec<_>>()
+        );
+    }
+    assert!(agent.metric("emissary_agent_delivery_failures") >= 1.0);
+}
+
+#[test]
+fn a_kill_9_loses_no_event_duplicates_no_seq_and_leaves_no_partial_object() {
+    let dir = Dir::new("outbox-kill9");
+    let mut controller = Controller::start();
+    controller.down();
+    let mut agent = Agent::start(dir.join("agent"), &["--controller-url", &controller.url()]);
+    let token = agent.token("wf", "t", 0, "1h");
+    for n in 0..5 {
+        assert_eq!(post(&agent, &token, "t", "progress", progress(n)), 200);
+    }
+    // An upload cut in the middle by the crash.
+    let mut stream = std::net::TcpStream::connect(agent.api).unwrap();
+    write!(stream, "PUT /v1/tasks/t/0/outputs/big HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Length: 4000000\r\n\r\n").unwrap();
+    stream.write_all(&noise(1_000_000, 1)).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    agent.crash_and_restart();
+    drop(stream);
+    let key = agent.dir.join("data/store/wf/t/0/big");
+    assert!(!key.exists(), "a partial object became visible");
+    for n in 5..8 {
+        assert_eq!(post(&agent, &token, "t", "progress", progress(n)), 200);
+    }
+    let payload = noise(4_000_000, 2);
+    let (status, _) = http(
+        agent.api,
+        "PUT",
+        "/v1/tasks/t/0/outputs/big",
+        &[("Authorization", &bearer(&token))],
+        &payload,
+    );
+    assert_eq!(status, 200);
+    assert!(
+        std::fs::read(&key).unwrap() == payload,
+        "the re-upload is not the whole object"
+    );
+    controller.up();
+    controller.wait_events(8, Duration::from_secs(30));
+    std::thread::sleep(Duration::from_millis(500));
+    let events = summary(&controller.events());
+    let seqs: Vec<u64> = events.iter().map(|(_, s, _)| *s).collect();
+    assert_eq!(seqs, (1..=8).collect::<Vec<_>>(), "{events:?}");
+}
+
+#[test]
+fn a_full_journal_refuses_new_events_and_drops_none() {
+    let dir = Dir::new("outbox-full");
+    let mut controller = Controller::start();
+    controller.down();
+    let agent = Agent::start(
+        dir.join("agent"),
+        &[
+            "--controller-url",
+            &controller.url(),
+            "--journal-max-bytes",
+            "4000",
+        ],
+    );
+    let token = agent.token("wf", "t", 0, "1h");
+    let mut accepted = 0;
+    let mut refused = 0;
+    for n in 0..60 {
+        match post(&agent, &token, "t", "progress", progress(n)) {
+            200 => accepted += 1,
+            503 => refused += 1,
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    assert!(
+        accepted > 5 && refused > 0,
+        "accepted {accepted}, refused {refused}"
+    );
+    controller.up();
+    controller.wait_events(accepted, Duration::from_secs(30));
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        controller.events().len(),
+        accepted,
+        "every accepted event arrives, once"
+    );
+    // Room again once delivered.
+    assert!(wait_until(Duration::from_secs(10), || post(
+        &agent,
+        &token,
+        "t",
+        "progress",
+        progress(99)
+    ) == 200));
+}

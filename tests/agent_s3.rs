@@ -1,0 +1,156 @@
+//! The agent on a real S3 server (s3s-fs, embedded): multipart uploads, the node cache, an S3
+//! outage.
+
+use std::time::Duration;
+
+use crate::agent_util::*;
+use crate::s3::{self, S3Server};
+use crate::util::*;
+
+fn s3_agent(dir: &Dir, server: &S3Server) -> Agent {
+    let store = format!("s3://{}/emissary", s3::BUCKET);
+    let endpoint = server.endpoint();
+    // Credentials come through the standard AWS environment variables.
+    Agent::start_with_env(
+        dir.join("agent"),
+        &[
+            "--store",
+            &store,
+            "--s3-endpoint",
+            &endpoint,
+            "--s3-region",
+            "us-east-1",
+            "--s3-path-style",
+        ],
+        &[
+            ("AWS_ACCESS_KEY_ID", s3::ACCESS_KEY),
+            ("AWS_SECRET_ACCESS_KEY", s3::SECRET_KEY),
+        ],
+    )
+}
+
+#[test]
+fn artifacts_go_to_s3_in_parts_and_come_back_through_the_node_cache() {
+    let dir = Dir::new("s3-roundtrip");
+    let server = S3Server::start(&dir.join("s3"), 0);
+    let agent = s3_agent(&dir, &server);
+    let token = agent.token("wf", "gen", 0, "1h");
+    let auth = bearer(&token);
+    let auth = [("Authorization", auth.as_str())];
+    // 20 MiB: three parts of 8 MiB at most.
+    let payload = noise(20 << 20, 4);
+    let (status, body) = http(
+        agent.api,
+        "PUT",
+        "/v1/tasks/gen/0/outputs/data.tgz",
+        &auth,
+        &payload,
+    );
+    assert_eq!(
+        status,
+        200,
+        "{}\n{}",
+        String::from_utf8_lossy(&body),
+        agent.log()
+    );
+    let stored: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(stored["key"], "emissary/wf/gen/0/data.tgz");
+    assert!(
+        server.object("emissary/wf/gen/0/data.tgz").unwrap() == payload,
+        "S3 holds different bytes"
+    );
+
+    let consumer = agent.token("wf", "use", 0, "1h");
+    let path = "/v1/tasks/use/0/inputs/data?key=emissary/wf/gen/0/data.tgz";
+    for round in 0..3 {
+        let (status, body) = http(
+            agent.api,
+            "GET",
+            path,
+            &[("Authorization", &bearer(&consumer))],
+            b"",
+        );
+        assert_eq!(status, 200, "round {round}");
+        assert!(body == payload, "round {round}: bytes differ");
+    }
+    assert_eq!(
+        agent.metric("emissary_agent_store_downloads"),
+        1.0,
+        "the cache should have served rounds 2 and 3"
+    );
+    assert_eq!(agent.metric("emissary_agent_cache_hits"), 2.0);
+}
+
+#[test]
+fn concurrent_requests_for_one_input_download_it_once() {
+    let dir = Dir::new("s3-single-flight");
+    let server = S3Server::start(&dir.join("s3"), 0);
+    let agent = s3_agent(&dir, &server);
+    let token = agent.token("wf", "gen", 0, "1h");
+    let payload = noise(8 << 20, 6);
+    let (status, _) = http(
+        agent.api,
+        "PUT",
+        "/v1/tasks/gen/0/outputs/shared",
+        &[("Authorization", &bearer(&token))],
+        &payload,
+    );
+    assert_eq!(status, 200);
+    let readers: Vec<_> = (0..6)
+        .map(|i| {
+            let (api, token) = (agent.api, agent.token("wf", &format!("r{i}"), 0, "1h"));
+            std::thread::spawn(move || {
+                let path = format!("/v1/tasks/r{i}/0/inputs/shared?key=emissary/wf/gen/0/shared");
+                http(
+                    api,
+                    "GET",
+                    &path,
+                    &[("Authorization", &bearer(&token))],
+                    b"",
+                )
+            })
+        })
+        .collect();
+    for reader in readers {
+        let (status, body) = reader.join().unwrap();
+        assert_eq!(status, 200);
+        assert!(body == payload);
+    }
+    assert_eq!(agent.metric("emissary_agent_store_downloads"), 1.0);
+}
+
+#[test]
+fn an_s3_outage_is_a_retryable_error_not_a_hang() {
+    let dir = Dir::new("s3-down");
+    let mut server = S3Server::start(&dir.join("s3"), 0);
+    let agent = s3_agent(&dir, &server);
+    server.stop();
+    std::thread::sleep(Duration::from_millis(100));
+    let token = agent.token("wf", "t", 0, "1h");
+    let started = std::time::Instant::now();
+    let (status, body) = http(
+        agent.api,
+        "PUT",
+        "/v1/tasks/t/0/outputs/x",
+        &[("Authorization", &bearer(&token))],
+        b"data",
+    );
+    assert_eq!(status, 503, "{}", String::from_utf8_lossy(&body));
+    assert!(String::from_utf8_lossy(&body).contains("store unavailable"));
+    assert!(started.elapsed() < Duration::from_secs(30));
+
+    // The emissary turns that into a system, retryable failure of the step.
+    let work = dir.join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let spec = serde_json::json!({"container": {"command": ["sh", "-c", format!("echo x > {}/f", work.display())]},
+                                      "outputs": {"artifacts": [{"name": "f", "path": work.join("f")}]}});
+    let mut cmd = emissary(["run", "--root", dir.join("root").to_str().unwrap()]);
+    cmd.env("EMISSARY_TEMPLATE", spec.to_string())
+        .env("EMISSARY_AGENT_RETRY", "2s");
+    agent.emissary_env(&mut cmd, "wf", "t", 0);
+    let out = run(&mut cmd, b"", Duration::from_secs(30));
+    out.assert_code(125);
+    let outputs = dir.read_json("root/outputs.json");
+    assert_eq!(outputs["error"]["kind"], "system", "{outputs}");
+    assert_eq!(outputs["error"]["retryable"], true);
+}

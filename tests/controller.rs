@@ -1,0 +1,189 @@
+//! A small reference controller: records event batches and heartbeats, hands out queued
+//! commands to the agent's long-poll, and can be told to fail or go down. Plain std threads
+//! on 127.0.0.1, an ephemeral port (kept across a down/up so the agent finds it again).
+
+use std::collections::VecDeque;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+#[derive(Default)]
+struct State {
+    events: Vec<Value>,
+    batches: usize,
+    heartbeats: Vec<Value>,
+    commands: VecDeque<Value>,
+    /// Answer event batches with 503.
+    failing: bool,
+}
+
+pub struct Controller {
+    pub addr: SocketAddr,
+    state: Arc<(Mutex<State>, Condvar)>,
+    running: Arc<AtomicBool>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl Controller {
+    pub fn start() -> Controller {
+        let mut c = Controller {
+            addr: "127.0.0.1:0".parse().unwrap(),
+            state: Arc::default(),
+            running: Arc::new(AtomicBool::new(false)),
+            thread: None,
+        };
+        c.up();
+        c
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Starts serving (again, on the same port after `down`).
+    pub fn up(&mut self) {
+        let listener = TcpListener::bind(self.addr).unwrap();
+        self.addr = listener.local_addr().unwrap();
+        self.running.store(true, Ordering::SeqCst);
+        let (state, running) = (self.state.clone(), self.running.clone());
+        self.thread = Some(thread::spawn(move || {
+            for stream in listener.incoming() {
+                if !running.load(Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(stream) = stream else { continue };
+                let (state, running) = (state.clone(), running.clone());
+                thread::spawn(move || serve(stream, &state, &running));
+            }
+        }));
+    }
+
+    /// Stops serving: connections are refused until `up`.
+    pub fn down(&mut self) {
+        self.running.store(false, Ordering::SeqCst);
+        let _ = TcpStream::connect(self.addr); // wakes the accept loop
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        self.state.1.notify_all();
+    }
+
+    pub fn set_failing(&self, failing: bool) {
+        self.state.0.lock().unwrap().failing = failing;
+    }
+
+    pub fn events(&self) -> Vec<Value> {
+        self.state.0.lock().unwrap().events.clone()
+    }
+
+    pub fn heartbeats(&self) -> usize {
+        self.state.0.lock().unwrap().heartbeats.len()
+    }
+
+    /// Queues a command (`{"task_id", "attempt", "kind", ...}`) for the node's agent.
+    pub fn command(&self, command: Value) {
+        self.state.0.lock().unwrap().commands.push_back(command);
+        self.state.1.notify_all();
+    }
+
+    /// Waits until `count` events arrived; returns them.
+    pub fn wait_events(&self, count: usize, limit: Duration) -> Vec<Value> {
+        let until = Instant::now() + limit;
+        while Instant::now() < until {
+            let events = self.events();
+            if events.len() >= count {
+                return events;
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+        let events = self.events();
+        panic!(
+            "expected {count} events within {limit:?}, got {}: {events:#?}",
+            events.len()
+        );
+    }
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        self.down();
+    }
+}
+
+fn serve(stream: TcpStream, state: &(Mutex<State>, Condvar), running: &AtomicBool) {
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut line = String::new();
+    if reader.read_line(&mut line).unwrap_or(0) == 0 {
+        return;
+    }
+    let mut parts = line.split_whitespace();
+    let (method, target) = (
+        parts.next().unwrap_or("").to_owned(),
+        parts.next().unwrap_or("").to_owned(),
+    );
+    let mut length = 0;
+    loop {
+        line.clear();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 || line.trim().is_empty() {
+            break;
+        }
+        if let Some((name, value)) = line.split_once(':')
+            && name.eq_ignore_ascii_case("content-length")
+        {
+            length = value.trim().parse().unwrap_or(0);
+        }
+    }
+    let mut body = vec![0; length];
+    let _ = reader.read_exact(&mut body);
+    let path = target.split('?').next().unwrap_or("").to_owned();
+    let (status, answer) = match (method.as_str(), path.as_str()) {
+        ("POST", "/v1/events") => {
+            let mut s = state.0.lock().unwrap();
+            if s.failing {
+                (503, "{\"error\":\"failing on purpose\"}".to_owned())
+            } else {
+                let batch: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                s.events
+                    .extend(batch["events"].as_array().cloned().unwrap_or_default());
+                s.batches += 1;
+                (200, "{}".to_owned())
+            }
+        }
+        ("POST", p) if p.ends_with("/heartbeat") => {
+            state
+                .0
+                .lock()
+                .unwrap()
+                .heartbeats
+                .push(serde_json::from_slice(&body).unwrap_or(Value::Null));
+            (200, "{}".to_owned())
+        }
+        ("GET", p) if p.ends_with("/commands") => {
+            // Long-poll: up to 30 s for a command.
+            let until = Instant::now() + Duration::from_secs(30);
+            let mut s = state.0.lock().unwrap();
+            while s.commands.is_empty() && Instant::now() < until && running.load(Ordering::SeqCst)
+            {
+                s = state
+                    .1
+                    .wait_timeout(s, Duration::from_millis(200))
+                    .unwrap()
+                    .0;
+            }
+            let commands: Vec<Value> = s.commands.drain(..).collect();
+            (200, serde_json::json!({ "commands": commands }).to_string())
+        }
+        _ => (404, "{}".to_owned()),
+    };
+    let mut stream = stream;
+    let _ = write!(
+        stream,
+        "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{answer}",
+        answer.len()
+    );
+}
