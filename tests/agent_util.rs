@@ -199,7 +199,7 @@ pub fn http(
     read_response(stream)
 }
 
-pub fn read_response(stream: TcpStream) -> (u16, Vec<u8>) {
+pub fn read_response(stream: impl Read) -> (u16, Vec<u8>) {
     let mut reader = BufReader::new(stream);
     let mut line = String::new();
     reader.read_line(&mut line).unwrap();

@@ -116,7 +116,7 @@ fn kubernetes_validate() -> PathBuf {
         })
 }
 
-fn validate(file: &Path) -> Output {
+pub fn validate(file: &Path) -> Output {
     run_quick(
         Command::new(kubernetes_validate())
             .args(["--strict", "-k", "1.32"])

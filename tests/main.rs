@@ -12,6 +12,8 @@ mod agent_s3;
 mod agent_util;
 mod controller;
 mod deploy;
+mod inject;
+mod openapi;
 mod pod;
 mod pod_scenarios;
 mod run_capture;

@@ -1,0 +1,315 @@
+//! Injection: the CLI on Pods and Workflows, and the admission webhook over real TLS.
+
+use std::io::Write;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine;
+use serde_json::{Value, json};
+
+use crate::agent_util::read_response;
+use crate::util::*;
+
+const CONFIG: &str = "\
+executor: emissary
+emissaryImage: ghcr.io/emissary-executor/emissary:0.1.0
+agentPort: 7946
+images:
+  python:3.12-alpine:
+    entrypoint: [python3]
+    cmd: [-V]
+";
+
+const POD: &str = r#"apiVersion: v1
+kind: Pod
+metadata:
+  name: step-1
+  labels:
+    emissary.io/inject: "true"
+  annotations:
+    emissary.io/template: '{"container": {"command": ["sh"]}}'
+    emissary.io/task-id: step-1
+spec:
+  restartPolicy: Never
+  containers:
+    - name: main
+      image: alpine:3.20
+      command: [sh, -c]
+      args: ["echo hello"]
+      env:
+        - name: KEEP
+          value: "1"
+    - name: helper
+      image: python:3.12-alpine
+"#;
+
+fn inject(dir: &Dir, input: &str, name: &str) -> Output {
+    let config = dir.write("inject.yaml", CONFIG);
+    let pod = dir.write(name, input);
+    run_quick(
+        Command::new(agent_bin())
+            .args(["inject", "-f"])
+            .arg(&pod)
+            .arg("--config")
+            .arg(&config),
+    )
+}
+
+#[test]
+fn the_cli_injects_a_pod_in_its_own_format_and_only_once() {
+    let dir = Dir::new("inject-cli");
+    let out = inject(&dir, POD, "pod.yaml");
+    out.assert_code(0);
+    let pod: Value = serde_norway::from_str(&out.stdout()).unwrap();
+    let main = &pod["spec"]["containers"][0];
+    assert_eq!(
+        main["command"],
+        json!([
+            "/var/run/emissary/emissary",
+            "run",
+            "--",
+            "sh",
+            "-c",
+            "echo hello"
+        ])
+    );
+    assert_eq!(
+        pod["spec"]["containers"][1]["command"],
+        json!(["/var/run/emissary/emissary", "run", "--", "python3", "-V"])
+    );
+    assert_eq!(pod["spec"]["initContainers"][0]["name"], "emissary-init");
+    let env: Vec<&str> = main["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].as_str().unwrap())
+        .collect();
+    for name in [
+        "EMISSARY_AGENT_ADDR",
+        "EMISSARY_TOKEN",
+        "EMISSARY_TASK_ID",
+        "EMISSARY_TEMPLATE",
+        "EMISSARY_CONTAINER_NAME",
+        "KEEP",
+    ] {
+        assert!(env.contains(&name), "{name} missing: {env:?}");
+    }
+
+    // Injecting the injected pod changes nothing, in YAML as in JSON.
+    let again = inject(&dir, &out.stdout(), "again.yaml");
+    again.assert_code(0);
+    assert_eq!(
+        serde_norway::from_str::<Value>(&again.stdout()).unwrap(),
+        pod
+    );
+    let json_in = serde_json::to_string(&pod).unwrap();
+    let json_out = inject(&dir, &json_in, "pod.json");
+    json_out.assert_code(0);
+    assert_eq!(
+        serde_json::from_str::<Value>(&json_out.stdout()).unwrap(),
+        pod
+    );
+
+    // The injected pod is a valid Kubernetes 1.32 Pod, unknown fields rejected.
+    let file = dir.write("injected.yaml", out.stdout());
+    crate::deploy::validate(&file).assert_code(0);
+}
+
+#[test]
+fn a_container_without_command_or_index_entry_is_refused_with_what_to_add() {
+    let dir = Dir::new("inject-no-command");
+    let pod = POD.replace("python:3.12-alpine", "example.com/unknown:1");
+    inject(&dir, &pod, "pod.yaml")
+        .assert_code(1)
+        .assert_stderr_contains(
+            "container \"helper\" (image \"example.com/unknown:1\") has no command",
+        )
+        .assert_stderr_contains("images:");
+}
+
+#[test]
+fn a_workflow_gets_its_emissary_templates_labelled() {
+    let dir = Dir::new("inject-workflow");
+    let workflow = "\
+apiVersion: argoproj.io/v1alpha1
+kind: Workflow
+metadata: {generateName: hello-}
+spec:
+  entrypoint: main
+  templates:
+    - name: main
+      steps: [[{name: a, template: a}]]
+    - name: a
+      container: {image: alpine, command: [echo, hi]}
+    - name: b
+      executor: argo
+      container: {image: alpine, command: [echo, hi]}
+";
+    let out = inject(&dir, workflow, "wf.yaml");
+    out.assert_code(0);
+    let wf: Value = serde_norway::from_str(&out.stdout()).unwrap();
+    assert_eq!(
+        wf["spec"]["templates"][1]["metadata"]["labels"]["emissary.io/inject"],
+        "true"
+    );
+    assert!(
+        wf["spec"]["templates"][0]["metadata"].is_null(),
+        "steps run no pod"
+    );
+    assert!(
+        wf["spec"]["templates"][2]["metadata"].is_null(),
+        "the template chose argo"
+    );
+}
+
+/// A webhook with a freshly generated certificate for 127.0.0.1.
+struct Webhook {
+    addr: std::net::SocketAddr,
+    cert: rcgen::CertifiedKey<rcgen::KeyPair>,
+    child: std::process::Child,
+}
+
+impl Webhook {
+    fn start(dir: &Dir) -> Webhook {
+        let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()])
+            .unwrap();
+        let cert_file = dir.write("tls.crt", cert.cert.pem());
+        let key_file = dir.write("tls.key", cert.signing_key.serialize_pem());
+        let config = dir.write("inject.yaml", CONFIG);
+        let ready = dir.join("webhook-ready.json");
+        let child = Command::new(agent_bin())
+            .args(["webhook", "--listen", "127.0.0.1:0"])
+            .arg("--tls-cert")
+            .arg(&cert_file)
+            .arg("--tls-key")
+            .arg(&key_file)
+            .arg("--inject-config")
+            .arg(&config)
+            .arg("--ready-file")
+            .arg(&ready)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        assert!(
+            wait_until(Duration::from_secs(10), || ready.exists()),
+            "the webhook did not start"
+        );
+        let json: Value = serde_json::from_slice(&std::fs::read(&ready).unwrap()).unwrap();
+        Webhook {
+            addr: json["addr"].as_str().unwrap().parse().unwrap(),
+            cert,
+            child,
+        }
+    }
+
+    /// POSTs `body` to `/inject` over TLS, trusting only the generated certificate.
+    fn post(&self, body: &[u8]) -> (u16, Value) {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.cert.cert.der().clone()).unwrap();
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+        let connection = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+        let socket = std::net::TcpStream::connect(self.addr).unwrap();
+        let mut tls = rustls::StreamOwned::new(connection, socket);
+        write!(tls, "POST /inject HTTP/1.1\r\nHost: webhook\r\nContent-Type: application/json\r\nConnection: close\r\nContent-Length: {}\r\n\r\n", body.len()).unwrap();
+        tls.write_all(body).unwrap();
+        let (status, body) = read_response(tls);
+        (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
+    }
+}
+
+impl Drop for Webhook {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn review(pod: Value) -> Vec<u8> {
+    json!({
+        "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+        "request": {"uid": "705ab4f5-6393-11e8-b7cc-42010a800002", "kind": {"group": "", "version": "v1", "kind": "Pod"},
+                    "resource": {"group": "", "version": "v1", "resource": "pods"}, "operation": "CREATE",
+                    "namespace": "default", "object": pod}
+    })
+    .to_string()
+    .into_bytes()
+}
+
+/// Applies an RFC 6902 patch of `add`/`replace` operations (what the webhook sends).
+fn apply(mut doc: Value, patch: &Value) -> Value {
+    for op in patch.as_array().unwrap() {
+        assert!(matches!(op["op"].as_str(), Some("add" | "replace")), "{op}");
+        let (parent, key) = op["path"].as_str().unwrap().rsplit_once('/').unwrap();
+        doc.pointer_mut(parent).unwrap()[key] = op["value"].clone();
+    }
+    doc
+}
+
+#[test]
+fn the_webhook_answers_admission_reviews_with_a_patch_and_fails_closed() {
+    let dir = Dir::new("inject-webhook");
+    let webhook = Webhook::start(&dir);
+    let pod: Value = serde_norway::from_str(POD).unwrap();
+
+    let (status, answer) = webhook.post(&review(pod.clone()));
+    assert_eq!(status, 200, "{answer}");
+    let response = &answer["response"];
+    assert_eq!(response["uid"], "705ab4f5-6393-11e8-b7cc-42010a800002");
+    assert_eq!(response["allowed"], true);
+    assert_eq!(response["patchType"], "JSONPatch");
+    let patch: Value = serde_json::from_slice(
+        &base64::engine::general_purpose::STANDARD
+            .decode(response["patch"].as_str().unwrap())
+            .unwrap(),
+    )
+    .unwrap();
+    let patched = apply(pod.clone(), &patch);
+    let cli = inject(&dir, POD, "pod.yaml");
+    assert_eq!(
+        patched,
+        serde_norway::from_str::<Value>(&cli.stdout()).unwrap(),
+        "webhook and CLI inject alike"
+    );
+
+    // Not labelled: admitted untouched.
+    let mut unlabelled = pod.clone();
+    unlabelled["metadata"]["labels"] = json!({});
+    let (status, answer) = webhook.post(&review(unlabelled));
+    assert_eq!(status, 200);
+    assert_eq!(answer["response"]["allowed"], true);
+    assert!(answer["response"].get("patch").is_none());
+
+    // Labelled but impossible to inject: denied with the reason.
+    let mut broken = pod.clone();
+    broken["spec"]["containers"][1]["image"] = json!("example.com/unknown:1");
+    let (status, answer) = webhook.post(&review(broken));
+    assert_eq!(status, 200);
+    assert_eq!(answer["response"]["allowed"], false);
+    assert!(
+        answer["response"]["status"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("has no command")
+    );
+
+    // Not an AdmissionReview at all: 400, never an admission.
+    let (status, answer) = webhook.post(b"{\"kind\": \"Pod\"}");
+    assert_eq!(status, 400);
+    assert!(
+        answer["error"]
+            .as_str()
+            .unwrap()
+            .contains("AdmissionReview"),
+        "{answer}"
+    );
+    let (status, _) = webhook.post(b"not json");
+    assert_eq!(status, 400);
+}
