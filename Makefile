@@ -8,6 +8,7 @@ TARGET := x86_64-unknown-linux-gnu
 # relocation-model=static drops PIE relocation work at start-up (supervision.md section 5).
 STATIC_RUSTFLAGS := -C target-feature=+crt-static -C relocation-model=static
 STATIC_BIN := target/$(TARGET)/static/emissary
+AGENT_STATIC_BIN := target/$(TARGET)/agent-image/emissary-agent
 SIZE_LIMIT := 2000000
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
@@ -27,7 +28,7 @@ define apt_install
 	fi
 endef
 
-.PHONY: build static size lint test run bench image clean deps-test deps-bench deps-manifests
+.PHONY: build static static-agent size lint test run bench image clean deps-test deps-bench deps-manifests
 
 ## build: debug builds of every binary
 build:
@@ -50,7 +51,7 @@ lint:
 
 ## test: lint, size, images, then every unit and black-box test against the static emissary
 test: deps-test deps-manifests lint size build image
-	EMISSARY_BIN=$(CURDIR)/$(STATIC_BIN) IMAGE_DIR=$(CURDIR)/$(IMAGE_DIR) \
+	EMISSARY_BIN=$(CURDIR)/$(STATIC_BIN) AGENT_IMAGE_BIN=$(CURDIR)/$(AGENT_STATIC_BIN) IMAGE_DIR=$(CURDIR)/$(IMAGE_DIR) \
 	KUBERNETES_VALIDATE=$(CURDIR)/$(KUBERNETES_VALIDATE) $(CARGO) test --workspace
 
 ## run: a short demo of what the emissary does
@@ -62,9 +63,13 @@ bench: deps-bench static
 	$(CARGO) build --release -p emissary-tests --bin emissary-bench
 	EMISSARY_BIN=$(CURDIR)/$(STATIC_BIN) target/release/emissary-bench $(BENCH)
 
+## static-agent: the agent, statically linked and stripped, for its FROM scratch image
+static-agent:
+	RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --profile agent-image --target $(TARGET) -p emissary-agent
+
 ## image: OCI archives of both images, built FROM scratch with buildah (no Docker daemon)
-image: static deps-test
-	tests/build-images.sh $(STATIC_BIN) $(IMAGE_DIR)
+image: static static-agent deps-test
+	tests/build-images.sh $(STATIC_BIN) $(IMAGE_DIR) $(AGENT_STATIC_BIN)
 
 deps-test:
 	$(call apt_install,$(TEST_PACKAGES))

@@ -108,6 +108,66 @@ fn the_emissary_image_is_the_static_binary_alone() {
     );
 }
 
+#[test]
+fn the_agent_image_is_the_static_agent_and_ca_certificates() {
+    let archive = image_dir().join("emissary-agent.oci.tar");
+    let files = oci_files(&archive);
+    let index: serde_json::Value = serde_json::from_slice(&files["index.json"]).unwrap();
+    let manifest: serde_json::Value =
+        serde_json::from_slice(blob(&files, &index["manifests"][0]["digest"])).unwrap();
+    let layers = manifest["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), 1, "one layer: {manifest}");
+    let config: serde_json::Value =
+        serde_json::from_slice(blob(&files, &manifest["config"]["digest"])).unwrap();
+    assert_eq!(config["config"]["User"], "65532:65532");
+    assert_eq!(
+        config["config"]["Entrypoint"],
+        serde_json::json!(["/emissary-agent"])
+    );
+    assert_eq!(config["config"]["Cmd"], serde_json::json!(["serve"]));
+    let entries = layer_entries(blob(&files, &layers[0]["digest"]));
+    let mut names: Vec<&str> = entries
+        .iter()
+        .map(|(p, _, _)| p.as_str())
+        .filter(|p| !p.ends_with('/'))
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        ["emissary-agent", "etc/ssl/certs/ca-certificates.crt"],
+        "nothing but the agent and its CA bundle"
+    );
+    let binary = &entries
+        .iter()
+        .find(|(p, _, _)| p == "emissary-agent")
+        .unwrap()
+        .2;
+    assert_eq!(&binary[..4], b"\x7fELF");
+    if let Some(expected) = std::env::var_os("AGENT_IMAGE_BIN") {
+        assert!(
+            *binary == std::fs::read(expected).unwrap(),
+            "the layer holds the agent built for the image"
+        );
+    }
+    // Static: no program interpreter to look for in an image without a libc.
+    assert!(!has_interpreter(binary), "the agent is dynamically linked");
+    assert!(
+        has_interpreter(&std::fs::read("/bin/sh").unwrap()),
+        "the check itself sees a dynamic binary"
+    );
+}
+
+/// Whether a 64-bit little-endian ELF file asks for a program interpreter (PT_INTERP).
+fn has_interpreter(elf: &[u8]) -> bool {
+    let u16_at = |at: usize| u16::from_le_bytes([elf[at], elf[at + 1]]) as usize;
+    let phoff = u64::from_le_bytes(elf[0x20..0x28].try_into().unwrap()) as usize;
+    let (size, count) = (u16_at(0x36), u16_at(0x38));
+    (0..count).any(|i| {
+        let at = phoff + i * size;
+        u32::from_le_bytes(elf[at..at + 4].try_into().unwrap()) == 3
+    })
+}
+
 fn kubernetes_validate() -> PathBuf {
     std::env::var_os("KUBERNETES_VALIDATE")
         .map(PathBuf::from)
