@@ -9,15 +9,16 @@ use crate::controller::Controller;
 use crate::s3::{self, S3Server};
 use crate::util::*;
 
-struct Cluster {
-    dir: Dir,
-    s3: S3Server,
-    controller: Controller,
-    agent: Agent,
+/// A node's worth of services: S3, a controller, the agent.
+pub struct Cluster {
+    pub dir: Dir,
+    pub s3: S3Server,
+    pub controller: Controller,
+    pub agent: Agent,
 }
 
 impl Cluster {
-    fn start(name: &str) -> Cluster {
+    pub fn start(name: &str) -> Cluster {
         let dir = Dir::new(name);
         let s3 = S3Server::start(&dir.join("s3"), 0);
         let controller = Controller::start();

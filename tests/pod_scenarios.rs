@@ -154,3 +154,112 @@ fn a_step_whose_image_has_no_shell_runs() {
     out.assert_code(127)
         .assert_stderr_contains("\"sh\": command not found");
 }
+
+/// The task environment the injector gives a pod's containers, for `task` on this agent.
+fn task_env(
+    cmd: &mut std::process::Command,
+    cluster: &crate::agent_e2e::Cluster,
+    task: &str,
+    spec: &str,
+) {
+    cluster.agent.emissary_env(cmd, "wf-pods", task, 0);
+    cmd.env("EMISSARY_TEMPLATE", spec)
+        .env("EMISSARY_AGENT_RETRY", "20s");
+}
+
+#[test]
+fn two_pods_pass_an_artifact_through_the_agent_and_s3() {
+    if !pod::can_run_pods() {
+        return;
+    }
+    let cluster = crate::agent_e2e::Cluster::start("pods-artifacts");
+    let producer = json!({
+        "container": {"command": ["sh", "-c", "mkdir -p /tmp/out && seq 1 50000 > /tmp/out/numbers && echo made"]},
+        "outputs": {"artifacts": [{"name": "numbers", "path": "/tmp/out", "archive": {"zstd": {}}}]}
+    })
+    .to_string();
+    let pod_a = Pod::new("pods-producer", 256 << 20);
+    let rootfs = pod_a.rootfs("init", Image::Emissary);
+    let mut init_a = pod_a.container(
+        &rootfs,
+        &["/emissary", "init", "--dest", "/var/run/emissary"],
+    );
+    task_env(&mut init_a, &cluster, "produce", &producer);
+    run_quick(&mut init_a).assert_code(0);
+    let rootfs = pod_a.rootfs("main", Image::Busybox);
+    let mut main_a = pod_a.container(&rootfs, &[EMISSARY, "run"]);
+    task_env(&mut main_a, &cluster, "produce", &producer);
+    let out = run(&mut main_a, b"", Duration::from_secs(60));
+    out.assert_code(0);
+    let events = cluster.controller.wait_events(2, Duration::from_secs(20));
+    let key = events[1]["outputs"]["artifacts"][0]["key"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(cluster.s3.object(&key).is_some(), "{key} is not in S3");
+
+    // The consumer's init container fetches the input through the agent; its task container
+    // only moves it into place.
+    let consumer = json!({
+        "inputs": {"artifacts": [{"name": "numbers", "path": "/tmp/in", "s3": {"key": key}}]},
+        "container": {"command": ["sh", "-c", "tail -n 1 /tmp/in/numbers"]}
+    })
+    .to_string();
+    let pod_b = Pod::new("pods-consumer", 256 << 20);
+    let rootfs = pod_b.rootfs("init", Image::Emissary);
+    let mut init_b = pod_b.container(
+        &rootfs,
+        &["/emissary", "init", "--dest", "/var/run/emissary"],
+    );
+    task_env(&mut init_b, &cluster, "consume", &consumer);
+    run_quick(&mut init_b).assert_code(0);
+    assert!(
+        pod_b.shared.join("inputs/numbers/numbers").exists(),
+        "init did not stage the input"
+    );
+    let rootfs = pod_b.rootfs("main", Image::Busybox);
+    let mut main_b = pod_b.container(&rootfs, &[EMISSARY, "run"]);
+    task_env(&mut main_b, &cluster, "consume", &consumer);
+    let out = run(&mut main_b, b"", Duration::from_secs(60));
+    out.assert_code(0);
+    assert_eq!(out.stdout(), "50000\n");
+    let events = cluster.controller.wait_events(4, Duration::from_secs(20));
+    let phases: Vec<(&str, &str)> = events
+        .iter()
+        .map(|e| (e["task_id"].as_str().unwrap(), e["phase"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        phases,
+        [
+            ("produce", "Running"),
+            ("produce", "Succeeded"),
+            ("consume", "Running"),
+            ("consume", "Succeeded")
+        ]
+    );
+}
+
+#[test]
+fn a_terminate_from_the_controller_reaches_the_process_in_its_pod() {
+    if !pod::can_run_pods() {
+        return;
+    }
+    let cluster = crate::agent_e2e::Cluster::start("pods-terminate");
+    let spec = json!({"container": {"command": ["sh", "-c", "trap 'echo terminated; exit 7' TERM; while :; do sleep 0.1; done"]}}).to_string();
+    let pod = Pod::new("pods-terminate", 256 << 20);
+    init(&pod, None);
+    let rootfs = pod.rootfs("main", Image::Busybox);
+    let mut main = pod.container(&rootfs, &[EMISSARY, "run"]);
+    task_env(&mut main, &cluster, "stop-me", &spec);
+    let running = start(&mut main);
+    cluster.controller.wait_events(1, Duration::from_secs(20));
+    std::thread::sleep(Duration::from_millis(300));
+    cluster
+        .controller
+        .command(json!({"task_id": "stop-me", "attempt": 0, "kind": "terminate"}));
+    let out = running.finish(Duration::from_secs(20));
+    out.assert_code(7);
+    assert!(out.stdout().contains("terminated"), "{}", out.dump());
+    let events = cluster.controller.wait_events(2, Duration::from_secs(20));
+    assert_eq!(events[1]["phase"], "Aborted");
+}
