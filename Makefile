@@ -54,9 +54,10 @@ test: deps-test deps-manifests lint size build image
 	EMISSARY_BIN=$(CURDIR)/$(STATIC_BIN) AGENT_IMAGE_BIN=$(CURDIR)/$(AGENT_STATIC_BIN) IMAGE_DIR=$(CURDIR)/$(IMAGE_DIR) \
 	KUBERNETES_VALIDATE=$(CURDIR)/$(KUBERNETES_VALIDATE) $(CARGO) test --workspace
 
-## run: a short demo of what the emissary does
+## run: a short demo of what the emissary does, alone and with its node agent
 run: static
-	EMISSARY_BIN=$(CURDIR)/$(STATIC_BIN) tests/demo.sh
+	$(CARGO) build -p emissary-agent
+	EMISSARY_BIN=$(CURDIR)/$(STATIC_BIN) AGENT_BIN=$(CURDIR)/target/debug/emissary-agent tests/demo.sh
 
 ## bench: measured against tini-static, coreutils tee... interleaved in one run
 bench: deps-bench static
