@@ -11,6 +11,7 @@ mod agent_outbox;
 mod agent_s3;
 mod agent_util;
 mod controller;
+mod corpus;
 mod deploy;
 mod inject;
 mod openapi;

@@ -195,23 +195,26 @@ impl Task {
         let argv: Vec<OsString> = if !opts.command.is_empty() {
             opts.command.clone()
         } else {
-            let mut argv: Vec<OsString> = container
-                .command
+            // Kubernetes semantics: `args` go to the image's ENTRYPOINT, which only the
+            // injector knows (its image index); without a `command` there is nothing to run.
+            let mut command = container.command.clone();
+            if command.is_empty() && script.is_some() {
+                command.push("sh".to_owned()); // Argo's default for scripts
+            }
+            if command.is_empty() {
+                return Err(format!(
+                    "container {:?} has no command (its image's entrypoint is not known here): \
+                     set command in the spec, or pass the command after --",
+                    self.name
+                ));
+            }
+            let mut argv: Vec<OsString> = command
                 .iter()
                 .chain(&container.args)
                 .map(OsString::from)
                 .collect();
             if script.is_some() {
-                if container.command.is_empty() {
-                    argv.insert(0, "sh".into());
-                }
                 argv.push(script_path.into_os_string());
-            }
-            if argv.is_empty() {
-                return Err(format!(
-                    "container {:?} has no command: set its command in the spec or pass it after --",
-                    self.name
-                ));
             }
             argv
         };
