@@ -61,7 +61,7 @@ run: static
 
 ## bench: measured against tini-static, coreutils tee... interleaved in one run
 bench: deps-bench static
-	$(CARGO) build --release -p emissary-tests --bin emissary-bench
+	$(CARGO) build --release -p emissary-agent -p emissary-tests --bin emissary-agent --bin emissary-bench
 	EMISSARY_BIN=$(CURDIR)/$(STATIC_BIN) target/release/emissary-bench $(BENCH)
 
 ## static-agent: the agent, statically linked and stripped, for its FROM scratch image

@@ -1,2 +1,7 @@
-//! Black-box scenarios for emissary and emissary-agent live in `main.rs` and its modules; this
-//! library is empty so the package has a target of its own.
+//! Test support shared by the black-box scenarios (`main.rs`) and the benchmarks (`bench/`):
+//! real servers a test or a benchmark starts on 127.0.0.1 and stops when dropped.
+
+#[path = "support/controller.rs"]
+pub mod controller;
+#[path = "support/s3.rs"]
+pub mod s3;

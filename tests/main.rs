@@ -5,12 +5,13 @@
 
 mod util;
 
+use emissary_tests::{controller, s3};
+
 mod agent_api;
 mod agent_e2e;
 mod agent_outbox;
 mod agent_s3;
 mod agent_util;
-mod controller;
 mod corpus;
 mod deploy;
 mod inject;
@@ -23,7 +24,6 @@ mod run_exit;
 mod run_reaping;
 mod run_signals;
 mod run_timeouts;
-mod s3;
 mod tarball;
 mod task_artifacts;
 mod task_pod;

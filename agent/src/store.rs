@@ -4,6 +4,7 @@
 //! Keys are `{prefix}/{workflow}/{task}/{attempt}/{file}`. An upload that fails leaves nothing
 //! visible: a temporary file renamed into place, or an aborted multipart upload.
 
+use std::collections::VecDeque;
 use std::io;
 use std::path::{Component, Path, PathBuf};
 
@@ -14,11 +15,15 @@ use bytes::{Bytes, BytesMut};
 use protocol::api::StoredArtifact;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::task::JoinHandle;
 
 use crate::body::{Body, Chunks, channel};
 
-/// S3 multipart part size: the memory one upload holds (S3's minimum is 5 MiB).
+/// S3 multipart part size to begin with (S3's minimum is 5 MiB); see [`part_size`].
 const PART_SIZE: usize = 8 << 20;
+/// Parts uploading while the next is received: one upload holds at most
+/// `(PARTS_IN_FLIGHT + 1)` parts of memory (24 MiB for most).
+const PARTS_IN_FLIGHT: usize = 2;
 
 /// How a store operation failed.
 #[derive(Debug)]
@@ -295,7 +300,9 @@ async fn put_s3(
 ) -> Result<StoredArtifact, StoreError> {
     let (mut hasher, mut size) = (Sha256::new(), 0u64);
     let mut part = BytesMut::with_capacity(PART_SIZE);
-    let mut upload: Option<(String, Vec<CompletedPart>)> = None;
+    let mut upload_id: Option<String> = None;
+    let mut in_flight: VecDeque<JoinHandle<Result<CompletedPart, StoreError>>> = VecDeque::new();
+    let mut parts = Vec::new();
     let result = async {
         loop {
             let chunk = source
@@ -309,46 +316,61 @@ async fn put_s3(
                 part.extend_from_slice(chunk);
             }
             let last = chunk.is_none();
-            if part.len() >= PART_SIZE || (last && upload.is_some() && !part.is_empty()) {
-                if upload.is_none() {
-                    let created = client
-                        .create_multipart_upload()
-                        .bucket(bucket)
-                        .key(key)
-                        .send()
-                        .await
-                        .map_err(|e| s3_error("create multipart upload", key, e))?;
-                    upload = Some((
-                        created.upload_id().unwrap_or_default().to_owned(),
-                        Vec::new(),
-                    ));
-                }
-                let (id, parts) = upload.as_mut().expect("created above");
-                let number = parts.len() as i32 + 1;
-                let body = part.split().freeze();
-                let sent = client
+            if part.len() >= part_size(parts.len() + in_flight.len())
+                || (last && upload_id.is_some() && !part.is_empty())
+            {
+                let id = match &upload_id {
+                    Some(id) => id.clone(),
+                    None => {
+                        let created = client
+                            .create_multipart_upload()
+                            .bucket(bucket)
+                            .key(key)
+                            .send()
+                            .await
+                            .map_err(|e| s3_error("create multipart upload", key, e))?;
+                        upload_id
+                            .insert(created.upload_id().unwrap_or_default().to_owned())
+                            .clone()
+                    }
+                };
+                // Parts go up while the next one is received: a few in flight, no more (each
+                // is PART_SIZE of memory).
+                let number = (parts.len() + in_flight.len()) as i32 + 1;
+                let request = client
                     .upload_part()
                     .bucket(bucket)
                     .key(key)
-                    .upload_id(id.as_str())
+                    .upload_id(id)
                     .part_number(number)
-                    .body(ByteStream::from(body))
-                    .send()
-                    .await
-                    .map_err(|e| s3_error("upload part", key, e))?;
-                parts.push(
-                    CompletedPart::builder()
+                    // A fresh buffer for the next part: growing the old one would double it.
+                    .body(ByteStream::from(
+                        std::mem::replace(&mut part, BytesMut::with_capacity(PART_SIZE)).freeze(),
+                    ));
+                let key = key.to_owned();
+                in_flight.push_back(tokio::spawn(async move {
+                    let sent = request
+                        .send()
+                        .await
+                        .map_err(|e| s3_error("upload part", &key, e))?;
+                    Ok(CompletedPart::builder()
                         .part_number(number)
                         .set_e_tag(sent.e_tag().map(str::to_owned))
-                        .build(),
-                );
+                        .build())
+                }));
+                if in_flight.len() > PARTS_IN_FLIGHT {
+                    parts.push(joined(in_flight.pop_front().expect("not empty")).await?);
+                }
             }
             if last {
                 break;
             }
         }
-        match &upload {
-            Some((id, parts)) => {
+        while let Some(handle) = in_flight.pop_front() {
+            parts.push(joined(handle).await?);
+        }
+        match &upload_id {
+            Some(id) => {
                 let completed = CompletedMultipartUpload::builder()
                     .set_parts(Some(parts.clone()))
                     .build();
@@ -382,19 +404,36 @@ async fn put_s3(
         })
     }
     .await;
-    if result.is_err()
-        && let Some((id, _)) = &upload
-    {
-        // Parts of a failed upload must not linger (nor ever become an object).
-        let _ = client
-            .abort_multipart_upload()
-            .bucket(bucket)
-            .key(key)
-            .upload_id(id.as_str())
-            .send()
-            .await;
+    if result.is_err() {
+        for handle in in_flight {
+            handle.abort();
+        }
+        if let Some(id) = &upload_id {
+            // Parts of a failed upload must not linger (nor ever become an object).
+            let _ = client
+                .abort_multipart_upload()
+                .bucket(bucket)
+                .key(key)
+                .upload_id(id.as_str())
+                .send()
+                .await;
+        }
     }
     result
+}
+
+/// The size of the next part after `done` parts: 8 MiB, doubling every 2000 parts, so an
+/// upload of unknown length fits S3's 10,000 parts up to ~500 GB while small ones stay cheap.
+fn part_size(done: usize) -> usize {
+    PART_SIZE << (done / 2000).min(5)
+}
+
+async fn joined(
+    handle: JoinHandle<Result<CompletedPart, StoreError>>,
+) -> Result<CompletedPart, StoreError> {
+    handle
+        .await
+        .map_err(|e| StoreError::Failed(format!("part upload task: {e}")))?
 }
 
 fn s3_error<E: std::error::Error + 'static>(

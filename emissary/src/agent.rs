@@ -232,8 +232,11 @@ impl Store for Agent {
         // A broken upload (agent restarted mid-way) is packed and sent again from the start:
         // the agent only makes an object visible once it is complete.
         let body = self.retry("uploading an output", || {
-            let mut upload = self.client.put_stream(&path)?;
-            archive::pack(source, packing, &mut upload).map_err(|e| {
+            // Large chunks: one chunk header and one write per 256 KiB, not per 8 KiB copy.
+            let mut upload =
+                std::io::BufWriter::with_capacity(256 * 1024, self.client.put_stream(&path)?);
+            let packed = archive::pack(source, packing, &mut upload).and_then(|_| upload.flush());
+            packed.map_err(|e| {
                 let broken = matches!(
                     e.kind(),
                     std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
@@ -242,6 +245,10 @@ impl Store for Agent {
                     status: if broken { None } else { Some(400) },
                     message: format!("packing {}: {e}", source.display()),
                 }
+            })?;
+            let upload = upload.into_inner().map_err(|e| HttpError {
+                status: None,
+                message: e.to_string(),
             })?;
             upload.finish()
         })?;

@@ -4,6 +4,8 @@
 //! run, so every comparison runs its candidates round-robin in the same loop and reports the
 //! median; only ratios within one run mean anything.
 
+mod agent;
+
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -39,6 +41,12 @@ fn main() {
     if wanted("handoff") {
         handoff_latency(&emissary, &scratch, &mut report);
     }
+    if wanted("agent-upload") {
+        agent::upload(&emissary, &scratch, &mut report);
+    }
+    if wanted("agent-longpoll") {
+        agent::longpoll(&scratch, &mut report);
+    }
     let _ = fs::remove_dir_all(&scratch);
     println!("\n{report}");
     let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench-latest.md");
@@ -46,7 +54,7 @@ fn main() {
     eprintln!("(also written to {})", out.display());
 }
 
-fn median(mut xs: Vec<f64>) -> f64 {
+pub fn median(mut xs: Vec<f64>) -> f64 {
     xs.sort_by(f64::total_cmp);
     let n = xs.len();
     if n % 2 == 1 {
