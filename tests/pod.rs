@@ -79,7 +79,16 @@ impl Pod {
         .unwrap();
         match image {
             Image::Emissary => {
-                fs::copy(emissary_bin(), root.join("emissary")).unwrap();
+                let binary = fs::read(emissary_bin()).unwrap();
+                assert!(
+                    !has_interpreter(&binary),
+                    "{} is dynamically linked and cannot run in a FROM scratch image: \
+                     run `make test`, or set EMISSARY_BIN to the static build",
+                    emissary_bin().display()
+                );
+                fs::write(root.join("emissary"), binary).unwrap();
+                fs::set_permissions(root.join("emissary"), fs::Permissions::from_mode(0o755))
+                    .unwrap();
             }
             Image::Busybox | Image::NoShell => {
                 fs::copy(busybox(), root.join("bin/busybox")).unwrap();

@@ -268,3 +268,39 @@ fn an_oom_killed_command_is_reported_as_oomkilled_and_the_emissary_survives() {
     assert_eq!(json["reason"], "OOMKilled", "{json}");
     assert_eq!(json["error"]["retryable"], true);
 }
+
+#[test]
+fn a_container_set_retries_a_failing_container_as_argo_counts_retries() {
+    let dir = Dir::new("containerset-retry");
+    let count = dir.join("count");
+    // Fails twice, then succeeds: `retries: 3` is three attempts in all.
+    let script = format!(
+        "n=$(cat {c} 2>/dev/null || echo 0); n=$((n+1)); echo $n > {c}; echo attempt $n; [ $n -ge 3 ]",
+        c = count.display()
+    );
+    let spec = |retries: u32| {
+        json!({"containerSet": {"retryStrategy": {"retries": retries.to_string(), "duration": "50ms"},
+                                "containers": [{"name": "main", "command": ["sh", "-c", &script]}]}})
+        .to_string()
+    };
+    let root = dir.join("root");
+    let out = run_quick(
+        emissary(["run", "--root", root.to_str().unwrap()]).env("EMISSARY_TEMPLATE", spec(3)),
+    );
+    out.assert_code(0);
+    assert_eq!(
+        std::fs::read_to_string(root.join("ctr/main/stdout")).unwrap(),
+        "attempt 1\nattempt 2\nattempt 3\n"
+    );
+
+    std::fs::remove_file(&count).unwrap();
+    let out = run_quick(
+        emissary(["run", "--root", root.to_str().unwrap()]).env("EMISSARY_TEMPLATE", spec(2)),
+    );
+    out.assert_code(1);
+    assert_eq!(
+        std::fs::read_to_string(&count).unwrap().trim(),
+        "2",
+        "retries: 2 is two attempts"
+    );
+}

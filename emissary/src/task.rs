@@ -131,13 +131,42 @@ pub fn run(opts: &RunOptions) -> Result<i32, Fatal> {
         agent.relay_commands(logs.dir.join(crate::control::FIFO_NAME));
         agent.relay_progress(&task.name, progress_file(&logs.dir));
     }
-    let job = Job {
-        program: &program,
-        capture: true,
-        deadline: deadline(opts, &template)?,
-        grace: opts.grace,
-    };
-    let outcome = run::execute(job, &signals, Some(&mut logs))?;
+    let deadline = deadline(opts, &template)?;
+    let (attempts, pause) = container_set_retries(&template);
+    let mut outcome = run::execute(
+        Job {
+            program: &program,
+            capture: true,
+            deadline,
+            grace: opts.grace,
+        },
+        &signals,
+        Some(&mut logs),
+    )?;
+    for attempt in 2..=attempts {
+        // A signal or the deadline ends the retries: only a failing command is tried again.
+        if outcome.reason != ExitReason::Error
+            || deadline.is_some_and(|d| Instant::now() + pause >= d)
+        {
+            break;
+        }
+        eprintln!(
+            "emissary: {}; attempt {attempt} of {attempts} in {}",
+            outcome.error.as_ref().map_or("failed", |e| &e.message),
+            protocol::duration::format(pause)
+        );
+        std::thread::sleep(pause);
+        outcome = run::execute(
+            Job {
+                program: &program,
+                capture: true,
+                deadline,
+                grace: opts.grace,
+            },
+            &signals,
+            Some(&mut logs),
+        )?;
+    }
     let local = LocalStore::new(&root);
     let store: &dyn Store = match &task.agent {
         Some(agent) => agent,
@@ -329,6 +358,25 @@ impl Task {
         }
         archive::sha256(&material)
     }
+}
+
+/// `containerSet.retryStrategy`: how many attempts in all (Argo: `retries` counts every attempt,
+/// so `retries: 1` is one run) and the pause between them.
+fn container_set_retries(template: &Template) -> (u64, Duration) {
+    let Some(retry) = template
+        .container_set
+        .as_ref()
+        .and_then(|s| s.retry_strategy.as_ref())
+    else {
+        return (1, Duration::ZERO);
+    };
+    // Validated with the spec.
+    let pause = retry
+        .duration
+        .as_deref()
+        .and_then(|d| protocol::duration::parse(d).ok())
+        .unwrap_or_default();
+    (retry.retries.unwrap_or(1).max(1), pause)
 }
 
 /// The container to run and what it waits for.

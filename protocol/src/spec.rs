@@ -373,6 +373,14 @@ impl Template {
                 ));
             }
         }
+        if let Some(duration) = self
+            .container_set
+            .as_ref()
+            .and_then(|s| s.retry_strategy.as_ref()?.duration.as_ref())
+            && let Err(e) = crate::duration::parse(duration)
+        {
+            return Err(err("containerSet.retryStrategy.duration", e.to_string()));
+        }
         if let Some(set) = &self.container_set {
             let names: Vec<&str> = set
                 .containers
