@@ -69,17 +69,22 @@ fn layer_entries(layer: &[u8]) -> Vec<(String, u32, Vec<u8>)> {
     entries
 }
 
-#[test]
-fn the_emissary_image_is_the_static_binary_alone() {
-    let archive = image_dir().join("emissary.oci.tar");
-    let files = oci_files(&archive);
+/// The config and the one layer's entries of an OCI archive (which must have one layer).
+fn single_layer_image(archive: &Path) -> (serde_json::Value, Vec<(String, u32, Vec<u8>)>) {
+    let files = oci_files(archive);
     let index: serde_json::Value = serde_json::from_slice(&files["index.json"]).unwrap();
     let manifest: serde_json::Value =
         serde_json::from_slice(blob(&files, &index["manifests"][0]["digest"])).unwrap();
     let layers = manifest["layers"].as_array().unwrap();
     assert_eq!(layers.len(), 1, "one layer: {manifest}");
-    let config: serde_json::Value =
-        serde_json::from_slice(blob(&files, &manifest["config"]["digest"])).unwrap();
+    let config = serde_json::from_slice(blob(&files, &manifest["config"]["digest"])).unwrap();
+    (config, layer_entries(blob(&files, &layers[0]["digest"])))
+}
+
+#[test]
+fn the_emissary_image_is_the_static_binary_alone() {
+    let archive = image_dir().join("emissary.oci.tar");
+    let (config, entries) = single_layer_image(&archive);
     assert_eq!(config["config"]["User"], "65532:65532");
     assert_eq!(
         config["config"]["Entrypoint"],
@@ -89,7 +94,6 @@ fn the_emissary_image_is_the_static_binary_alone() {
         config["config"]["Cmd"],
         serde_json::json!(["init", "--dest", "/var/run/emissary"])
     );
-    let entries = layer_entries(blob(&files, &layers[0]["digest"]));
     let names: Vec<&str> = entries.iter().map(|(p, _, _)| p.as_str()).collect();
     assert_eq!(
         names,
@@ -111,21 +115,13 @@ fn the_emissary_image_is_the_static_binary_alone() {
 #[test]
 fn the_agent_image_is_the_static_agent_and_ca_certificates() {
     let archive = image_dir().join("emissary-agent.oci.tar");
-    let files = oci_files(&archive);
-    let index: serde_json::Value = serde_json::from_slice(&files["index.json"]).unwrap();
-    let manifest: serde_json::Value =
-        serde_json::from_slice(blob(&files, &index["manifests"][0]["digest"])).unwrap();
-    let layers = manifest["layers"].as_array().unwrap();
-    assert_eq!(layers.len(), 1, "one layer: {manifest}");
-    let config: serde_json::Value =
-        serde_json::from_slice(blob(&files, &manifest["config"]["digest"])).unwrap();
+    let (config, entries) = single_layer_image(&archive);
     assert_eq!(config["config"]["User"], "65532:65532");
     assert_eq!(
         config["config"]["Entrypoint"],
         serde_json::json!(["/emissary-agent"])
     );
     assert_eq!(config["config"]["Cmd"], serde_json::json!(["serve"]));
-    let entries = layer_entries(blob(&files, &layers[0]["digest"]));
     let mut names: Vec<&str> = entries
         .iter()
         .map(|(p, _, _)| p.as_str())

@@ -34,7 +34,7 @@ pub enum Image {
 pub struct Pod {
     pub dir: Dir,
     pub shared: PathBuf,
-    cgroup: Option<PathBuf>,
+    cgroup: Option<MemoryCgroup>,
 }
 
 impl Pod {
@@ -46,7 +46,7 @@ impl Pod {
         fs::create_dir_all(&shared).unwrap();
         // An emptyDir is world-writable, which is what lets a non-root container use it.
         fs::set_permissions(&shared, fs::Permissions::from_mode(0o777)).unwrap();
-        let cgroup = memory_cgroup(name, memory_limit);
+        let cgroup = MemoryCgroup::create(&format!("emissary-pod-{name}"), memory_limit);
         Pod {
             dir,
             shared,
@@ -110,7 +110,7 @@ impl Pod {
     pub fn container(&self, rootfs: &Path, argv: &[&str]) -> Command {
         let quote = |s: &str| format!("'{}'", s.replace('\'', r"'\''"));
         let enter_cgroup = match &self.cgroup {
-            Some(cg) => format!("echo $$ > {}/cgroup.procs && ", cg.display()),
+            Some(cg) => format!("echo $$ > {}/cgroup.procs && ", cg.dir.display()),
             None => String::new(),
         };
         // Inside the new namespaces, as root: mounts, then chroot into the container as 65532.
@@ -142,19 +142,6 @@ impl Pod {
     }
 }
 
-impl Drop for Pod {
-    fn drop(&mut self) {
-        if let Some(cg) = &self.cgroup {
-            for _ in 0..100 {
-                if fs::remove_dir(cg).is_ok() {
-                    break;
-                }
-                std::thread::sleep(std::time::Duration::from_millis(20));
-            }
-        }
-    }
-}
-
 fn busybox() -> &'static Path {
     let path = Path::new("/bin/busybox");
     assert!(
@@ -164,19 +151,39 @@ fn busybox() -> &'static Path {
     path
 }
 
-/// A memory cgroup with `limit` bytes: v2 `memory.max` on a pure v2 hierarchy, else v1.
-fn memory_cgroup(name: &str, limit: u64) -> Option<PathBuf> {
-    let (parent, limit_file) = if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
-        ("/sys/fs/cgroup", "memory.max")
-    } else if Path::new("/sys/fs/cgroup/memory").is_dir() {
-        ("/sys/fs/cgroup/memory", "memory.limit_in_bytes")
-    } else {
-        return None;
-    };
-    let dir = Path::new(parent).join(format!("emissary-pod-{name}-{}", std::process::id()));
-    fs::create_dir(&dir).ok()?;
-    fs::write(dir.join(limit_file), limit.to_string()).ok()?;
-    Some(dir)
+/// A memory cgroup with a limit (v2 `memory.max` on a pure v2 hierarchy, else v1
+/// `memory.limit_in_bytes`), removed when dropped.
+pub struct MemoryCgroup {
+    pub dir: PathBuf,
+}
+
+impl MemoryCgroup {
+    /// `None` when the machine has no memory controller this process may use.
+    pub fn create(name: &str, limit: u64) -> Option<MemoryCgroup> {
+        let (parent, limit_file) = if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+            ("/sys/fs/cgroup", "memory.max")
+        } else if Path::new("/sys/fs/cgroup/memory").is_dir() {
+            ("/sys/fs/cgroup/memory", "memory.limit_in_bytes")
+        } else {
+            return None;
+        };
+        let dir = Path::new(parent).join(format!("{name}-{}", std::process::id()));
+        fs::create_dir(&dir).ok()?;
+        fs::write(dir.join(limit_file), limit.to_string()).ok()?;
+        Some(MemoryCgroup { dir })
+    }
+}
+
+impl Drop for MemoryCgroup {
+    fn drop(&mut self) {
+        // Empty once the processes are gone; retry while the kernel finishes their exit.
+        for _ in 0..100 {
+            if fs::remove_dir(&self.dir).is_ok() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
 }
 
 /// True when this machine can run pods (root, for namespaces and cgroups).

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
+use crate::pod::MemoryCgroup;
 use crate::util::*;
 
 fn mode(path: &Path) -> u32 {
@@ -208,39 +209,6 @@ fn an_unknown_container_is_a_clear_error() {
     )
     .assert_code(125)
     .assert_stderr_contains("containerSet has no container \"nope\"");
-}
-
-/// A memory cgroup limited to `limit` bytes (v1 here, v2 where pure), removed on drop.
-struct MemoryCgroup {
-    dir: std::path::PathBuf,
-}
-
-impl MemoryCgroup {
-    fn create(name: &str, limit: u64) -> Option<MemoryCgroup> {
-        let (parent, limit_file) = if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
-            ("/sys/fs/cgroup", "memory.max")
-        } else if Path::new("/sys/fs/cgroup/memory").is_dir() {
-            ("/sys/fs/cgroup/memory", "memory.limit_in_bytes")
-        } else {
-            return None;
-        };
-        let dir = Path::new(parent).join(format!("{name}-{}", std::process::id()));
-        std::fs::create_dir(&dir).ok()?;
-        std::fs::write(dir.join(limit_file), limit.to_string()).ok()?;
-        Some(MemoryCgroup { dir })
-    }
-}
-
-impl Drop for MemoryCgroup {
-    fn drop(&mut self) {
-        // Emptied by the run's end; retry briefly while the kernel finishes the exit.
-        for _ in 0..100 {
-            if std::fs::remove_dir(&self.dir).is_ok() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
 }
 
 #[test]

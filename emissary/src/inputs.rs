@@ -67,18 +67,21 @@ pub fn stage_all(template: &Template, sources: &Sources<'_>) -> Result<Vec<Stage
     Ok(staged)
 }
 
+/// Builds the errors of one input: `system` when the store failed, not the input.
+fn failure(artifact: &InputArtifact, system: bool) -> impl Fn(String) -> InputError + '_ {
+    move |e| InputError {
+        message: format!("input artifact {:?}: {e}", artifact.name),
+        system,
+    }
+}
+
 /// Stages one input at `dest`, with its `mode` applied; `Ok(None)` when no source has it.
 pub fn stage_one(
     artifact: &InputArtifact,
     dest: &Path,
     sources: &Sources<'_>,
 ) -> Result<Option<Digest>, InputError> {
-    let fail = |system: bool| {
-        move |e: String| InputError {
-            message: format!("input artifact {:?}: {e}", artifact.name),
-            system,
-        }
-    };
+    let fail = |system: bool| failure(artifact, system);
     let digest = fetch(artifact, dest, sources)?;
     if let (Some(_), Some(mode)) = (&digest, artifact.mode) {
         fs::set_permissions(dest, fs::Permissions::from_mode(mode))
@@ -92,12 +95,7 @@ fn fetch(
     dest: &Path,
     sources: &Sources<'_>,
 ) -> Result<Option<Digest>, InputError> {
-    let fail = |system: bool| {
-        move |e: String| InputError {
-            message: format!("input artifact {:?}: {e}", artifact.name),
-            system,
-        }
-    };
+    let fail = |system: bool| failure(artifact, system);
     let unpack = match &artifact.archive {
         Some(a) if a.none.is_some() => Unpack::Never,
         _ => Unpack::Auto,

@@ -150,6 +150,7 @@ impl LogDir {
 }
 
 /// One supervised execution.
+#[derive(Clone, Copy)]
 pub struct Job<'a> {
     pub program: &'a Program,
     /// Pipe stdout/stderr through the emissary (needed for the log files and byte counts), and

@@ -133,16 +133,13 @@ pub fn run(opts: &RunOptions) -> Result<i32, Fatal> {
     }
     let deadline = deadline(opts, &template)?;
     let (attempts, pause) = container_set_retries(&template);
-    let mut outcome = run::execute(
-        Job {
-            program: &program,
-            capture: true,
-            deadline,
-            grace: opts.grace,
-        },
-        &signals,
-        Some(&mut logs),
-    )?;
+    let job = Job {
+        program: &program,
+        capture: true,
+        deadline,
+        grace: opts.grace,
+    };
+    let mut outcome = run::execute(job, &signals, Some(&mut logs))?;
     for attempt in 2..=attempts {
         // A signal or the deadline ends the retries: only a failing command is tried again.
         if outcome.reason != ExitReason::Error
@@ -156,16 +153,7 @@ pub fn run(opts: &RunOptions) -> Result<i32, Fatal> {
             protocol::duration::format(pause)
         );
         std::thread::sleep(pause);
-        outcome = run::execute(
-            Job {
-                program: &program,
-                capture: true,
-                deadline,
-                grace: opts.grace,
-            },
-            &signals,
-            Some(&mut logs),
-        )?;
+        outcome = run::execute(job, &signals, Some(&mut logs))?;
     }
     let local = LocalStore::new(&root);
     let store: &dyn Store = match &task.agent {
