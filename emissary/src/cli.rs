@@ -313,6 +313,7 @@ fn parse_init(args: &mut Args) -> Result<InitOptions, Usage> {
                 "--store" => opts.store = Some(args.value(&name, inline, usage)?.into()),
                 _ => return Err(unexpected(&name, usage)),
             },
+            Token::Command(words) if words.is_empty() => break,
             Token::Command(words) => {
                 return Err(Usage::Error(
                     format!("unexpected argument {:?}", words[0]),
@@ -414,5 +415,40 @@ mod tests {
         );
         assert!(run_opts(&[]).unwrap_err().contains("no command"));
         assert_eq!(run_opts(&["--help"]).unwrap_err(), "help");
+    }
+
+    #[test]
+    fn no_command_line_panics() {
+        // Every prefix of some awkward command lines, for each subcommand.
+        let lines: &[&[&str]] = &[
+            &["--", "x"],
+            &["-p", "-p"],
+            &["--dest", "--", "--"],
+            &["--dir", "d", "--", "TERM", "x"],
+            &["-", "--=", "-x=1", "--log-dir="],
+        ];
+        for sub in ["run", "signal", "init", "version", "nope", ""] {
+            for line in lines {
+                for end in 0..=line.len() {
+                    let mut args = vec![OsString::from("emissary"), OsString::from(sub)];
+                    args.extend(line[..end].iter().map(OsString::from));
+                    if sub == "run"
+                        && (line[..end].is_empty() || line[..end] == ["--", "x"][..end.min(2)])
+                    {
+                        continue; // would actually run something
+                    }
+                    std::panic::catch_unwind(|| {
+                        let mut parsed = Args::new(args[1..].to_vec());
+                        let _ = parsed.next_word();
+                        let _ = match sub {
+                            "run" => parse_run(&mut parsed).map(drop),
+                            "signal" => parse_signal(&mut parsed).map(drop),
+                            _ => parse_init(&mut parsed).map(drop),
+                        };
+                    })
+                    .unwrap_or_else(|_| panic!("{sub} {:?} panicked", &line[..end]));
+                }
+            }
+        }
     }
 }
