@@ -205,7 +205,6 @@ fn an_agent_killed_mid_upload_is_retried_and_the_object_lands_once() {
     let seqs: Vec<u64> = events.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
     assert_eq!(seqs, [1, 2], "lost or duplicated events: {events:#?}");
     assert_eq!(events[1]["phase"], "Succeeded");
-    let _ = &mut cluster;
 }
 
 #[test]
