@@ -33,7 +33,7 @@ fn s3_agent(dir: &Dir, server: &S3Server) -> Agent {
 fn artifacts_go_to_s3_in_parts_and_come_back_through_the_node_cache() {
     let dir = Dir::new("s3-roundtrip");
     let server = S3Server::start(&dir.join("s3"), 0);
-    let agent = s3_agent(&dir, &server);
+    let mut agent = s3_agent(&dir, &server);
     let token = agent.token("wf", "gen", 0, "1h");
     let auth = bearer(&token);
     let auth = [("Authorization", auth.as_str())];
@@ -79,6 +79,25 @@ fn artifacts_go_to_s3_in_parts_and_come_back_through_the_node_cache() {
         "the cache should have served rounds 2 and 3"
     );
     assert_eq!(agent.metric("emissary_agent_cache_hits"), 2.0);
+
+    // The cache outlives the agent: after a kill -9, the same input comes from the node's disk.
+    agent.crash_and_restart();
+    let consumer = agent.token("wf", "use", 0, "1h");
+    let (status, body) = http(
+        agent.api,
+        "GET",
+        path,
+        &[("Authorization", &bearer(&consumer))],
+        b"",
+    );
+    assert_eq!(status, 200);
+    assert!(body == payload);
+    assert_eq!(
+        agent.metric("emissary_agent_cache_hits"),
+        1.0,
+        "the restarted agent fetched it again"
+    );
+    assert_eq!(agent.metric("emissary_agent_store_downloads"), 0.0);
 }
 
 #[test]
