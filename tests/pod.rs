@@ -129,6 +129,7 @@ impl Pod {
             argv = argv.iter().map(|a| quote(a)).collect::<Vec<_>>().join(" "),
         );
         let mut cmd = Command::new("sh");
+        default_signals(&mut cmd);
         cmd.args([
             "-c",
             &format!(

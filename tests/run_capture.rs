@@ -125,7 +125,8 @@ fn files_are_complete_even_when_our_own_stdout_is_gone() {
         emissary_bin().display(),
         logs.display()
     );
-    let out = run_quick(std::process::Command::new("bash").args(["-c", &script]));
+    let out =
+        run_quick(default_signals(&mut std::process::Command::new("bash")).args(["-c", &script]));
     out.assert_code(0);
     let lines = dir.read_string("logs/stdout").lines().count();
     assert_eq!(lines, 100_000, "stdout file incomplete{}", out.dump());

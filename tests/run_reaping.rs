@@ -114,7 +114,7 @@ fn as_pid_1_in_a_new_pid_namespace_orphans_are_reaped() {
     "#;
     let emissary = emissary_bin();
     let out = run_quick(
-        std::process::Command::new("unshare")
+        default_signals(&mut std::process::Command::new("unshare"))
             .args(["--pid", "--fork", "--mount-proc"])
             .arg(&emissary)
             .args(["run", "--", "sh", "-c", script]),

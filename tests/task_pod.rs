@@ -27,7 +27,8 @@ fn init_installs_the_binary_and_world_writable_dirs() {
         assert_eq!(mode(&dest.join(d)), 0o777, "{d}");
     }
     let out = run_quick(
-        std::process::Command::new(dest.join("emissary")).args(["run", "--", "echo", "copied"]),
+        default_signals(&mut std::process::Command::new(dest.join("emissary")))
+            .args(["run", "--", "echo", "copied"]),
     );
     out.assert_code(0);
     assert_eq!(out.stdout(), "copied\n");
@@ -230,7 +231,8 @@ fn an_oom_killed_command_is_reported_as_oomkilled_and_the_emissary_survives() {
         emissary_bin().display(),
         summary.display()
     );
-    let out = run_quick(std::process::Command::new("sh").args(["-c", &script]));
+    let out =
+        run_quick(default_signals(&mut std::process::Command::new("sh")).args(["-c", &script]));
     out.assert_code(137);
     let json = dir.read_json("s.json");
     assert_eq!(json["reason"], "OOMKilled", "{json}");

@@ -45,6 +45,27 @@ where
 {
     let mut cmd = Command::new(emissary_bin());
     cmd.args(args);
+    default_signals(&mut cmd);
+    cmd
+}
+
+/// Starts `cmd` with every signal at its default disposition. A test runner started in the
+/// background by a non-interactive shell ignores SIGINT and SIGQUIT, and the emissary rightly
+/// passes what its caller ignored on to the command; the tests must not depend on how they were
+/// launched. Tests that want a signal ignored add their own `pre_exec` after this one.
+pub fn default_signals(cmd: &mut Command) -> &mut Command {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: signal(2) is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            for signal in 1..libc::SIGRTMIN() {
+                if signal != libc::SIGKILL && signal != libc::SIGSTOP {
+                    libc::signal(signal, libc::SIG_DFL);
+                }
+            }
+            Ok(())
+        });
+    }
     cmd
 }
 
