@@ -46,8 +46,6 @@ impl Agent {
             .arg(&ready)
             .args(args)
             .env("RUST_LOG", "warn")
-            .env("MALLOC_ARENA_MAX", "2")
-            .env("MALLOC_MMAP_THRESHOLD_", "131072")
             .env("AWS_ACCESS_KEY_ID", s3::ACCESS_KEY)
             .env("AWS_SECRET_ACCESS_KEY", s3::SECRET_KEY)
             .stderr(Stdio::null())
