@@ -1,6 +1,8 @@
 //! The outbox under faults: a controller that is down or failing, an agent killed -9.
 
 use std::io::Write;
+use std::path::Path;
+use std::process::Command;
 use std::time::Duration;
 
 use crate::agent_util::*;
@@ -172,4 +174,114 @@ fn a_full_journal_refuses_new_events_and_drops_none() {
         "progress",
         progress(99)
     ) == 200));
+}
+
+/// A private CA and a certificate it signed for 127.0.0.1: (CA PEM, leaf PEM, leaf key PEM).
+fn private_ca() -> (String, String, String) {
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, rcgen::KeyPair::generate().unwrap())
+        .unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let leaf = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
+        .unwrap()
+        .signed_by(&key, &ca)
+        .unwrap();
+    (ca.pem(), leaf.pem(), key.serialize_pem())
+}
+
+#[test]
+fn an_https_controller_gets_the_events_only_when_its_certificate_is_trusted() {
+    let dir = Dir::new("outbox-https");
+    let (ca, cert, key) = private_ca();
+    let ca_file = dir.write("ca.pem", &ca);
+    let controller = Controller::start_tls(&cert, &key);
+    assert!(controller.url().starts_with("https://"));
+
+    // The system roots do not know the private CA: nothing is delivered, nothing is lost.
+    let mut agent = Agent::start(dir.join("agent"), &["--controller-url", &controller.url()]);
+    let token = agent.token("wf", "t", 0, "1h");
+    for n in 0..3 {
+        assert_eq!(post(&agent, &token, "t", "progress", progress(n)), 200);
+    }
+    assert!(
+        wait_until(Duration::from_secs(10), || controller.rejected_handshakes()
+            >= 1),
+        "the agent never tried the controller"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        controller.events().is_empty(),
+        "an untrusted controller got events"
+    );
+    assert!(agent.metric("emissary_agent_delivery_failures") >= 1.0);
+    assert!(agent.terminate(Duration::from_secs(40)).success());
+
+    // The same journal, now trusting the CA: every event arrives, once, in order.
+    let ca_arg = ca_file.display().to_string();
+    let _agent = Agent::start(
+        dir.join("agent"),
+        &[
+            "--controller-url",
+            &controller.url(),
+            "--controller-ca",
+            &ca_arg,
+        ],
+    );
+    controller.wait_events(3, Duration::from_secs(20));
+    std::thread::sleep(Duration::from_millis(300));
+    let events = summary(&controller.events());
+    assert_eq!(
+        events,
+        (0..3)
+            .map(|n| ("t".to_owned(), n as u64 + 1, format!("{n}/100")))
+            .collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn a_controller_ca_without_https_or_without_certificates_is_refused_at_start() {
+    let dir = Dir::new("outbox-ca-refused");
+    let empty = dir.write("empty.pem", "");
+    let secret = dir.write("secret", "a-test-node-secret-of-32-bytes!!");
+    let serve = |url: &str, ca: &Path| {
+        run_quick(
+            Command::new(agent_bin())
+                .args([
+                    "serve",
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--admin-listen",
+                    "127.0.0.1:0",
+                ])
+                .arg("--data-dir")
+                .arg(dir.join("data"))
+                .arg("--secret-file")
+                .arg(&secret)
+                .args(["--controller-url", url, "--controller-ca"])
+                .arg(ca),
+        )
+    };
+    let out = serve("http://127.0.0.1:9", &empty);
+    out.assert_code(1);
+    assert!(
+        out.stderr()
+            .contains("controller-ca is only used with an https:// controller-url"),
+        "{}",
+        out.dump()
+    );
+    let out = serve("https://127.0.0.1:9", &empty);
+    out.assert_code(1);
+    assert!(
+        out.stderr().contains("no PEM certificate") && out.stderr().contains("empty.pem"),
+        "{}",
+        out.dump()
+    );
+    let out = serve("ftp://127.0.0.1:9", &empty);
+    out.assert_code(1);
+    assert!(
+        out.stderr().contains("must start with http:// or https://"),
+        "{}",
+        out.dump()
+    );
 }

@@ -30,6 +30,10 @@ pub struct ServeArgs {
     /// The workflow controller; without it, events go to DATA_DIR/events.jsonl.
     #[arg(long, value_name = "URL", env = "EMISSARY_AGENT_CONTROLLER_URL")]
     pub controller_url: Option<String>,
+    /// PEM certificates to trust for an https:// controller URL, instead of the system's roots
+    /// (for a controller whose certificate a private or cluster CA signed).
+    #[arg(long, value_name = "FILE", env = "EMISSARY_AGENT_CONTROLLER_CA")]
+    pub controller_ca: Option<PathBuf>,
     /// file:///DIR or s3://BUCKET/PREFIX [default: file://DATA_DIR/store].
     #[arg(long, value_name = "URL", env = "EMISSARY_AGENT_STORE")]
     pub store: Option<String>,
@@ -72,6 +76,7 @@ pub struct Settings {
     pub data_dir: PathBuf,
     pub secret_file: PathBuf,
     pub controller_url: Option<String>,
+    pub controller_ca: Option<PathBuf>,
     pub store: String,
     pub s3_endpoint: Option<String>,
     pub s3_region: String,
@@ -101,6 +106,7 @@ impl ServeArgs {
             "data-dir",
             "secret-file",
             "controller-url",
+            "controller-ca",
             "store",
             "s3-endpoint",
             "s3-region",
@@ -184,6 +190,9 @@ impl ServeArgs {
                 .controller_url
                 .or(text("controller-url")?)
                 .map(|u| u.trim_end_matches('/').to_owned()),
+            controller_ca: self
+                .controller_ca
+                .or(text("controller-ca")?.map(PathBuf::from)),
             s3_endpoint: self.s3_endpoint.or(text("s3-endpoint")?),
             s3_region: self
                 .s3_region
@@ -210,10 +219,19 @@ impl ServeArgs {
         };
         if let Some(url) = &settings.controller_url
             && !url.starts_with("http://")
+            && !url.starts_with("https://")
         {
             return Err(format!(
-                "controller-url {url:?}: only http:// is supported (put a TLS proxy in front for https)"
+                "controller-url {url:?}: must start with http:// or https://"
             ));
+        }
+        if settings.controller_ca.is_some()
+            && !settings
+                .controller_url
+                .as_deref()
+                .is_some_and(|u| u.starts_with("https://"))
+        {
+            return Err("controller-ca is only used with an https:// controller-url".into());
         }
         Ok(settings)
     }

@@ -6,17 +6,19 @@
 //! instead, through the same journal.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use protocol::api::{EventBatch, Heartbeat, NodeCommands, TaskRef};
 use tokio::sync::watch;
+use tokio_rustls::rustls;
 use tracing::{info, warn};
 
 use crate::commands::Commands;
@@ -31,26 +33,65 @@ const HEARTBEAT: Duration = Duration::from_secs(10);
 pub enum Sink {
     Controller {
         url: String,
-        client: Box<Client<HttpConnector, Full<Bytes>>>,
+        client: Box<Client<HttpsConnector<HttpConnector>, Full<Bytes>>>,
     },
     File(PathBuf),
 }
 
 impl Sink {
-    pub fn new(url: Option<&str>, events_file: PathBuf) -> Sink {
-        match url {
-            Some(url) => {
-                let mut connector = HttpConnector::new();
-                connector.set_connect_timeout(Some(Duration::from_secs(5)));
-                let client = Client::builder(TokioExecutor::new()).build(connector);
-                Sink::Controller {
-                    url: url.to_owned(),
-                    client: Box::new(client),
-                }
+    /// An https:// controller is verified against `ca` (PEM) when given, else the system roots.
+    pub fn new(url: Option<&str>, ca: Option<&Path>, events_file: PathBuf) -> Result<Sink, String> {
+        let Some(url) = url else {
+            return Ok(Sink::File(events_file));
+        };
+        let mut http = HttpConnector::new();
+        http.set_connect_timeout(Some(Duration::from_secs(5)));
+        http.enforce_http(false);
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls_config(ca)?)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
+        Ok(Sink::Controller {
+            url: url.to_owned(),
+            client: Box::new(Client::builder(TokioExecutor::new()).build(connector)),
+        })
+    }
+}
+
+fn tls_config(ca: Option<&Path>) -> Result<rustls::ClientConfig, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    match ca {
+        Some(path) => {
+            let pem = std::fs::read(path)
+                .map_err(|e| format!("controller-ca: cannot read {}: {e}", path.display()))?;
+            for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+                let cert = cert.map_err(|e| format!("controller-ca {}: {e}", path.display()))?;
+                roots
+                    .add(cert)
+                    .map_err(|e| format!("controller-ca {}: {e}", path.display()))?;
             }
-            None => Sink::File(events_file),
+            if roots.is_empty() {
+                return Err(format!(
+                    "controller-ca {}: no PEM certificate",
+                    path.display()
+                ));
+            }
+        }
+        None => {
+            // Unreadable system certificates only matter for an https:// URL; the handshake
+            // then fails with "unknown issuer" and delivery retries, logged.
+            let (added, _) =
+                roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+            if added == 0 {
+                warn!("no system CA certificates found; an https:// controller will not verify");
+            }
         }
     }
+    rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())
+        .map(|b| b.with_root_certificates(roots).with_no_client_auth())
 }
 
 /// Exponential backoff with full jitter.
@@ -174,7 +215,7 @@ async fn send(sink: &Sink, node: &str, events: Vec<protocol::api::Event>) -> Res
             let response = tokio::time::timeout(Duration::from_secs(30), client.request(request))
                 .await
                 .map_err(|_| "the controller did not answer in 30 s".to_owned())?
-                .map_err(|e| format!("POST {url}/v1/events: {e}"))?;
+                .map_err(|e| format!("POST {url}/v1/events: {}", causes(&e)))?;
             if response.status().is_success() {
                 Ok(count)
             } else {
@@ -182,6 +223,19 @@ async fn send(sink: &Sink, node: &str, events: Vec<protocol::api::Event>) -> Res
             }
         }
     }
+}
+
+/// An error with its sources: hyper's client says only "client error (Connect)", the cause
+/// (refused, unknown issuer, DNS) is below it.
+fn causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 /// Long-polls the controller for commands and hands them to the tasks' own long-polls.
@@ -203,7 +257,7 @@ pub async fn relay_commands(
             let response = tokio::time::timeout(Duration::from_secs(45), client.request(request))
                 .await
                 .map_err(|_| "no answer in 45 s".to_owned())?
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| causes(&e))?;
             if !response.status().is_success() {
                 return Err(format!("status {}", response.status()));
             }

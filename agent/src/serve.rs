@@ -73,8 +73,9 @@ pub async fn serve(settings: Settings) -> Result<(), String> {
     let (stop_tx, stop) = watch::channel(false);
     let sink = Sink::new(
         settings.controller_url.as_deref(),
+        settings.controller_ca.as_deref(),
         data.join("events.jsonl"),
-    );
+    )?;
     let delivery = tokio::spawn(controller::deliver(
         outbox.clone(),
         sink.clone(),

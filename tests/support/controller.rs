@@ -1,6 +1,7 @@
 //! A small reference controller: records event batches and heartbeats, hands out queued
 //! commands to the agent's long-poll, and can be told to fail or go down. Plain std threads
-//! on 127.0.0.1, an ephemeral port (kept across a down/up so the agent finds it again).
+//! on 127.0.0.1, an ephemeral port (kept across a down/up so the agent finds it again),
+//! HTTP or HTTPS.
 
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -20,6 +21,7 @@ struct State {
     commands: VecDeque<Value>,
     /// Answer event batches with 503.
     failing: bool,
+    rejected_handshakes: usize,
 }
 
 pub struct Controller {
@@ -27,22 +29,52 @@ pub struct Controller {
     state: Arc<(Mutex<State>, Condvar)>,
     running: Arc<AtomicBool>,
     thread: Option<thread::JoinHandle<()>>,
+    tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl Controller {
     pub fn start() -> Controller {
+        Controller::start_with(None)
+    }
+
+    /// Serves HTTPS with this PEM certificate chain and private key.
+    pub fn start_tls(cert_pem: &str, key_pem: &str) -> Controller {
+        let certs = rustls::pki_types::pem::PemObject::pem_slice_iter(cert_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        let key: rustls::pki_types::PrivateKeyDer<'static> =
+            rustls::pki_types::pem::PemObject::from_pem_slice(key_pem.as_bytes()).unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+        Controller::start_with(Some(Arc::new(config)))
+    }
+
+    fn start_with(tls: Option<Arc<rustls::ServerConfig>>) -> Controller {
         let mut c = Controller {
             addr: "127.0.0.1:0".parse().unwrap(),
             state: Arc::default(),
             running: Arc::new(AtomicBool::new(false)),
             thread: None,
+            tls,
         };
         c.up();
         c
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
+    }
+
+    /// How many TLS handshakes failed (the client did not trust the certificate).
+    pub fn rejected_handshakes(&self) -> usize {
+        self.state.0.lock().unwrap().rejected_handshakes
     }
 
     /// Starts serving (again, on the same port after `down`).
@@ -50,15 +82,18 @@ impl Controller {
         let listener = TcpListener::bind(self.addr).unwrap();
         self.addr = listener.local_addr().unwrap();
         self.running.store(true, Ordering::SeqCst);
-        let (state, running) = (self.state.clone(), self.running.clone());
+        let (state, running, tls) = (self.state.clone(), self.running.clone(), self.tls.clone());
         self.thread = Some(thread::spawn(move || {
             for stream in listener.incoming() {
                 if !running.load(Ordering::SeqCst) {
                     return;
                 }
                 let Ok(stream) = stream else { continue };
-                let (state, running) = (state.clone(), running.clone());
-                thread::spawn(move || serve(stream, &state, &running));
+                let (state, running, tls) = (state.clone(), running.clone(), tls.clone());
+                thread::spawn(move || match tls {
+                    None => serve(stream, &state, &running),
+                    Some(config) => serve_tls(config, stream, &state, &running),
+                });
             }
         }));
     }
@@ -115,8 +150,27 @@ impl Drop for Controller {
     }
 }
 
-fn serve(stream: TcpStream, state: &(Mutex<State>, Condvar), running: &AtomicBool) {
-    let mut reader = BufReader::new(stream.try_clone().unwrap());
+fn serve_tls(
+    config: Arc<rustls::ServerConfig>,
+    mut tcp: TcpStream,
+    state: &(Mutex<State>, Condvar),
+    running: &AtomicBool,
+) {
+    let mut connection = rustls::ServerConnection::new(config).unwrap();
+    while connection.is_handshaking() {
+        if connection.complete_io(&mut tcp).is_err() {
+            state.0.lock().unwrap().rejected_handshakes += 1;
+            return;
+        }
+    }
+    let mut stream = rustls::StreamOwned::new(connection, tcp);
+    serve(&mut stream, state, running);
+    stream.conn.send_close_notify();
+    let _ = stream.flush();
+}
+
+fn serve<S: Read + Write>(stream: S, state: &(Mutex<State>, Condvar), running: &AtomicBool) {
+    let mut reader = BufReader::new(stream);
     let mut line = String::new();
     if reader.read_line(&mut line).unwrap_or(0) == 0 {
         return;
@@ -180,10 +234,11 @@ fn serve(stream: TcpStream, state: &(Mutex<State>, Condvar), running: &AtomicBoo
         }
         _ => (404, "{}".to_owned()),
     };
-    let mut stream = stream;
+    let stream = reader.get_mut();
     let _ = write!(
         stream,
         "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{answer}",
         answer.len()
     );
+    let _ = stream.flush();
 }
