@@ -35,6 +35,33 @@ fn bad_input_is_a_usage_error_and_starts_nothing() {
     assert_usage_error(&["frobnicate"], &marker);
     assert_usage_error(&[], &marker);
     assert_usage_error(&["signal", "--dir", "/tmp", "NOSUCHSIG"], &marker);
+    assert_usage_error(&["version", "--bogus"], &marker);
+    assert_usage_error(&["version", "--"], &marker);
+}
+
+#[test]
+fn task_options_without_a_task_spec_are_refused_not_ignored() {
+    let dir = Dir::new("usage-task-only");
+    let marker = dir.join("started");
+    let touch = format!("touch {}", marker.display());
+    let out_dir = dir.join("out").display().to_string();
+    for (option, value, named) in [
+        ("--out", out_dir.as_str(), "--out"),
+        ("-p", "name=value", "--param"),
+        ("--input", "data=/etc/hostname", "--input"),
+        ("--container", "main", "--container"),
+    ] {
+        let out = run_quick(&mut emissary([
+            "run", option, value, "--", "sh", "-c", &touch,
+        ]));
+        out.assert_code(125)
+            .assert_stderr_contains(&format!("{named} needs a task spec"));
+        assert!(!marker.exists(), "the command ran{}", out.dump());
+    }
+    assert!(
+        !dir.join("out").exists(),
+        "--out wrote something without a spec"
+    );
 }
 
 #[test]

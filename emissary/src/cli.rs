@@ -67,6 +67,12 @@ Task spec (an Argo Workflows template as JSON):
       --store DIR          A local directory store: inputs with a `key` are read from DIR/KEY
 ";
 
+const VERSION_USAGE: &str = "\
+Usage: emissary version
+
+Prints the version, git commit, build target and linkage.
+";
+
 const SIGNAL_USAGE: &str = "\
 Usage: emissary signal --dir DIR <SIGNAL>
 
@@ -108,10 +114,19 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> i32 {
                 exit::EMISSARY_FAILED
             }
         }),
-        Some("version" | "--version" | "-V") => {
-            println!("{}", version::describe());
-            Ok(0)
-        }
+        Some("version" | "--version" | "-V") => match args.next_token() {
+            Token::End => {
+                println!("{}", version::describe());
+                Ok(0)
+            }
+            Token::Option(name, _) if name == "-h" || name == "--help" => {
+                Err(Usage::Help(VERSION_USAGE))
+            }
+            _ => Err(Usage::Error(
+                "version takes no arguments".into(),
+                VERSION_USAGE,
+            )),
+        },
         Some("help" | "--help" | "-h") => Err(Usage::Help(USAGE)),
         Some(other) => Err(Usage::Error(
             format!("unrecognized subcommand {other:?}"),
@@ -254,7 +269,30 @@ fn parse_run(args: &mut Args) -> Result<RunOptions, Usage> {
     if opts.command.is_empty() && !templated {
         return Err(Usage::Error("no command given".into(), usage));
     }
+    if !templated && let Some(option) = task_only_option(&opts) {
+        return Err(Usage::Error(
+            format!(
+                "{option} needs a task spec (--template FILE, or EMISSARY_TEMPLATE/ARGO_TEMPLATE)"
+            ),
+            usage,
+        ));
+    }
     Ok(opts)
+}
+
+/// The first option given that only means something for a task spec: a plain run would
+/// silently ignore it (`--out` would write nothing).
+fn task_only_option(opts: &RunOptions) -> Option<&'static str> {
+    [
+        ("--param", !opts.params.is_empty()),
+        ("--input", !opts.inputs.is_empty()),
+        ("--out", opts.out.is_some()),
+        ("--root", opts.root.is_some()),
+        ("--container", opts.container.is_some()),
+        ("--store", opts.store.is_some()),
+    ]
+    .into_iter()
+    .find_map(|(option, given)| given.then_some(option))
 }
 
 fn parse_signal(args: &mut Args) -> Result<(PathBuf, i32), Usage> {
@@ -371,6 +409,8 @@ mod tests {
             "--grace=2s",
             "--deadline",
             "1500ms",
+            "--template",
+            "step.json",
             "-p",
             "a=1",
             "-pb=2",
