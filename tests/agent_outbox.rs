@@ -2,7 +2,6 @@
 
 use std::io::Write;
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use crate::agent_util::*;
@@ -243,21 +242,9 @@ fn an_https_controller_gets_the_events_only_when_its_certificate_is_trusted() {
 fn a_controller_ca_without_https_or_without_certificates_is_refused_at_start() {
     let dir = Dir::new("outbox-ca-refused");
     let empty = dir.write("empty.pem", "");
-    let secret = dir.write("secret", "a-test-node-secret-of-32-bytes!!");
     let serve = |url: &str, ca: &Path| {
         run_quick(
-            Command::new(agent_bin())
-                .args([
-                    "serve",
-                    "--listen",
-                    "127.0.0.1:0",
-                    "--admin-listen",
-                    "127.0.0.1:0",
-                ])
-                .arg("--data-dir")
-                .arg(dir.join("data"))
-                .arg("--secret-file")
-                .arg(&secret)
+            serve_command(&dir.join("agent"), "127.0.0.1:0")
                 .args(["--controller-url", url, "--controller-ca"])
                 .arg(ca),
         )

@@ -3,7 +3,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -27,10 +27,6 @@ impl Agent {
     /// [`Agent::start`] with extra environment variables (e.g. S3 credentials).
     pub fn start_with_env(dir: PathBuf, args: &[&str], env: &[(&str, &str)]) -> Agent {
         std::fs::create_dir_all(&dir).unwrap();
-        let secret = dir.join("secret");
-        if !secret.exists() {
-            std::fs::write(&secret, "a-test-node-secret-of-32-bytes!!\n").unwrap();
-        }
         let mut agent = Agent {
             dir,
             api: "127.0.0.1:0".parse().unwrap(),
@@ -54,20 +50,7 @@ impl Agent {
             .append(true)
             .open(self.dir.join("agent.log"))
             .unwrap();
-        let child = Command::new(agent_bin())
-            .args([
-                "serve",
-                "--listen",
-                listen,
-                "--admin-listen",
-                "127.0.0.1:0",
-                "--node",
-                "node-1",
-            ])
-            .arg("--data-dir")
-            .arg(self.dir.join("data"))
-            .arg("--secret-file")
-            .arg(self.dir.join("secret"))
+        let child = serve_command(&self.dir, listen)
             .arg("--ready-file")
             .arg(&ready)
             .args(&self.args)
@@ -163,6 +146,24 @@ impl Agent {
             .env("EMISSARY_TASK_ID", task)
             .env("EMISSARY_ATTEMPT", attempt.to_string());
     }
+}
+
+/// `emissary-agent serve` on 127.0.0.1 as node `node-1`, with its data and node secret (made
+/// when missing) under `dir`.
+pub fn serve_command(dir: &Path, listen: &str) -> Command {
+    std::fs::create_dir_all(dir).unwrap();
+    let secret = dir.join("secret");
+    if !secret.exists() {
+        std::fs::write(&secret, "a-test-node-secret-of-32-bytes!!\n").unwrap();
+    }
+    let mut cmd = Command::new(agent_bin());
+    cmd.args(["serve", "--listen", listen, "--admin-listen", "127.0.0.1:0"])
+        .args(["--node", "node-1"])
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .arg("--secret-file")
+        .arg(secret);
+    cmd
 }
 
 impl Drop for Agent {
