@@ -151,9 +151,32 @@ fn bad_input_is_refused_with_a_message_that_names_it() {
         b"",
     );
     assert_eq!(status, 404);
+    // A key that escapes the store is the caller's mistake (400, not retried as a 5xx would
+    // be); a key prefix holding objects (below) is not itself an object.
+    for key in ["../../etc/passwd", "/etc/passwd", "wf%2F..%2F..%2Fsecret"] {
+        let (status, body) = http(
+            agent.api,
+            "GET",
+            &format!("/v1/tasks/t/0/inputs/x?key={key}"),
+            &auth,
+            b"",
+        );
+        assert_eq!(status, 400, "{key}: {}", String::from_utf8_lossy(&body));
+    }
     let (status, _) = http(agent.api, "GET", "/v1/elsewhere", &[], b"");
     assert_eq!(status, 404);
     assert!(store_files(&agent).is_empty());
+
+    let (status, _) = http(agent.api, "PUT", "/v1/tasks/t/0/outputs/a.txt", &auth, b"x");
+    assert_eq!(status, 200);
+    let (status, body) = http(
+        agent.api,
+        "GET",
+        "/v1/tasks/t/0/inputs/x?key=wf/t/0",
+        &auth,
+        b"",
+    );
+    assert_eq!(status, 404, "{}", String::from_utf8_lossy(&body));
 }
 
 #[test]

@@ -59,7 +59,7 @@ impl From<StoreError> for Refusal {
     fn from(e: StoreError) -> Refusal {
         let status = match e {
             StoreError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-            StoreError::Source(_) => StatusCode::BAD_REQUEST,
+            StoreError::Source(_) | StoreError::BadKey(_) => StatusCode::BAD_REQUEST,
             StoreError::Failed(_) => StatusCode::BAD_GATEWAY,
         };
         Refusal(status, e.to_string())

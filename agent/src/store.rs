@@ -32,7 +32,9 @@ pub enum StoreError {
     Unavailable(String),
     /// The upload's own source failed (the client went away, timed out).
     Source(String),
-    /// Anything else (refused key, 4xx).
+    /// The key itself is refused (absolute, `..`): the caller's mistake, not worth retrying.
+    BadKey(String),
+    /// Anything else (a 4xx from S3, a local write that failed).
     Failed(String),
 }
 
@@ -41,7 +43,7 @@ impl std::fmt::Display for StoreError {
         match self {
             StoreError::Unavailable(m) => write!(f, "store unavailable: {m}"),
             StoreError::Source(m) => write!(f, "upload interrupted: {m}"),
-            StoreError::Failed(m) => write!(f, "store error: {m}"),
+            StoreError::BadKey(m) | StoreError::Failed(m) => write!(f, "store error: {m}"),
         }
     }
 }
@@ -144,6 +146,8 @@ impl Store {
             Store::Local { root } => {
                 let path = local_path(root, key)?;
                 match tokio::fs::metadata(&path).await {
+                    // A directory (a key prefix) is not an object.
+                    Ok(meta) if !meta.is_file() => Ok(None),
                     Ok(meta) => {
                         use std::os::unix::fs::MetadataExt;
                         Ok(Some(ObjectMeta {
@@ -246,7 +250,7 @@ fn local_path(root: &Path, key: &str) -> Result<PathBuf, StoreError> {
             .components()
             .all(|c| matches!(c, Component::Normal(_)))
     {
-        return Err(StoreError::Failed(format!(
+        return Err(StoreError::BadKey(format!(
             "store key {key:?} must be a relative path without . or .."
         )));
     }
