@@ -101,8 +101,10 @@ pub fn inject(pod: &Value, config: &Config) -> Result<Value, InjectError> {
     if pod.get("kind").is_some_and(|k| k != "Pod") {
         return fail(format!("expected a Pod, got kind {}", pod["kind"]));
     }
-    let Some(containers) = pod.pointer("/spec/containers").and_then(Value::as_array) else {
-        return fail("spec.containers is missing: not a Pod spec");
+    let containers = match pod.pointer("/spec/containers") {
+        None => return fail("spec.containers is missing: not a Pod spec"),
+        Some(Value::Array(list)) => list,
+        Some(other) => return fail(format!("spec.containers must be a list, not {other}")),
     };
     if containers.is_empty() {
         return fail("spec.containers is empty");
@@ -506,5 +508,11 @@ mod tests {
     fn rejects_what_is_not_a_pod() {
         assert!(inject(&json!({"kind": "Deployment", "spec": {}}), &config()).is_err());
         assert!(inject(&json!({"spec": {}}), &config()).is_err());
+        let err = inject(&json!({"spec": {"containers": 5}}), &config()).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("spec.containers must be a list, not 5"),
+            "{err}"
+        );
     }
 }
