@@ -377,3 +377,45 @@ fn sigterm_finishes_in_flight_uploads_then_exits() {
         payload
     );
 }
+
+#[test]
+fn an_input_key_that_escapes_the_store_fails_the_step_at_once_as_the_specs_fault() {
+    let dir = Dir::new("agent-bad-key");
+    let agent = Agent::start(dir.join("agent"), &[]);
+    let target = dir.join("in");
+    let spec = serde_json::json!({
+        "container": {"command": ["true"]},
+        "inputs": {"artifacts": [{"name": "data", "path": target, "s3": {"key": "../secret"}}]}
+    });
+    for through_agent in [true, false] {
+        let root = dir.join(if through_agent {
+            "root-agent"
+        } else {
+            "root-local"
+        });
+        let mut cmd = emissary(["run", "--root", root.to_str().unwrap()]);
+        cmd.env("EMISSARY_TEMPLATE", spec.to_string());
+        if through_agent {
+            agent.emissary_env(&mut cmd, "wf", "t", 0);
+        } else {
+            cmd.args(["--store", dir.join("store").to_str().unwrap()]);
+        }
+        let started = Instant::now();
+        let out = run(&mut cmd, b"", Duration::from_secs(30));
+        out.assert_code(125)
+            .assert_stderr_contains("must be a relative path without . or ..");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "a refused key was retried{}",
+            out.dump()
+        );
+        let outputs = dir.read_json(&format!(
+            "{}/outputs.json",
+            root.file_name().unwrap().to_str().unwrap()
+        ));
+        assert_eq!(outputs["reason"], "StartFailed", "{outputs}");
+        assert_eq!(outputs["error"]["kind"], "user", "{outputs}");
+        assert_eq!(outputs["error"]["retryable"], false, "{outputs}");
+        assert!(!target.exists());
+    }
+}

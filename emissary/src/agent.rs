@@ -16,7 +16,7 @@ use protocol::spec::Packing;
 
 use crate::archive;
 use crate::http::{Client, HttpError};
-use crate::store::Store;
+use crate::store::{GetError, Store};
 use crate::template::env_any;
 
 pub struct Agent {
@@ -210,21 +210,24 @@ fn read_commands(response: crate::http::Response) -> Result<Vec<Command>, HttpEr
 }
 
 impl Store for Agent {
-    fn get(&self, key: &str) -> Result<Option<Box<dyn Read + '_>>, String> {
+    fn get(&self, key: &str) -> Result<Option<Box<dyn Read + '_>>, GetError> {
         let path = self.path(&format!("inputs/input?key={}", percent_encode(key)));
-        let response = self.retry("fetching an input", || {
-            let response = self
-                .client
-                .send("GET", &path, None, Duration::from_secs(300))?;
-            match response.status {
-                200..=299 | 404 => Ok(response),
-                _ => Err(response.into_error()),
-            }
-        })?;
-        if response.status == 404 {
-            return Ok(None);
+        let response = self
+            .retry("fetching an input", || {
+                let response = self
+                    .client
+                    .send("GET", &path, None, Duration::from_secs(300))?;
+                match response.status {
+                    200..=299 | 400 | 404 => Ok(response),
+                    _ => Err(response.into_error()),
+                }
+            })
+            .map_err(GetError::Failed)?;
+        match response.status {
+            404 => Ok(None),
+            400 => Err(GetError::BadKey(response.into_error().to_string())),
+            _ => Ok(Some(Box::new(response.into_reader()))),
         }
-        Ok(Some(Box::new(response.into_reader())))
     }
 
     fn put(&self, file: &str, source: &Path, packing: Packing) -> Result<StoredArtifact, String> {

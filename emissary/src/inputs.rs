@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use protocol::spec::{InputArtifact, Template};
 
 use crate::archive::{self, Digest, Limits, Unpack};
-use crate::store::Store;
+use crate::store::{GetError, Store};
 
 /// Where inputs may come from.
 pub struct Sources<'a> {
@@ -129,12 +129,15 @@ fn fetch(
     let (Some(key), Some(store)) = (artifact.store_key(), sources.store) else {
         return Ok(None);
     };
-    // A store that fails is the platform's problem (retryable); a bad archive is the input's.
-    match store.get(key).map_err(fail(true))? {
-        Some(mut reader) => archive::stage(&mut reader, dest, unpack, sources.limits)
+    // A store that fails is the platform's problem (retryable); a refused key or a bad archive
+    // is the input's.
+    match store.get(key) {
+        Ok(Some(mut reader)) => archive::stage(&mut reader, dest, unpack, sources.limits)
             .map(Some)
             .map_err(fail(false)),
-        None => Ok(None),
+        Ok(None) => Ok(None),
+        Err(GetError::BadKey(e)) => Err(fail(false)(e)),
+        Err(GetError::Failed(e)) => Err(fail(true)(e)),
     }
 }
 

@@ -11,10 +11,19 @@ use protocol::spec::Packing;
 use crate::archive;
 use crate::fsutil;
 
+/// Why an object could not be opened.
+#[derive(Debug)]
+pub enum GetError {
+    /// The key itself is refused (absolute, `..`): the spec's mistake, retrying cannot help.
+    BadKey(String),
+    /// The store failed: the platform's problem.
+    Failed(String),
+}
+
 /// An artifact store as the emissary sees it.
 pub trait Store {
     /// Opens the object at `key`; `Ok(None)` when there is none.
-    fn get(&self, key: &str) -> Result<Option<Box<dyn Read + '_>>, String>;
+    fn get(&self, key: &str) -> Result<Option<Box<dyn Read + '_>>, GetError>;
     /// Packs `source` and stores it as `file` (`{artifact}.{ext}`); the store picks the key.
     fn put(&self, file: &str, source: &Path, packing: Packing) -> Result<StoredArtifact, String>;
 }
@@ -44,12 +53,14 @@ impl LocalStore {
 }
 
 impl Store for LocalStore {
-    fn get(&self, key: &str) -> Result<Option<Box<dyn Read + '_>>, String> {
-        let path = self.path_of(key)?;
+    fn get(&self, key: &str) -> Result<Option<Box<dyn Read + '_>>, GetError> {
+        let path = self.path_of(key).map_err(GetError::BadKey)?;
         match File::open(&path) {
+            // A directory (a key prefix) is not an object.
+            Ok(file) if file.metadata().is_ok_and(|m| m.is_dir()) => Ok(None),
             Ok(file) => Ok(Some(Box::new(file))),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(format!("{}: {e}", path.display())),
+            Err(e) => Err(GetError::Failed(format!("{}: {e}", path.display()))),
         }
     }
 
