@@ -213,6 +213,25 @@ fn an_unknown_container_is_a_clear_error() {
 }
 
 #[test]
+fn a_dependency_cycle_is_refused_instead_of_waiting_forever() {
+    let dir = Dir::new("containerset-cycle");
+    let spec = serde_json::json!({"containerSet": {"containers": [
+        {"name": "a", "command": ["true"], "dependencies": ["b"]},
+        {"name": "b", "command": ["true"], "dependencies": ["a"]}
+    ]}});
+    let root = dir.join("root");
+    let out = run(
+        emissary(["run", "--root", root.to_str().unwrap(), "--container", "a"])
+            .env("EMISSARY_TEMPLATE", spec.to_string()),
+        b"",
+        Duration::from_secs(10),
+    );
+    out.assert_code(125)
+        .assert_stderr_contains("containerSet.containers[0].dependencies: a cycle")
+        .assert_stderr_contains("a → b → a");
+}
+
+#[test]
 fn an_oom_killed_command_is_reported_as_oomkilled_and_the_emissary_survives() {
     if !is_root() {
         eprintln!("skipped: needs root for a memory cgroup");

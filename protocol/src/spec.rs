@@ -410,6 +410,12 @@ impl Template {
                     }
                 }
             }
+            if let Some((i, cycle)) = dependency_cycle(set) {
+                return Err(err(
+                    format!("containerSet.containers[{i}].dependencies"),
+                    format!("a cycle, no container could start: {}", cycle.join(" → ")),
+                ));
+            }
         }
         for (i, a) in self.inputs.artifacts.iter().enumerate() {
             check_name(&a.name, &format!("inputs.artifacts[{i}].name"))?;
@@ -461,6 +467,52 @@ impl Template {
             })
             .collect()
     }
+}
+
+/// The first dependency cycle of a containerSet whose names are known to be unique and whose
+/// dependencies name other containers: the index where it was found and the names around it.
+fn dependency_cycle(set: &ContainerSet) -> Option<(usize, Vec<String>)> {
+    let index = |name: &str| set.containers.iter().position(|c| c.container.name == name);
+    // 0: not visited, 1: on the current path, 2: done (no cycle through it).
+    let mut state = vec![0u8; set.containers.len()];
+    fn visit(
+        at: usize,
+        set: &ContainerSet,
+        index: &dyn Fn(&str) -> Option<usize>,
+        state: &mut [u8],
+        path: &mut Vec<usize>,
+    ) -> Option<Vec<usize>> {
+        state[at] = 1;
+        path.push(at);
+        for dep in &set.containers[at].dependencies {
+            let next = index(dep)?;
+            if state[next] == 1 {
+                let start = path.iter().position(|&p| p == next).unwrap_or(0);
+                let mut cycle = path[start..].to_vec();
+                cycle.push(next);
+                return Some(cycle);
+            }
+            if state[next] == 0
+                && let Some(cycle) = visit(next, set, index, state, path)
+            {
+                return Some(cycle);
+            }
+        }
+        path.pop();
+        state[at] = 2;
+        None
+    }
+    (0..set.containers.len()).find_map(|start| {
+        if state[start] != 0 {
+            return None;
+        }
+        let cycle = visit(start, set, &index, &mut state, &mut Vec::new())?;
+        let names = cycle
+            .iter()
+            .map(|&i| set.containers[i].container.name.clone())
+            .collect();
+        Some((cycle[0], names))
+    })
 }
 
 fn check_name(name: &str, path: &str) -> Result<(), SpecError> {
@@ -729,5 +781,24 @@ mod tests {
             parse(set).unwrap_err().path,
             "containerSet.containers[1].dependencies[0]"
         );
+    }
+
+    #[test]
+    fn container_set_dependency_cycles_are_refused() {
+        let set = r#"{"containerSet": {"containers": [
+            {"name": "prep", "command": ["true"]},
+            {"name": "a", "command": ["true"], "dependencies": ["prep", "c"]},
+            {"name": "b", "command": ["true"], "dependencies": ["a"]},
+            {"name": "c", "command": ["true"], "dependencies": ["b"]},
+            {"name": "main", "command": ["true"], "dependencies": ["prep", "c"]}]}}"#;
+        let e = parse(set).unwrap_err();
+        assert_eq!(e.path, "containerSet.containers[1].dependencies");
+        assert!(e.message.contains("a → c → b → a"), "{}", e.message);
+        let diamond = r#"{"containerSet": {"containers": [
+            {"name": "a", "command": ["true"]},
+            {"name": "b", "command": ["true"], "dependencies": ["a"]},
+            {"name": "c", "command": ["true"], "dependencies": ["a"]},
+            {"name": "main", "command": ["true"], "dependencies": ["b", "c"]}]}}"#;
+        assert!(parse(diamond).is_ok());
     }
 }
