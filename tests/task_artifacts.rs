@@ -418,3 +418,48 @@ fn the_result_keeps_the_last_256_kib_and_says_so() {
     assert_eq!(outputs["outputs"]["result"], "two lines\n");
     assert!(outputs["outputs"].get("result_truncated").is_none());
 }
+
+#[test]
+fn a_fifo_or_device_where_an_output_was_expected_is_an_error_not_a_hang() {
+    let dir = Dir::new("outputs-fifo");
+    let fifo = dir.join("fifo");
+    let tree = dir.join("tree");
+    let spec = json!({
+        "container": {"command": ["sh", "-c", format!(
+            "mkfifo {0} && mkdir {1} && mkfifo {1}/pipe && echo kept > {1}/file && mkfifo $EMISSARY_PROGRESS_FILE",
+            fifo.display(), tree.display())]},
+        "outputs": {
+            "parameters": [
+                {"name": "from-fifo", "valueFrom": {"path": fifo}},
+                {"name": "from-device", "valueFrom": {"path": "/dev/zero"}}
+            ],
+            "artifacts": [{"name": "tree", "path": tree, "archive": {"tar": {}}}]
+        }
+    });
+    let (out, outputs) = run_spec(&dir, &spec, &[]);
+    out.assert_code(125);
+    let message = outputs["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("\"from-fifo\"")
+            && message.contains("\"from-device\"")
+            && message.contains("not a regular file"),
+        "{message}"
+    );
+    // The directory is archived without its FIFO (nothing to read in it).
+    assert_eq!(outputs["outputs"]["artifacts"][0]["name"], "tree");
+    let names = tar_names(&dir.join("out/artifacts/tree.tgz"));
+    assert!(
+        names.iter().any(|n| n.ends_with("file")) && !names.iter().any(|n| n.ends_with("pipe")),
+        "{names:?}"
+    );
+}
+
+/// The entry names of a tar+gzip archive.
+fn tar_names(path: &Path) -> Vec<String> {
+    let gz = flate2::read::GzDecoder::new(std::fs::File::open(path).unwrap());
+    tar::Archive::new(gz)
+        .entries()
+        .unwrap()
+        .map(|e| e.unwrap().path().unwrap().display().to_string())
+        .collect()
+}

@@ -28,6 +28,22 @@ pub fn write_atomic_mode(path: &Path, bytes: &[u8], mode: Option<u32>) -> io::Re
     result
 }
 
+/// Opens `path` (following symlinks) for reading only if it is a regular file. The open itself
+/// does not block: a FIFO left where an output was expected would otherwise hold the emissary
+/// in open(2) forever, waiting for a writer that is gone.
+pub fn open_regular(path: &Path) -> io::Result<fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(io::Error::other("not a regular file"));
+    }
+    // O_NONBLOCK means nothing for a regular file's reads.
+    Ok(file)
+}
+
 /// `dir/.name.tmp.PID`: hidden, unique per writer, in the same directory so rename is atomic.
 pub fn temp_name(path: &Path) -> PathBuf {
     let name = path

@@ -98,7 +98,7 @@ pub fn collect(template: &Template, store: &dyn Store) -> (Outputs, Vec<OutputEr
 /// A parameter's value: the file's text with one trailing newline removed (as Argo).
 fn read_parameter(path: &Path) -> io::Result<String> {
     let mut bytes = Vec::new();
-    File::open(path)?
+    crate::fsutil::open_regular(path)?
         .take(PARAMETER_LIMIT + 1)
         .read_to_end(&mut bytes)?;
     if bytes.len() as u64 > PARAMETER_LIMIT {
@@ -136,7 +136,13 @@ pub fn result(stdout_file: &Path) -> io::Result<(String, bool)> {
 
 /// The last `N/M` progress the user process wrote to its progress file.
 pub fn progress(file: &Path) -> Option<String> {
-    let text = std::fs::read_to_string(file).ok()?;
+    // The last line is what counts, and a file appended to for hours may be large: read its tail.
+    let mut file = crate::fsutil::open_regular(file).ok()?;
+    let len = file.metadata().ok()?.len();
+    file.seek(SeekFrom::Start(len.saturating_sub(4096))).ok()?;
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes).ok()?;
+    let text = String::from_utf8_lossy(&bytes);
     let line = text.lines().rev().find(|l| !l.trim().is_empty())?.trim();
     let (n, m) = line.split_once('/')?;
     (n.parse::<u64>().is_ok() && m.parse::<u64>().is_ok()).then(|| line.to_owned())
