@@ -426,14 +426,18 @@ fn a_fifo_or_device_where_an_output_was_expected_is_an_error_not_a_hang() {
     let tree = dir.join("tree");
     let spec = json!({
         "container": {"command": ["sh", "-c", format!(
-            "mkfifo {0} && mkdir {1} && mkfifo {1}/pipe && echo kept > {1}/file && mkfifo $EMISSARY_PROGRESS_FILE",
+            "mkfifo {0} && mkdir {1} && mkfifo {1}/pipe && echo kept > {1}/file && ln -s file {1}/link && mkfifo $EMISSARY_PROGRESS_FILE",
             fifo.display(), tree.display())]},
         "outputs": {
             "parameters": [
                 {"name": "from-fifo", "valueFrom": {"path": fifo}},
                 {"name": "from-device", "valueFrom": {"path": "/dev/zero"}}
             ],
-            "artifacts": [{"name": "tree", "path": tree, "archive": {"tar": {}}}]
+            "artifacts": [
+                {"name": "tree", "path": tree, "archive": {"tar": {}}},
+                {"name": "linked", "path": tree.join("link"), "archive": {"none": {}}},
+                {"name": "raw-fifo", "path": fifo, "archive": {"none": {}}}
+            ]
         }
     });
     let (out, outputs) = run_spec(&dir, &spec, &[]);
@@ -442,9 +446,18 @@ fn a_fifo_or_device_where_an_output_was_expected_is_an_error_not_a_hang() {
     assert!(
         message.contains("\"from-fifo\"")
             && message.contains("\"from-device\"")
-            && message.contains("not a regular file"),
+            && message.contains("not a regular file")
+            && message.contains("\"raw-fifo\": archive none takes a single file"),
         "{message}"
     );
+    assert_eq!(
+        outputs["error"]["kind"], "user",
+        "the step's outputs, not the store"
+    );
+    // A symlink to a file stores the file's bytes.
+    assert_eq!(outputs["outputs"]["artifacts"][1]["name"], "linked");
+    assert_eq!(outputs["outputs"]["artifacts"][1]["size"], 5);
+    assert_eq!(outputs["outputs"]["artifacts"].as_array().unwrap().len(), 2);
     // The directory is archived without its FIFO (nothing to read in it).
     assert_eq!(outputs["outputs"]["artifacts"][0]["name"], "tree");
     let names = tar_names(&dir.join("out/artifacts/tree.tgz"));

@@ -112,17 +112,17 @@ pub fn sha256(bytes: &[u8]) -> String {
 /// Packs the file or directory at `source` into `sink`; returns what was written. (`dyn`
 /// throughout: one copy of this code whatever the sink, for the size budget.)
 pub fn pack(source: &Path, packing: Packing, sink: &mut dyn Write) -> io::Result<Digest> {
-    let meta = fs::symlink_metadata(source)?;
     let mut out = HashingWriter::new(sink);
     match packing.format {
         ArchiveFormat::None => {
-            if !meta.is_file() {
-                return Err(io::Error::other(format!(
-                    "archive none takes a single file; {} is not one (use tar or zstd)",
+            // A symlink to a file is that file's content, as in Argo.
+            let mut file = fsutil::open_regular(source).map_err(|e| {
+                io::Error::other(format!(
+                    "archive none takes a single file; {}: {e} (use tar or zstd)",
                     source.display()
-                )));
-            }
-            io::copy(&mut File::open(source)?, &mut out)?;
+                ))
+            })?;
+            io::copy(&mut file, &mut out)?;
         }
         ArchiveFormat::Tar | ArchiveFormat::Zstd => pipeline(source, packing, &mut out)?,
     }

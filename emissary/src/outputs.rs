@@ -7,7 +7,7 @@ use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
 use std::path::Path;
 
-use protocol::api::{ArtifactOutput, Outputs, ParameterOutput};
+use protocol::api::{ArchiveFormat, ArtifactOutput, Outputs, ParameterOutput};
 use protocol::spec::{Archive, Template};
 
 use crate::store::Store;
@@ -74,6 +74,17 @@ pub fn collect(template: &Template, store: &dyn Store) -> (Outputs, Vec<OutputEr
                 continue;
             }
         };
+        // Checked here so that it is reported as the step's output, not a failing store.
+        if packing.format == ArchiveFormat::None
+            && !std::fs::metadata(path).is_ok_and(|m| m.is_file())
+        {
+            errors.push(user(format!(
+                "output artifact {:?}: archive none takes a single file; {} is not one (use tar or zstd)",
+                a.name,
+                path.display()
+            )));
+            continue;
+        }
         let ext = packing.format.extension();
         let file = if ext.is_empty() {
             a.name.clone()
