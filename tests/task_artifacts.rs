@@ -201,6 +201,16 @@ fn a_missing_required_input_fails_the_start_and_still_reports() {
         !marker.exists(),
         "the command must not run without its input"
     );
+
+    // Without a key, the message says how to give it standalone.
+    let spec = json!({
+        "inputs": {"artifacts": [{"name": "data", "path": dir.join("in")}]},
+        "container": {"command": ["touch", marker]}
+    });
+    let (out, _) = run_spec(&dir, &spec, &[]);
+    out.assert_code(125)
+        .assert_stderr_contains("give it with --input data=PATH");
+    assert!(!marker.exists());
 }
 
 #[test]

@@ -53,7 +53,12 @@ pub fn stage_all(template: &Template, sources: &Sources<'_>) -> Result<Vec<Stage
                 let key = artifact
                     .store_key()
                     .map(|k| format!(" (key {k:?})"))
-                    .unwrap_or_default();
+                    .unwrap_or_else(|| {
+                        format!(
+                            " (no key or raw data: give it with --input {}=PATH)",
+                            artifact.name
+                        )
+                    });
                 return Err(InputError {
                     message: format!(
                         "input artifact {:?}: not found{key}; it is not optional",
