@@ -239,7 +239,7 @@ fn an_https_controller_gets_the_events_only_when_its_certificate_is_trusted() {
 }
 
 #[test]
-fn a_controller_ca_without_https_or_without_certificates_is_refused_at_start() {
+fn a_bad_controller_ca_url_or_store_is_refused_at_start() {
     let dir = Dir::new("outbox-ca-refused");
     let empty = dir.write("empty.pem", "");
     let serve = |url: &str, ca: &Path| {
@@ -268,6 +268,16 @@ fn a_controller_ca_without_https_or_without_certificates_is_refused_at_start() {
     out.assert_code(1);
     assert!(
         out.stderr().contains("must start with http:// or https://"),
+        "{}",
+        out.dump()
+    );
+    let out = run_quick(
+        serve_command(&dir.join("agent"), "127.0.0.1:0").args(["--store", "file://relative"]),
+    );
+    out.assert_code(1);
+    assert!(
+        out.stderr()
+            .contains("the directory must be absolute (file:///DIR)"),
         "{}",
         out.dump()
     );

@@ -152,6 +152,9 @@ impl ServeArgs {
             .data_dir
             .or(text("data-dir")?.map(PathBuf::from))
             .unwrap_or_else(|| "/var/lib/emissary-agent".into());
+        // Absolute, so that the default store URL built from it is file:///...
+        let data_dir = std::path::absolute(&data_dir)
+            .map_err(|e| format!("data-dir {}: {e}", data_dir.display()))?;
         let secret_file = self
             .secret_file
             .or(text("secret-file")?.map(PathBuf::from))
@@ -285,5 +288,22 @@ mod tests {
         .resolve()
         .unwrap_err();
         assert!(err.contains("inline-limit"), "{err}");
+    }
+
+    #[test]
+    fn a_relative_data_dir_is_made_absolute_and_so_is_the_default_store() {
+        let s = ServeArgs {
+            data_dir: Some("relative/data".into()),
+            secret_file: Some("/s".into()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        let expected = std::env::current_dir().unwrap().join("relative/data");
+        assert_eq!(s.data_dir, expected);
+        assert_eq!(
+            s.store,
+            format!("file://{}", expected.join("store").display())
+        );
     }
 }

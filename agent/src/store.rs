@@ -79,6 +79,11 @@ impl Store {
     pub async fn open(url: &str, s3: &S3Settings) -> Result<Store, String> {
         if let Some(dir) = url.strip_prefix("file://") {
             let root = PathBuf::from(dir);
+            if !root.is_absolute() {
+                return Err(format!(
+                    "--store {url:?}: the directory must be absolute (file:///DIR)"
+                ));
+            }
             tokio::fs::create_dir_all(&root)
                 .await
                 .map_err(|e| format!("cannot create store {dir}: {e}"))?;
