@@ -84,6 +84,37 @@ fn events_wait_out_a_controller_outage_and_arrive_in_order() {
         );
     }
     assert!(agent.metric("emissary_agent_delivery_failures") >= 1.0);
+    assert_eq!(
+        controller.unauthorized(),
+        0,
+        "every request carried a valid node token"
+    );
+}
+
+#[test]
+fn a_controller_refuses_an_agent_whose_node_token_it_cannot_verify() {
+    let dir = Dir::new("outbox-node-token");
+    let controller = Controller::start();
+    // An agent with another node secret: its node tokens do not verify.
+    let agent_dir = dir.join("agent");
+    std::fs::create_dir_all(&agent_dir).unwrap();
+    std::fs::write(agent_dir.join("secret"), "another-node-secret-of-32-bytes!").unwrap();
+    let agent = Agent::start(agent_dir, &["--controller-url", &controller.url()]);
+    let token = agent.token("wf", "t", 0, "1h");
+    assert_eq!(post(&agent, &token, "t", "progress", progress(1)), 200);
+    assert!(
+        wait_until(Duration::from_secs(10), || controller.unauthorized() >= 2),
+        "the controller saw no request"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(controller.events().is_empty());
+    assert_eq!(controller.heartbeats(), 0);
+    assert!(agent.metric("emissary_agent_delivery_failures") >= 1.0);
+    assert!(
+        agent.log().contains("401"),
+        "the agent's log says why: {}",
+        agent.log()
+    );
 }
 
 #[test]

@@ -154,7 +154,7 @@ pub fn serve_command(dir: &Path, listen: &str) -> Command {
     std::fs::create_dir_all(dir).unwrap();
     let secret = dir.join("secret");
     if !secret.exists() {
-        std::fs::write(&secret, "a-test-node-secret-of-32-bytes!!\n").unwrap();
+        std::fs::write(&secret, format!("{}\n", crate::controller::NODE_SECRET)).unwrap();
     }
     let mut cmd = Command::new(agent_bin());
     cmd.args(["serve", "--listen", listen, "--admin-listen", "127.0.0.1:0"])

@@ -19,11 +19,12 @@ use hyper_util::rt::TokioExecutor;
 use protocol::api::{EventBatch, Heartbeat, NodeCommands, TaskRef};
 use tokio::sync::watch;
 use tokio_rustls::rustls;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::commands::Commands;
 use crate::metrics::Metrics;
 use crate::outbox::{Outbox, Reader};
+use crate::token::{self, NodeClaims, Secret};
 
 const BATCH: usize = 500;
 const HEARTBEAT: Duration = Duration::from_secs(10);
@@ -31,16 +32,32 @@ const HEARTBEAT: Duration = Duration::from_secs(10);
 /// Where events go.
 #[derive(Clone)]
 pub enum Sink {
-    Controller {
-        url: String,
-        client: Box<Client<HttpsConnector<HttpConnector>, Full<Bytes>>>,
-    },
+    Controller(Box<Controller>),
     File(PathBuf),
 }
 
+/// The workflow controller, as this node's agent speaks to it.
+#[derive(Clone)]
+pub struct Controller {
+    url: String,
+    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    /// Signs the node token every request carries (see `crate::token`).
+    secret: Secret,
+    node: String,
+}
+
+/// How long a node token is valid; one is minted per request.
+const NODE_TOKEN_TTL: u64 = 300;
+
 impl Sink {
     /// An https:// controller is verified against `ca` (PEM) when given, else the system roots.
-    pub fn new(url: Option<&str>, ca: Option<&Path>, events_file: PathBuf) -> Result<Sink, String> {
+    pub fn new(
+        url: Option<&str>,
+        ca: Option<&Path>,
+        secret: &Secret,
+        node: &str,
+        events_file: PathBuf,
+    ) -> Result<Sink, String> {
         let Some(url) = url else {
             return Ok(Sink::File(events_file));
         };
@@ -52,10 +69,48 @@ impl Sink {
             .https_or_http()
             .enable_http1()
             .wrap_connector(http);
-        Ok(Sink::Controller {
+        Ok(Sink::Controller(Box::new(Controller {
             url: url.to_owned(),
-            client: Box::new(Client::builder(TokioExecutor::new()).build(connector)),
-        })
+            client: Client::builder(TokioExecutor::new()).build(connector),
+            secret: secret.clone(),
+            node: node.to_owned(),
+        })))
+    }
+}
+
+impl Controller {
+    /// Sends `method path` (JSON `body` if any) with this node's token; gives up after `limit`.
+    async fn send(
+        &self,
+        method: hyper::Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+        limit: Duration,
+    ) -> Result<hyper::Response<hyper::body::Incoming>, String> {
+        let token = self.secret.sign(&NodeClaims {
+            node: self.node.clone(),
+            exp: token::now() + NODE_TOKEN_TTL,
+        });
+        let mut request = hyper::Request::builder()
+            .method(method.clone())
+            .uri(format!("{}{path}", self.url))
+            .header("authorization", format!("Bearer {token}"));
+        if body.is_some() {
+            request = request.header("content-type", "application/json");
+        }
+        let request = request
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .map_err(|e| e.to_string())?;
+        let url = format!("{method} {}{path}", self.url);
+        let response = tokio::time::timeout(limit, self.client.request(request))
+            .await
+            .map_err(|_| format!("{url}: no answer in {limit:?}"))?
+            .map_err(|e| format!("{url}: {}", causes(&e)))?;
+        if response.status().is_success() {
+            Ok(response)
+        } else {
+            Err(format!("{url}: {}", response.status()))
+        }
     }
 }
 
@@ -202,25 +257,21 @@ async fn send(sink: &Sink, node: &str, events: Vec<protocol::api::Event>) -> Res
             .map_err(|e| e.to_string())??;
             Ok(count)
         }
-        Sink::Controller { url, client } => {
+        Sink::Controller(controller) => {
             let body = serde_json::to_vec(&EventBatch {
                 node: node.to_owned(),
                 events,
             })
             .map_err(|e| e.to_string())?;
-            let request = hyper::Request::post(format!("{url}/v1/events"))
-                .header("content-type", "application/json")
-                .body(Full::new(Bytes::from(body)))
-                .map_err(|e| e.to_string())?;
-            let response = tokio::time::timeout(Duration::from_secs(30), client.request(request))
-                .await
-                .map_err(|_| "the controller did not answer in 30 s".to_owned())?
-                .map_err(|e| format!("POST {url}/v1/events: {}", causes(&e)))?;
-            if response.status().is_success() {
-                Ok(count)
-            } else {
-                Err(format!("POST {url}/v1/events: {}", response.status()))
-            }
+            controller
+                .send(
+                    hyper::Method::POST,
+                    "/v1/events",
+                    Some(body),
+                    Duration::from_secs(30),
+                )
+                .await?;
+            Ok(count)
         }
     }
 }
@@ -245,22 +296,16 @@ pub async fn relay_commands(
     commands: Arc<Commands>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let Sink::Controller { url, client } = sink else {
+    let Sink::Controller(controller) = sink else {
         return;
     };
+    let path = format!("/v1/nodes/{node}/commands?wait=30s");
     let mut backoff = Backoff::new();
     loop {
         let poll = async {
-            let request = hyper::Request::get(format!("{url}/v1/nodes/{node}/commands?wait=30s"))
-                .body(Full::new(Bytes::new()))
-                .map_err(|e| e.to_string())?;
-            let response = tokio::time::timeout(Duration::from_secs(45), client.request(request))
-                .await
-                .map_err(|_| "no answer in 45 s".to_owned())?
-                .map_err(|e| causes(&e))?;
-            if !response.status().is_success() {
-                return Err(format!("status {}", response.status()));
-            }
+            let response = controller
+                .send(hyper::Method::GET, &path, None, Duration::from_secs(45))
+                .await?;
             let bytes = response
                 .into_body()
                 .collect()
@@ -300,9 +345,10 @@ pub async fn heartbeats(
     outbox: Outbox,
     mut stop: watch::Receiver<bool>,
 ) {
-    let Sink::Controller { url, client } = sink else {
+    let Sink::Controller(controller) = sink else {
         return;
     };
+    let path = format!("/v1/nodes/{node}/heartbeat");
     loop {
         let beat = Heartbeat {
             node: node.clone(),
@@ -315,11 +361,16 @@ pub async fn heartbeats(
             undelivered_bytes: outbox.bytes.load(std::sync::atomic::Ordering::Relaxed),
         };
         let body = serde_json::to_vec(&beat).unwrap_or_default();
-        if let Ok(request) = hyper::Request::post(format!("{url}/v1/nodes/{node}/heartbeat"))
-            .header("content-type", "application/json")
-            .body(Full::new(Bytes::from(body)))
+        if let Err(e) = controller
+            .send(
+                hyper::Method::POST,
+                &path,
+                Some(body),
+                Duration::from_secs(5),
+            )
+            .await
         {
-            let _ = tokio::time::timeout(Duration::from_secs(5), client.request(request)).await;
+            debug!(error = %e, "heartbeat");
         }
         tokio::select! {
             _ = tokio::time::sleep(HEARTBEAT) => {}

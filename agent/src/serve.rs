@@ -48,7 +48,7 @@ pub async fn serve(settings: Settings) -> Result<(), String> {
     let metrics = Arc::new(Metrics::new(outbox.bytes.clone()));
     let commands = Arc::new(Commands::default());
     let app = Arc::new(App {
-        secret,
+        secret: secret.clone(),
         store,
         cache: Some(cache),
         outbox: outbox.clone(),
@@ -74,6 +74,8 @@ pub async fn serve(settings: Settings) -> Result<(), String> {
     let sink = Sink::new(
         settings.controller_url.as_deref(),
         settings.controller_ca.as_deref(),
+        &secret,
+        &settings.node,
         data.join("events.jsonl"),
     )?;
     let delivery = tokio::spawn(controller::deliver(

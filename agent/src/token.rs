@@ -5,6 +5,11 @@
 //! HMAC-SHA256 of the claims' base64url text with the node secret (shared with the controller,
 //! which mints the tokens; `emissary-agent token` mints one by hand). Verification is constant
 //! time; a token opens only `/v1/tasks/{task}/{attempt}/...` of its own claims, until `exp`.
+//!
+//! The agent proves itself to the controller the same way: every request it makes carries a
+//! node token, the same format with the claims `{"node": NODE, "exp": UNIX_SECONDS}` (valid
+//! for five minutes, minted per request), which the controller verifies with the node secret.
+//! Neither kind of token parses as the other: a task token lacks `node`, a node token `task`.
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -21,6 +26,13 @@ pub struct Claims {
     pub task: String,
     pub attempt: u32,
     /// Expiry, seconds since the epoch.
+    pub exp: u64,
+}
+
+/// What a node token asserts: this agent speaks for `node`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeClaims {
+    pub node: String,
     pub exp: u64,
 }
 
@@ -75,7 +87,7 @@ impl Secret {
         Hmac::<Sha256>::new_from_slice(&self.0).expect("HMAC takes keys of any length")
     }
 
-    pub fn sign(&self, claims: &Claims) -> String {
+    pub fn sign(&self, claims: &(impl Serialize + ?Sized)) -> String {
         let body = URL_SAFE_NO_PAD.encode(serde_json::to_vec(claims).expect("claims serialize"));
         let mut mac = self.mac();
         mac.update(body.as_bytes());
@@ -130,6 +142,21 @@ mod tests {
         let token = secret.sign(&claims());
         assert_eq!(secret.verify(&token, 999), Ok(claims()));
         assert_eq!(secret.verify(&token, 1000), Err(TokenError::Expired));
+    }
+
+    #[test]
+    fn node_and_task_tokens_do_not_stand_for_each_other() {
+        let secret = Secret::new(b"0123456789abcdef".to_vec()).unwrap();
+        let node = secret.sign(&NodeClaims {
+            node: "n1".into(),
+            exp: 1000,
+        });
+        assert_eq!(secret.verify(&node, 1), Err(TokenError::Malformed));
+        let task = secret.sign(&claims());
+        let json = URL_SAFE_NO_PAD
+            .decode(task.split_once('.').unwrap().0)
+            .unwrap();
+        assert!(serde_json::from_slice::<NodeClaims>(&json).is_err());
     }
 
     #[test]

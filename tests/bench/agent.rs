@@ -28,7 +28,7 @@ impl Agent {
         let bin = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/emissary-agent");
         std::fs::create_dir_all(dir).unwrap();
         let secret = dir.join("secret");
-        std::fs::write(&secret, "a-bench-node-secret-of-32-bytes!").unwrap();
+        std::fs::write(&secret, emissary_tests::controller::NODE_SECRET).unwrap();
         let ready = dir.join("ready.json");
         let child = Command::new(&bin)
             .args([

@@ -1,7 +1,8 @@
 //! A small reference controller: records event batches and heartbeats, hands out queued
 //! commands to the agent's long-poll, and can be told to fail or go down. Plain std threads
 //! on 127.0.0.1, an ephemeral port (kept across a down/up so the agent finds it again),
-//! HTTP or HTTPS.
+//! HTTP or HTTPS. Like a real controller it answers 401 to a request without a valid node
+//! token, verified here independently of the agent's code, from the documented format.
 
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -11,7 +12,14 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use hmac::{Hmac, Mac};
 use serde_json::Value;
+use sha2::Sha256;
+
+/// The node secret the tests' agents are given, and this controller verifies with.
+pub const NODE_SECRET: &str = "a-test-node-secret-of-32-bytes!!";
 
 #[derive(Default)]
 struct State {
@@ -22,6 +30,8 @@ struct State {
     /// Answer event batches with 503.
     failing: bool,
     rejected_handshakes: usize,
+    /// Requests refused for a missing, forged, expired or other node's token.
+    unauthorized: usize,
 }
 
 pub struct Controller {
@@ -70,6 +80,11 @@ impl Controller {
     pub fn url(&self) -> String {
         let scheme = if self.tls.is_some() { "https" } else { "http" };
         format!("{scheme}://{}", self.addr)
+    }
+
+    /// How many requests were refused with 401.
+    pub fn unauthorized(&self) -> usize {
+        self.state.0.lock().unwrap().unauthorized
     }
 
     /// How many TLS handshakes failed (the client did not trust the certificate).
@@ -150,6 +165,20 @@ impl Drop for Controller {
     }
 }
 
+/// The node a token speaks for, if it is signed with [`NODE_SECRET`] and not expired.
+fn verified_node(token: &str) -> Option<String> {
+    let (claims, tag) = token.split_once('.')?;
+    let mut mac = Hmac::<Sha256>::new_from_slice(NODE_SECRET.as_bytes()).unwrap();
+    mac.update(claims.as_bytes());
+    mac.verify_slice(&URL_SAFE_NO_PAD.decode(tag).ok()?).ok()?;
+    let claims: Value = serde_json::from_slice(&URL_SAFE_NO_PAD.decode(claims).ok()?).ok()?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    (claims["exp"].as_u64()? > now).then(|| claims["node"].as_str().map(str::to_owned))?
+}
+
 fn serve_tls(
     config: Arc<rustls::ServerConfig>,
     mut tcp: TcpStream,
@@ -181,21 +210,35 @@ fn serve<S: Read + Write>(stream: S, state: &(Mutex<State>, Condvar), running: &
         parts.next().unwrap_or("").to_owned(),
     );
     let mut length = 0;
+    let mut node = None;
     loop {
         line.clear();
         if reader.read_line(&mut line).unwrap_or(0) == 0 || line.trim().is_empty() {
             break;
         }
-        if let Some((name, value)) = line.split_once(':')
-            && name.eq_ignore_ascii_case("content-length")
-        {
-            length = value.trim().parse().unwrap_or(0);
+        if let Some((name, value)) = line.split_once(':') {
+            if name.eq_ignore_ascii_case("content-length") {
+                length = value.trim().parse().unwrap_or(0);
+            } else if name.eq_ignore_ascii_case("authorization") {
+                node = value.trim().strip_prefix("Bearer ").and_then(verified_node);
+            }
         }
     }
     let mut body = vec![0; length];
     let _ = reader.read_exact(&mut body);
     let path = target.split('?').next().unwrap_or("").to_owned();
+    // The token must speak for the node named in the path (commands, heartbeats) or batch.
+    let named = match path.strip_prefix("/v1/nodes/") {
+        Some(rest) => rest.split('/').next().map(str::to_owned),
+        None => serde_json::from_slice::<Value>(&body)
+            .ok()
+            .and_then(|b| b["node"].as_str().map(str::to_owned)),
+    };
     let (status, answer) = match (method.as_str(), path.as_str()) {
+        _ if node.is_none() || node != named => {
+            state.0.lock().unwrap().unauthorized += 1;
+            (401, "{\"error\":\"no valid node token\"}".to_owned())
+        }
         ("POST", "/v1/events") => {
             let mut s = state.0.lock().unwrap();
             if s.failing {
