@@ -313,3 +313,52 @@ fn a_bad_controller_ca_url_or_store_is_refused_at_start() {
         out.dump()
     );
 }
+
+#[test]
+fn a_node_token_minted_by_hand_opens_only_its_own_node_at_the_controller() {
+    let dir = Dir::new("outbox-node-token-cli");
+    let controller = Controller::start();
+    let secret = dir.write("secret", format!("{}\n", crate::controller::NODE_SECRET));
+    let mint = |node: &str| {
+        let out = run_quick(
+            std::process::Command::new(agent_bin())
+                .args(["token", "--node", node, "--ttl", "5m", "--secret-file"])
+                .arg(&secret),
+        );
+        out.assert_code(0);
+        bearer(out.stdout().trim())
+    };
+    let beat = br#"{"node": "n1", "timestamp": "2026-01-01T00:00:00Z", "active": [], "undelivered_bytes": 0}"#;
+    let heartbeat = |auth: &[(&str, &str)]| {
+        http(
+            controller.addr,
+            "POST",
+            "/v1/nodes/n1/heartbeat",
+            auth,
+            beat,
+        )
+        .0
+    };
+    assert_eq!(heartbeat(&[("Authorization", &mint("n1"))]), 200);
+    assert_eq!(
+        heartbeat(&[("Authorization", &mint("n2"))]),
+        401,
+        "another node's token"
+    );
+    assert_eq!(heartbeat(&[]), 401, "no token");
+    let task_token = bearer(
+        run_quick(
+            std::process::Command::new(agent_bin())
+                .args(["token", "--task", "n1", "--attempt", "0", "--secret-file"])
+                .arg(&secret),
+        )
+        .stdout()
+        .trim(),
+    );
+    assert_eq!(
+        heartbeat(&[("Authorization", &task_token)]),
+        401,
+        "a task token"
+    );
+    assert_eq!(controller.heartbeats(), 1);
+}

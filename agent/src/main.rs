@@ -53,10 +53,13 @@ struct TokenArgs {
     /// The node secret file.
     #[arg(long, value_name = "FILE")]
     secret_file: PathBuf,
-    #[arg(long, value_name = "ID")]
-    task: String,
-    #[arg(long, value_name = "N")]
-    attempt: u32,
+    #[arg(long, value_name = "ID", required_unless_present = "node")]
+    task: Option<String>,
+    #[arg(long, value_name = "N", required_unless_present = "node")]
+    attempt: Option<u32>,
+    /// Mint a node token instead (what the agent sends the controller), to test a controller.
+    #[arg(long, value_name = "NAME", conflicts_with_all = ["task", "attempt"])]
+    node: Option<String>,
     /// The workflow the task belongs to (the store key's second level).
     #[arg(long, value_name = "NAME", default_value = "default")]
     workflow: String,
@@ -120,15 +123,22 @@ fn run(cli: Cli) -> Result<(), String> {
         Command::Token(args) => {
             let secret = token::Secret::from_file(&args.secret_file)?;
             let ttl = protocol::duration::parse(&args.ttl).map_err(|e| format!("--ttl: {e}"))?;
-            if !protocol::api::valid_name(&args.task) || !protocol::api::valid_name(&args.workflow)
-            {
+            let exp = token::now() + ttl.as_secs();
+            if let Some(node) = args.node {
+                println!("{}", secret.sign(&token::NodeClaims { node, exp }));
+                return Ok(());
+            }
+            let (Some(task), Some(attempt)) = (args.task, args.attempt) else {
+                return Err("--task and --attempt are required (or --node)".into());
+            };
+            if !protocol::api::valid_name(&task) || !protocol::api::valid_name(&args.workflow) {
                 return Err("--task and --workflow must be names of [A-Za-z0-9._-]".into());
             }
             let claims = token::Claims {
                 wf: args.workflow,
-                task: args.task,
-                attempt: args.attempt,
-                exp: token::now() + ttl.as_secs(),
+                task,
+                attempt,
+                exp,
             };
             println!("{}", secret.sign(&claims));
             Ok(())
