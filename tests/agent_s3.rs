@@ -173,3 +173,41 @@ fn an_s3_outage_is_a_retryable_error_not_a_hang() {
     assert_eq!(outputs["error"]["kind"], "system", "{outputs}");
     assert_eq!(outputs["error"]["retryable"], true);
 }
+
+#[test]
+fn during_an_s3_outage_inputs_already_on_the_node_are_still_served() {
+    let dir = Dir::new("s3-stale-if-error");
+    let mut server = S3Server::start(&dir.join("s3"), 0);
+    let agent = s3_agent(&dir, &server);
+    let token = agent.token("wf", "gen", 0, "1h");
+    let auth = bearer(&token);
+    let auth = [("Authorization", auth.as_str())];
+    let payload: Vec<u8> = (0..300_000u32).flat_map(|i| i.to_le_bytes()).collect();
+    let (status, _) = http(
+        agent.api,
+        "PUT",
+        "/v1/tasks/gen/0/outputs/data.bin",
+        &auth,
+        &payload,
+    );
+    assert_eq!(status, 200);
+    let input = "/v1/tasks/gen/0/inputs/data?key=emissary/wf/gen/0/data.bin";
+    let (status, body) = http(agent.api, "GET", input, &auth, b"");
+    assert_eq!((status, body.len()), (200, payload.len()));
+
+    server.stop();
+    let (status, body) = http(agent.api, "GET", input, &auth, b"");
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    assert!(body == payload, "the cached copy, byte for byte");
+    assert_eq!(agent.metric("emissary_agent_cache_stale_hits"), 1.0);
+    // What the node never served cannot be: the outage is reported, retryable.
+    let (status, body) = http(
+        agent.api,
+        "GET",
+        "/v1/tasks/gen/0/inputs/other?key=emissary/wf/gen/0/other.bin",
+        &auth,
+        b"",
+    );
+    assert_eq!(status, 503, "{}", String::from_utf8_lossy(&body));
+    assert!(agent.log().contains("serving the cached copy unverified"));
+}

@@ -1,6 +1,11 @@
 //! The node input cache: objects from a remote store kept on the node's disk, named by
 //! SHA-256 of (key, ETag) so a changed object is a different entry; least recently used first
 //! out past a byte bound; one download however many tasks ask at once; kept across restarts.
+//!
+//! `latest/SHA256(key)` names the entry last served for a key. While the store is unreachable
+//! (and only then) that entry is served unverified: stale-if-error, as HTTP caches do. Argo
+//! writes each artifact under a fresh key, so the entry is almost always the object itself; a
+//! key overwritten during the outage is the price of running through it.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -12,6 +17,9 @@ use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 
 use crate::store::{ObjectMeta, Store, StoreError, hex};
+
+/// The directory of per-key pointers to the entry last served.
+const LATEST: &str = "latest";
 
 pub struct Cache {
     dir: PathBuf,
@@ -28,10 +36,13 @@ pub enum Lookup {
 
 impl Cache {
     pub fn open(dir: &Path, max_bytes: u64) -> std::io::Result<Cache> {
-        std::fs::create_dir_all(dir)?;
+        std::fs::create_dir_all(dir.join(LATEST))?;
         let mut total = 0;
         for entry in std::fs::read_dir(dir)?.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
+            if name == LATEST {
+                continue;
+            }
             if name.starts_with('.') {
                 // A download cut short by a crash.
                 let _ = std::fs::remove_file(entry.path());
@@ -57,6 +68,7 @@ impl Cache {
         let name = hex(&Sha256::digest(format!("{key}\0{}", meta.etag).as_bytes()));
         let path = self.dir.join(&name);
         if touch(&path) {
+            self.remember(key, &name);
             return Ok(Lookup::Hit(path));
         }
         let lock = self
@@ -72,7 +84,38 @@ impl Cache {
         }
         let result = self.download(store, key, &path).await;
         self.downloads.lock().unwrap().remove(&name);
-        result.map(|()| Lookup::Fetched(path))
+        result?;
+        self.remember(key, &name);
+        Ok(Lookup::Fetched(path))
+    }
+
+    /// The entry last served for `key`, if it is still cached (see the module docs).
+    pub fn last_served(&self, key: &str) -> Option<PathBuf> {
+        let name = std::fs::read_to_string(self.latest(key)).ok()?;
+        let path = self.dir.join(name.trim());
+        touch(&path).then_some(path)
+    }
+
+    fn latest(&self, key: &str) -> PathBuf {
+        self.dir
+            .join(LATEST)
+            .join(hex(&Sha256::digest(key.as_bytes())))
+    }
+
+    /// Records that `key` was last served from entry `name` (best effort: a lost pointer
+    /// only costs the outage fallback for that key).
+    fn remember(&self, key: &str, name: &str) {
+        let latest = self.latest(key);
+        if std::fs::read_to_string(&latest).is_ok_and(|n| n == name) {
+            return;
+        }
+        let tmp = latest.with_extension(format!("tmp{}", rand::random::<u64>()));
+        if std::fs::write(&tmp, name)
+            .and_then(|()| std::fs::rename(&tmp, &latest))
+            .is_err()
+        {
+            let _ = std::fs::remove_file(&tmp);
+        }
     }
 
     async fn download(&self, store: &Store, key: &str, path: &Path) -> Result<(), StoreError> {
@@ -124,7 +167,11 @@ impl Cache {
             .into_iter()
             .flatten()
             .flatten()
-            .filter(|e| !e.file_name().to_string_lossy().starts_with('.') && e.path() != keep)
+            .filter(|e| {
+                !e.file_name().to_string_lossy().starts_with('.')
+                    && e.file_type().is_ok_and(|t| t.is_file())
+                    && e.path() != keep
+            })
             .filter_map(|e| {
                 let meta = e.metadata().ok()?;
                 Some((meta.modified().ok()?, meta.len(), e.path()))

@@ -25,6 +25,7 @@ pub struct Metrics {
     pub delivery_failures: Counter,
     pub cache_hits: Counter,
     pub cache_misses: Counter,
+    pub cache_stale_hits: Counter,
     pub store_downloads: Counter,
     journal_bytes: Gauge,
     journal_source: Arc<AtomicU64>,
@@ -42,6 +43,7 @@ impl Metrics {
             delivery_failures: Counter::default(),
             cache_hits: Counter::default(),
             cache_misses: Counter::default(),
+            cache_stale_hits: Counter::default(),
             store_downloads: Counter::default(),
             journal_bytes: Gauge::default(),
             journal_source: journal_bytes_source,
@@ -86,6 +88,11 @@ impl Metrics {
             "cache_misses",
             "Inputs the node cache had to fetch",
             m.cache_misses.clone(),
+        );
+        registry.register(
+            "cache_stale_hits",
+            "Inputs served from the node cache unverified, while the store was unreachable",
+            m.cache_stale_hits.clone(),
         );
         registry.register(
             "store_downloads",

@@ -376,17 +376,30 @@ async fn input(app: &App, req: &Request<Incoming>, name: &str) -> Result<Respons
     };
     let (size, body) = match &app.cache {
         Some(cache) if !app.store.is_local() => {
-            let meta = app.store.head(&key).await?.ok_or_else(not_found)?;
-            let path = match cache.get(&app.store, &key, &meta).await? {
-                Lookup::Hit(path) => {
-                    app.metrics.cache_hits.inc();
+            let path = match app.store.head(&key).await {
+                Ok(meta) => match cache
+                    .get(&app.store, &key, &meta.ok_or_else(not_found)?)
+                    .await?
+                {
+                    Lookup::Hit(path) => {
+                        app.metrics.cache_hits.inc();
+                        path
+                    }
+                    Lookup::Fetched(path) => {
+                        app.metrics.cache_misses.inc();
+                        app.metrics.store_downloads.inc();
+                        path
+                    }
+                },
+                Err(StoreError::Unavailable(e)) => {
+                    let Some(path) = cache.last_served(&key) else {
+                        return Err(StoreError::Unavailable(e).into());
+                    };
+                    warn!(%key, error = %e, "store unreachable: serving the cached copy unverified");
+                    app.metrics.cache_stale_hits.inc();
                     path
                 }
-                Lookup::Fetched(path) => {
-                    app.metrics.cache_misses.inc();
-                    app.metrics.store_downloads.inc();
-                    path
-                }
+                Err(e) => return Err(e.into()),
             };
             let file = tokio::fs::File::open(&path).await.map_err(|e| {
                 Refusal::new(
@@ -394,7 +407,13 @@ async fn input(app: &App, req: &Request<Incoming>, name: &str) -> Result<Respons
                     format!("node cache: {e}"),
                 )
             })?;
-            (meta.size, stream_file(file))
+            let size = file.metadata().await.map(|m| m.len()).map_err(|e| {
+                Refusal::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("node cache: {e}"),
+                )
+            })?;
+            (size, stream_file(file))
         }
         _ => {
             let (meta, body) = app.store.get(&key).await?.ok_or_else(not_found)?;
