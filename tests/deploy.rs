@@ -212,3 +212,65 @@ fn the_manifests_validate_against_kubernetes_1_32() {
         assert_ne!(validate(&broken).code, Some(0), "{to} was not caught");
     }
 }
+
+#[test]
+fn prepare_data_dir_hands_a_hostpath_to_the_agent_with_only_chown_capabilities() {
+    if !is_root() {
+        eprintln!("skipped: needs root to chown");
+        return;
+    }
+    use std::os::unix::fs::{MetadataExt, PermissionsExt, symlink};
+    let dir = Dir::new("prepare-data-dir");
+    let outside = dir.write("outside", "not the agent's");
+    let data = dir.join("hostpath");
+    // What kubelet's DirectoryOrCreate leaves, plus a journal from an earlier pod.
+    std::fs::create_dir_all(data.join("journal")).unwrap();
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::write(data.join("journal/segment"), "events").unwrap();
+    symlink(&outside, data.join("link")).unwrap();
+    // As the init container runs it: root, every capability dropped but CHOWN and
+    // DAC_READ_SEARCH. Twice: a restarted pod finds the directory already the agent's.
+    for _ in 0..2 {
+        run_quick(
+            Command::new("setpriv")
+                .args([
+                    "--bounding-set=-all,+chown,+dac_read_search",
+                    "--inh-caps=-all",
+                ])
+                .arg(agent_bin())
+                .args(["prepare-data-dir", "--owner", "65532:65533"])
+                .arg(&data),
+        )
+        .assert_code(0);
+    }
+    for path in [
+        data.clone(),
+        data.join("journal"),
+        data.join("journal/segment"),
+    ] {
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!(
+            (meta.uid(), meta.gid()),
+            (65532, 65533),
+            "{}",
+            path.display()
+        );
+    }
+    assert_eq!(std::fs::metadata(&data).unwrap().mode() & 0o777, 0o700);
+    let link = std::fs::symlink_metadata(data.join("link")).unwrap();
+    assert_eq!(link.uid(), 65532, "the link itself changes hands");
+    assert_eq!(
+        std::fs::metadata(&outside).unwrap().uid(),
+        0,
+        "its target does not"
+    );
+
+    let out = run_quick(Command::new(agent_bin()).args([
+        "prepare-data-dir",
+        "--owner",
+        "agent",
+        "/tmp/x",
+    ]));
+    out.assert_code(2)
+        .assert_stderr_contains("expected UID:GID");
+}

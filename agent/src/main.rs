@@ -9,6 +9,7 @@ mod controller;
 mod inject;
 mod metrics;
 mod outbox;
+mod prepare;
 mod serve;
 mod server;
 mod store;
@@ -44,6 +45,9 @@ enum Command {
     Inject(InjectArgs),
     /// Serve the Kubernetes mutating admission webhook (HTTPS) that injects labelled pods.
     Webhook(webhook::WebhookArgs),
+    /// Make a node directory (a hostPath) the agent's own: create it 0700, chown it to UID:GID.
+    /// For an init container running as root, so the journal and cache outlive the pod.
+    PrepareDataDir(prepare::PrepareArgs),
     /// Print the version.
     Version,
 }
@@ -162,6 +166,7 @@ fn run(cli: Cli) -> Result<(), String> {
             init_logging();
             runtime()?.block_on(webhook::serve(args))
         }
+        Command::PrepareDataDir(args) => prepare::prepare(&args),
         Command::Version => {
             println!("emissary-agent {}", env!("CARGO_PKG_VERSION"));
             Ok(())
