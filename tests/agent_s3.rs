@@ -8,20 +8,26 @@ use crate::s3::{self, S3Server};
 use crate::util::*;
 
 fn s3_agent(dir: &Dir, server: &S3Server) -> Agent {
+    s3_agent_with(dir, server, &[])
+}
+
+fn s3_agent_with(dir: &Dir, server: &S3Server, extra: &[&str]) -> Agent {
     let store = format!("s3://{}/emissary", s3::BUCKET);
     let endpoint = server.endpoint();
+    let mut args = vec![
+        "--store",
+        &store,
+        "--s3-endpoint",
+        &endpoint,
+        "--s3-region",
+        "us-east-1",
+        "--s3-path-style",
+    ];
+    args.extend_from_slice(extra);
     // Credentials come through the standard AWS environment variables.
     Agent::start_with_env(
         dir.join("agent"),
-        &[
-            "--store",
-            &store,
-            "--s3-endpoint",
-            &endpoint,
-            "--s3-region",
-            "us-east-1",
-            "--s3-path-style",
-        ],
+        &args,
         &[
             ("AWS_ACCESS_KEY_ID", s3::ACCESS_KEY),
             ("AWS_SECRET_ACCESS_KEY", s3::SECRET_KEY),
@@ -210,4 +216,49 @@ fn during_an_s3_outage_inputs_already_on_the_node_are_still_served() {
     );
     assert_eq!(status, 503, "{}", String::from_utf8_lossy(&body));
     assert!(agent.log().contains("serving the cached copy unverified"));
+}
+
+#[test]
+fn the_node_cache_evicts_the_least_recently_used_past_its_bound() {
+    let dir = Dir::new("s3-cache-lru");
+    let server = S3Server::start(&dir.join("s3"), 0);
+    // Room for two of the three 1 MB objects.
+    let agent = s3_agent_with(&dir, &server, &["--cache-max-bytes", "2500000"]);
+    let token = agent.token("wf", "gen", 0, "1h");
+    let auth = bearer(&token);
+    let auth = [("Authorization", auth.as_str())];
+    let object = |n: u8| vec![n; 1_000_000];
+    for n in 1..=3u8 {
+        let path = format!("/v1/tasks/gen/0/outputs/o{n}.bin");
+        assert_eq!(http(agent.api, "PUT", &path, &auth, &object(n)).0, 200);
+    }
+    let read = |n: u8| {
+        let path = format!("/v1/tasks/gen/0/inputs/i?key=emissary/wf/gen/0/o{n}.bin");
+        let (status, body) = http(agent.api, "GET", &path, &auth, b"");
+        assert!(status == 200 && body == object(n), "o{n}: {status}");
+    };
+    let misses = || agent.metric("emissary_agent_cache_misses");
+    read(1);
+    std::thread::sleep(Duration::from_millis(20)); // distinct modification times
+    read(2);
+    std::thread::sleep(Duration::from_millis(20));
+    read(1); // 1 is now more recent than 2
+    std::thread::sleep(Duration::from_millis(20));
+    read(3); // over the bound: 2, the least recently used, goes
+    assert_eq!(misses(), 3.0);
+    let cache = agent.dir.join("data/cache");
+    let entries = |sub: &str| {
+        std::fs::read_dir(cache.join(sub))
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_type().unwrap().is_file())
+            .count()
+    };
+    assert_eq!(entries(""), 2, "two objects fit");
+    assert_eq!(entries("latest"), 2, "no pointer outlives its entry");
+    read(1);
+    read(3);
+    assert_eq!(misses(), 3.0, "1 and 3 stayed");
+    read(2);
+    assert_eq!(misses(), 4.0, "2 was evicted");
 }

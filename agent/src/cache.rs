@@ -50,12 +50,29 @@ impl Cache {
                 total += entry.metadata()?.len();
             }
         }
-        Ok(Cache {
+        let cache = Cache {
             dir: dir.to_owned(),
             max_bytes,
             total: Mutex::new(total),
             downloads: Mutex::default(),
-        })
+        };
+        cache.prune_pointers();
+        Ok(cache)
+    }
+
+    /// Removes the `latest/` pointers whose entry is gone, so that there are never more
+    /// pointers than entries (run at start and after each eviction).
+    fn prune_pointers(&self) {
+        for pointer in std::fs::read_dir(self.dir.join(LATEST))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let target = std::fs::read_to_string(pointer.path()).unwrap_or_default();
+            if target.is_empty() || !self.dir.join(target.trim()).is_file() {
+                let _ = std::fs::remove_file(pointer.path());
+            }
+        }
     }
 
     /// The cached file for `key` at version `meta`, downloading it first if needed.
@@ -187,6 +204,8 @@ impl Cache {
                 *total -= size;
             }
         }
+        drop(total);
+        self.prune_pointers();
     }
 }
 
