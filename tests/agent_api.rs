@@ -419,3 +419,30 @@ fn an_input_key_that_escapes_the_store_fails_the_step_at_once_as_the_specs_fault
         assert!(!target.exists());
     }
 }
+
+#[test]
+fn a_client_silent_mid_body_is_cut_off_and_nothing_is_stored() {
+    use std::io::Write;
+    let dir = Dir::new("agent-body-idle");
+    let agent = Agent::start(dir.join("agent"), &["--body-idle-timeout", "500ms"]);
+    let token = agent.token("wf", "t", 0, "1h");
+    let started = Instant::now();
+    let mut upload = std::net::TcpStream::connect(agent.api).unwrap();
+    write!(upload, "PUT /v1/tasks/t/0/outputs/stalled HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Length: 100000\r\n\r\n").unwrap();
+    upload.write_all(&[7; 1000]).unwrap();
+    let (status, body) = read_response(upload);
+    assert_eq!(status, 400, "{}", String::from_utf8_lossy(&body));
+    let mut json = std::net::TcpStream::connect(agent.api).unwrap();
+    write!(json, "POST /v1/tasks/t/0/progress HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Length: 1000\r\n\r\n{{\"container\":").unwrap();
+    let (status, _) = read_response(json);
+    assert!(
+        status >= 400,
+        "a stalled JSON body is refused too: {status}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(store_files(&agent).is_empty(), "{:?}", store_files(&agent));
+}

@@ -63,6 +63,14 @@ pub struct ServeArgs {
     /// On SIGTERM, how long in-flight requests and the outbox flush may take [default: 30s].
     #[arg(long, value_name = "DURATION", env = "EMISSARY_AGENT_SHUTDOWN_TIMEOUT")]
     pub shutdown_timeout: Option<String>,
+    /// A client silent this long in the middle of a request body is cut off (the upload is
+    /// discarded) [default: 60s].
+    #[arg(
+        long,
+        value_name = "DURATION",
+        env = "EMISSARY_AGENT_BODY_IDLE_TIMEOUT"
+    )]
+    pub body_idle_timeout: Option<String>,
     /// Written (atomically) once listening: {"api": ADDR, "admin": ADDR}.
     #[arg(long, value_name = "FILE", env = "EMISSARY_AGENT_READY_FILE")]
     pub ready_file: Option<PathBuf>,
@@ -86,6 +94,7 @@ pub struct Settings {
     pub cache_max_bytes: u64,
     pub journal_max_bytes: u64,
     pub shutdown_timeout: Duration,
+    pub body_idle_timeout: Duration,
     pub ready_file: Option<PathBuf>,
 }
 
@@ -116,6 +125,7 @@ impl ServeArgs {
             "cache-max-bytes",
             "journal-max-bytes",
             "shutdown-timeout",
+            "body-idle-timeout",
             "ready-file",
         ];
         if let Some(unknown) = file.keys().find(|k| !KNOWN.contains(&k.as_str())) {
@@ -173,6 +183,10 @@ impl ServeArgs {
             .shutdown_timeout
             .or(text("shutdown-timeout")?)
             .unwrap_or_else(|| "30s".into());
+        let body_idle = self
+            .body_idle_timeout
+            .or(text("body-idle-timeout")?)
+            .unwrap_or_else(|| "60s".into());
         let settings = Settings {
             listen: match self.listen {
                 Some(a) => a,
@@ -217,6 +231,8 @@ impl ServeArgs {
                 .unwrap_or(256 << 20),
             shutdown_timeout: protocol::duration::parse(&timeout)
                 .map_err(|e| format!("shutdown-timeout: {e}"))?,
+            body_idle_timeout: protocol::duration::parse(&body_idle)
+                .map_err(|e| format!("body-idle-timeout: {e}"))?,
             ready_file: self.ready_file.or(text("ready-file")?.map(PathBuf::from)),
             data_dir,
         };

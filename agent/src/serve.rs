@@ -56,6 +56,7 @@ pub async fn serve(settings: Settings) -> Result<(), String> {
         metrics: metrics.clone(),
         node: settings.node.clone(),
         inline_limit: settings.inline_limit,
+        body_idle: settings.body_idle_timeout,
         next_request: Default::default(),
     });
 

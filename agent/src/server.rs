@@ -3,7 +3,7 @@
 //! Every task request carries `Authorization: Bearer TOKEN`; a token opens only its own task
 //! attempt's paths (401 for a bad or expired token, 403 for another task's). JSON bodies are
 //! capped at 1 MiB and a malformed one is a 400 naming the field; names must be single safe
-//! path segments; a client silent for 60 s mid-body is cut off.
+//! path segments; a client silent mid-body for `--body-idle-timeout` (60 s) is cut off.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -28,8 +28,6 @@ use crate::store::{Store, StoreError, stream_file};
 use crate::token::{Claims, Secret};
 
 const JSON_LIMIT: usize = 1 << 20;
-/// How long a client may stay silent in the middle of a body.
-pub const BODY_IDLE: Duration = Duration::from_secs(60);
 /// The longest a commands long-poll may wait.
 const MAX_WAIT: Duration = Duration::from_secs(60);
 
@@ -43,6 +41,8 @@ pub struct App {
     pub metrics: Arc<Metrics>,
     pub node: String,
     pub inline_limit: usize,
+    /// How long a client may stay silent in the middle of a request body.
+    pub body_idle: Duration,
     pub next_request: AtomicU64,
 }
 
@@ -214,8 +214,8 @@ fn authorize(
 }
 
 /// A JSON body, with the path of the field at fault when it does not parse.
-async fn json_body<T: DeserializeOwned>(req: Request<Incoming>) -> Result<T, Refusal> {
-    let bytes = read_limited(req.into_body(), JSON_LIMIT, BODY_IDLE)
+async fn json_body<T: DeserializeOwned>(app: &App, req: Request<Incoming>) -> Result<T, Refusal> {
+    let bytes = read_limited(req.into_body(), JSON_LIMIT, app.body_idle)
         .await
         .map_err(|e| Refusal::new(StatusCode::PAYLOAD_TOO_LARGE, e))?;
     let de = &mut serde_json::Deserializer::from_slice(&bytes);
@@ -265,7 +265,7 @@ async fn start(
     claims: &Claims,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Refusal> {
-    let start: StartRequest = json_body(req).await?;
+    let start: StartRequest = json_body(app, req).await?;
     let mut e = event(app, claims, Phase::Running);
     e.container = Some(start.container);
     journal(app, e).await
@@ -276,7 +276,7 @@ async fn progress(
     claims: &Claims,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Refusal> {
-    let report: ProgressReport = json_body(req).await?;
+    let report: ProgressReport = json_body(app, req).await?;
     let mut e = event(app, claims, Phase::Running);
     e.container = Some(report.container);
     e.progress = Some(report.progress);
@@ -288,7 +288,7 @@ async fn result(
     claims: &Claims,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Refusal> {
-    let result: TaskResult = json_body(req).await?;
+    let result: TaskResult = json_body(app, req).await?;
     let phase = if app.commands.was_terminated(&claims.task, claims.attempt)
         && result.reason != protocol::ExitReason::Completed
     {
@@ -445,7 +445,7 @@ async fn output(
     let key = object_key(app, claims, file);
     let mut upload = Upload {
         body: req.into_body(),
-        idle: BODY_IDLE,
+        idle: app.body_idle,
     };
     let stored = app.store.put(&key, &mut upload).await?;
     app.metrics.upload_bytes.inc_by(stored.size);
