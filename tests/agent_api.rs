@@ -446,3 +446,46 @@ fn a_client_silent_mid_body_is_cut_off_and_nothing_is_stored() {
     );
     assert!(store_files(&agent).is_empty(), "{:?}", store_files(&agent));
 }
+
+#[test]
+fn every_log_line_of_a_request_carries_its_request_id() {
+    let dir = Dir::new("agent-request-id");
+    let agent = Agent::start(dir.join("agent"), &[]);
+    let token = agent.token("wf", "t", 0, "1h");
+    let auth = bearer(&token);
+    let auth = [("Authorization", auth.as_str())];
+    assert_eq!(
+        http(agent.api, "PUT", "/v1/tasks/t/0/outputs/a.txt", &auth, b"x").0,
+        200
+    );
+    assert_eq!(
+        http(agent.api, "PUT", "/v1/tasks/t/0/outputs/b.txt", &auth, b"y").0,
+        200
+    );
+    let lines: Vec<serde_json::Value> = agent
+        .log()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .filter(|l: &serde_json::Value| l["target"] == "emissary_agent::server")
+        .collect();
+    // Each upload logs received, stored and done, all under one id, and the ids differ.
+    let mut ids = Vec::new();
+    for file in ["a.txt", "b.txt"] {
+        let mine: Vec<_> = lines
+            .iter()
+            .filter(|l| l["span"]["path"] == format!("/v1/tasks/t/0/outputs/{file}"))
+            .collect();
+        let messages: Vec<_> = mine
+            .iter()
+            .map(|l| l["fields"]["message"].clone())
+            .collect();
+        assert_eq!(messages, ["received", "stored", "done"], "{mine:#?}");
+        let id = &mine[0]["span"]["request_id"];
+        assert!(
+            id.is_u64() && mine.iter().all(|l| &l["span"]["request_id"] == id),
+            "{mine:#?}"
+        );
+        ids.push(id.clone());
+    }
+    assert_ne!(ids[0], ids[1]);
+}

@@ -362,3 +362,25 @@ fn a_node_token_minted_by_hand_opens_only_its_own_node_at_the_controller() {
     );
     assert_eq!(controller.heartbeats(), 1);
 }
+
+#[test]
+fn sigterm_flushes_the_outbox_to_a_controller_that_came_back() {
+    let dir = Dir::new("outbox-sigterm-flush");
+    let controller = Controller::start();
+    controller.set_failing(true);
+    let mut agent = Agent::start(dir.join("agent"), &["--controller-url", &controller.url()]);
+    let token = agent.token("wf", "t", 0, "1h");
+    for n in 0..5 {
+        assert_eq!(post(&agent, &token, "t", "progress", progress(n)), 200);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(controller.events().is_empty());
+    controller.set_failing(false);
+    assert!(agent.terminate(Duration::from_secs(40)).success()); // SIGTERM, then wait
+    let events = summary(&controller.events());
+    assert_eq!(
+        events.iter().map(|(_, seq, _)| *seq).collect::<Vec<_>>(),
+        (1..=5).collect::<Vec<_>>(),
+        "delivered before exiting: {events:?}"
+    );
+}
