@@ -384,3 +384,68 @@ fn sigterm_flushes_the_outbox_to_a_controller_that_came_back() {
         "delivered before exiting: {events:?}"
     );
 }
+
+/// A size-limited tmpfs mounted at a directory for as long as it lives (the tests run as root).
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(at).unwrap();
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .status()
+            .unwrap();
+        assert!(status.success(), "mount tmpfs at {}", at.display());
+        Tmpfs(at.to_owned())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[test]
+fn a_disk_full_mid_event_loses_none_of_the_events_journaled_after_it() {
+    let dir = Dir::new("outbox-enospc");
+    let journal = dir.join("agent/data/journal");
+    let _disk = Tmpfs::mount(&journal, "256k");
+    let mut controller = Controller::start();
+    controller.down();
+    let agent = Agent::start(dir.join("agent"), &["--controller-url", &controller.url()]);
+    let token = agent.token("wf", "t", 0, "1h");
+    assert_eq!(post(&agent, &token, "t", "progress", progress(1)), 200);
+
+    // Fill the disk: the next event fits only partly in the segment's last page.
+    let filler = journal.join("filler");
+    let mut file = std::fs::File::create(&filler).unwrap();
+    while file.write_all(&[b'.'; 4096]).is_ok() {}
+    drop(file);
+    let big = "x".repeat(20_000);
+    let result = serde_json::json!({
+        "container": "main", "exit_code": 0, "reason": "Completed",
+        "outputs": {"parameters": [{"name": "big", "value": big}], "artifacts": []},
+    });
+    let status = post(&agent, &token, "t", "result", result);
+    assert_ne!(
+        status, 200,
+        "an event that did not reach the disk was acknowledged"
+    );
+
+    std::fs::remove_file(&filler).unwrap();
+    for n in 2..=4 {
+        assert_eq!(post(&agent, &token, "t", "progress", progress(n)), 200);
+    }
+    controller.up();
+    controller.wait_events(4, Duration::from_secs(30));
+    let progress: Vec<String> = summary(&controller.events())
+        .into_iter()
+        .map(|(_, _, p)| p)
+        .collect();
+    assert_eq!(progress, ["1/100", "2/100", "3/100", "4/100"]);
+}

@@ -152,7 +152,6 @@ impl Writer {
                 batch.push(more);
             }
             let mut written = Vec::with_capacity(batch.len());
-            let mut failure = None;
             for append in batch {
                 if self.bytes.load(Ordering::Relaxed) >= self.max_bytes {
                     let _ = append.done.send(Err(AppendError::Full));
@@ -161,7 +160,6 @@ impl Writer {
                 match self.write(append.event) {
                     Ok(event) => written.push((append.done, event)),
                     Err(e) => {
-                        failure = Some(e.to_string());
                         let _ = append.done.send(Err(AppendError::Io(e.to_string())));
                     }
                 }
@@ -170,9 +168,9 @@ impl Writer {
                 Some((file, _)) => file.sync_data().map_err(|e| e.to_string()),
                 None => Ok(()),
             };
-            let outcome = failure.map_or(synced, Err);
+            // A failed append was answered; the records written before it stand on the fsync.
             for (done, event) in written {
-                let _ = done.send(outcome.clone().map(|()| event).map_err(AppendError::Io));
+                let _ = done.send(synced.clone().map(|()| event).map_err(AppendError::Io));
             }
             self.appended.notify_one();
         }
@@ -218,7 +216,16 @@ impl Writer {
             self.current = Some((file, size));
         }
         let (file, size) = self.current.as_mut().expect("opened above");
-        file.write_all(&line)?;
+        if let Err(e) = file.write_all(&line) {
+            // A short write (disk full) leaves a torn line, and a reader stops at a torn line:
+            // cut it off, or failing that start a new segment, so later records are read.
+            if file.set_len(*size).is_err() {
+                let _ = file.sync_data(); // for the records before it in this group commit
+                self.current = None;
+                self.next_id += 1; // the new segment's name must differ from the torn one's
+            }
+            return Err(e);
+        }
         *size += line.len() as u64;
         self.bytes.fetch_add(line.len() as u64, Ordering::Relaxed);
         self.next_id += 1;
