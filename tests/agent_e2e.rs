@@ -161,6 +161,34 @@ fn a_terminate_from_the_controller_stops_the_step() {
 }
 
 #[test]
+fn a_terminate_reaches_every_container_of_a_container_set() {
+    let cluster = Cluster::start("e2e-terminate-set");
+    let marker = marker(72);
+    let script = format!("trap 'echo got TERM; exit 3' TERM; sleep {marker} & wait");
+    let spec = json!({"containerSet": {"containers": [
+        {"name": "a", "command": ["sh", "-c", script]},
+        {"name": "b", "command": ["sh", "-c", script]}
+    ]}});
+    let containers: Vec<Running> = ["a", "b"]
+        .into_iter()
+        .map(|name| start(cluster.step("set", &spec).args(["--container", name])))
+        .collect();
+    assert!(
+        wait_until(Duration::from_secs(10), || sleeps(&marker).len() == 2),
+        "the containers did not start"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    cluster
+        .controller
+        .command(json!({"task_id": "set", "attempt": 0, "kind": "terminate"}));
+    for container in containers {
+        let out = container.finish(Duration::from_secs(20));
+        out.assert_code(3);
+        assert!(out.stdout().contains("got TERM"), "{}", out.dump());
+    }
+}
+
+#[test]
 fn an_agent_killed_mid_upload_is_retried_and_the_object_lands_once() {
     let mut cluster = Cluster::start("e2e-agent-crash");
     let work = cluster.dir.join("work");

@@ -373,10 +373,30 @@ fn sigterm_flushes_the_outbox_to_a_controller_that_came_back() {
     for n in 0..5 {
         assert_eq!(post(&agent, &token, "t", "progress", progress(n)), 200);
     }
+    // A task's long-poll is pending: it must not hold the shutdown for its whole wait.
+    let api = agent.api;
+    let poll = std::thread::spawn(move || {
+        let auth = bearer(&token);
+        http(
+            api,
+            "GET",
+            "/v1/tasks/t/0/commands?wait=60s",
+            &[("Authorization", &auth)],
+            b"",
+        )
+        .0
+    });
     std::thread::sleep(Duration::from_millis(300));
     assert!(controller.events().is_empty());
     controller.set_failing(false);
+    let stopping = std::time::Instant::now();
     assert!(agent.terminate(Duration::from_secs(40)).success()); // SIGTERM, then wait
+    assert!(
+        stopping.elapsed() < Duration::from_secs(10),
+        "shutdown took {:?}",
+        stopping.elapsed()
+    );
+    assert_eq!(poll.join().unwrap(), 204);
     let events = summary(&controller.events());
     assert_eq!(
         events.iter().map(|(_, seq, _)| *seq).collect::<Vec<_>>(),

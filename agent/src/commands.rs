@@ -1,80 +1,131 @@
-//! Commands for running tasks (terminate, signal): queued per task attempt, handed to the
-//! emissary's long-poll the moment they arrive (a `Notify` permit: no wake-up is ever lost).
+//! Commands for running tasks (terminate, signal): kept per task attempt and handed to every
+//! container's long-poll (a containerSet runs one emissary per container, all with the
+//! attempt's token), each command once per container, the moment it arrives.
 
-use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::collections::HashMap;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use protocol::api::Command;
-use tokio::sync::Notify;
+use tokio::sync::watch;
 
-/// Commands nobody collects are forgotten after this long.
-const UNCLAIMED_TTL: Duration = Duration::from_secs(600);
+/// An attempt nobody polls or commands for this long is forgotten.
+const IDLE_TTL: Duration = Duration::from_secs(600);
+/// Commands kept per attempt; older ones are dropped (a poller that far behind misses them).
+const LOG_LIMIT: usize = 64;
 
 type TaskKey = (String, u32);
 
-#[derive(Default)]
 pub struct Commands {
     slots: Mutex<HashMap<TaskKey, Slot>>,
-    terminated: Mutex<HashSet<TaskKey>>,
+    /// Set at shutdown: every long-poll answers at once, so in-flight requests finish.
+    closing: watch::Sender<bool>,
+}
+
+impl Default for Commands {
+    fn default() -> Commands {
+        Commands {
+            slots: Mutex::default(),
+            closing: watch::channel(false).0,
+        }
+    }
 }
 
 struct Slot {
-    queue: Vec<Command>,
-    notify: Arc<Notify>,
+    /// Commands `first..first + log.len()` of this attempt.
+    log: Vec<Command>,
+    first: usize,
+    /// Per container: the number of commands it has been handed.
+    cursors: HashMap<String, usize>,
+    /// Bumped on every push; a waiting poll subscribes before it sleeps, so no push is missed.
+    pushed: watch::Sender<()>,
+    terminated: bool,
     touched: Instant,
 }
 
 impl Slot {
     fn new() -> Slot {
         Slot {
-            queue: Vec::new(),
-            notify: Arc::new(Notify::new()),
+            log: Vec::new(),
+            first: 0,
+            cursors: HashMap::new(),
+            pushed: watch::channel(()).0,
+            terminated: false,
             touched: Instant::now(),
         }
+    }
+
+    /// What `container` has not been handed yet, marking it handed.
+    fn take(&mut self, container: &str) -> Vec<Command> {
+        let end = self.first + self.log.len();
+        let cursor = self.cursors.entry(container.to_owned()).or_insert(0);
+        let from = (*cursor).max(self.first) - self.first;
+        *cursor = end;
+        self.touched = Instant::now();
+        self.log[from..].to_vec()
     }
 }
 
 impl Commands {
-    pub fn push(&self, task: &str, attempt: u32, command: Command) {
-        let key = (task.to_owned(), attempt);
-        if command == Command::Terminate {
-            self.terminated.lock().unwrap().insert(key.clone());
-        }
-        let mut slots = self.slots.lock().unwrap();
-        slots.retain(|_, s| s.touched.elapsed() < UNCLAIMED_TTL);
-        let slot = slots.entry(key).or_insert_with(Slot::new);
-        slot.queue.push(command);
-        slot.touched = Instant::now();
-        slot.notify.notify_one();
+    fn slot<'a>(slots: &'a mut HashMap<TaskKey, Slot>, task: &str, attempt: u32) -> &'a mut Slot {
+        slots.retain(|_, s| s.touched.elapsed() < IDLE_TTL);
+        slots
+            .entry((task.to_owned(), attempt))
+            .or_insert_with(Slot::new)
     }
 
-    /// The commands for a task, waiting up to `wait` for the first.
-    pub async fn wait(&self, task: &str, attempt: u32, wait: Duration) -> Vec<Command> {
-        let key = (task.to_owned(), attempt);
-        let notify = {
-            let mut slots = self.slots.lock().unwrap();
-            let slot = slots.entry(key.clone()).or_insert_with(Slot::new);
-            slot.touched = Instant::now();
-            if !slot.queue.is_empty() {
-                return std::mem::take(&mut slot.queue);
-            }
-            slot.notify.clone()
-        };
-        let _ = tokio::time::timeout(wait, notify.notified()).await;
+    pub fn push(&self, task: &str, attempt: u32, command: Command) {
         let mut slots = self.slots.lock().unwrap();
-        slots
-            .get_mut(&key)
-            .map(|s| std::mem::take(&mut s.queue))
-            .unwrap_or_default()
+        let slot = Self::slot(&mut slots, task, attempt);
+        slot.terminated |= command == Command::Terminate;
+        slot.log.push(command);
+        if slot.log.len() > LOG_LIMIT {
+            slot.log.remove(0);
+            slot.first += 1;
+        }
+        slot.touched = Instant::now();
+        slot.pushed.send_replace(());
+    }
+
+    /// The commands `container` of a task has not had yet, waiting up to `wait` for the first.
+    pub async fn wait(
+        &self,
+        task: &str,
+        attempt: u32,
+        container: &str,
+        wait: Duration,
+    ) -> Vec<Command> {
+        let mut closing = self.closing.subscribe();
+        let mut pushed = {
+            let mut slots = self.slots.lock().unwrap();
+            let slot = Self::slot(&mut slots, task, attempt);
+            let ready = slot.take(container);
+            if !ready.is_empty() || *closing.borrow_and_update() {
+                return ready;
+            }
+            slot.pushed.subscribe()
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = pushed.changed() => {}
+            _ = closing.changed() => {}
+        }
+        let mut slots = self.slots.lock().unwrap();
+        Self::slot(&mut slots, task, attempt).take(container)
+    }
+
+    /// Answers every long-poll now and every later one at once (the agent is stopping).
+    pub fn close(&self) {
+        self.closing.send_replace(true);
     }
 
     /// Whether the controller asked this attempt to stop (its end is then `Aborted`).
     pub fn was_terminated(&self, task: &str, attempt: u32) -> bool {
-        self.terminated
+        self.slots
             .lock()
             .unwrap()
-            .contains(&(task.to_owned(), attempt))
+            .get(&(task.to_owned(), attempt))
+            .is_some_and(|s| s.terminated)
     }
 
     /// Task attempts currently polling or with queued commands (for heartbeats).
@@ -86,32 +137,31 @@ impl Commands {
             .map(|(k, _)| k.clone())
             .collect()
     }
+
+    #[cfg(test)]
+    fn attempts(&self) -> usize {
+        self.slots.lock().unwrap().len()
+    }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
+
+    const NOW: Duration = Duration::from_millis(1);
 
     #[tokio::test]
     async fn a_command_pushed_before_the_poll_is_not_lost() {
         let commands = Commands::default();
         commands.push("t", 1, Command::Signal { signal: 10 });
         assert_eq!(
-            commands.wait("t", 1, Duration::from_millis(1)).await,
+            commands.wait("t", 1, "main", NOW).await,
             [Command::Signal { signal: 10 }]
         );
-        assert!(
-            commands
-                .wait("t", 1, Duration::from_millis(1))
-                .await
-                .is_empty()
-        );
-        assert!(
-            commands
-                .wait("other", 1, Duration::from_millis(1))
-                .await
-                .is_empty()
-        );
+        assert!(commands.wait("t", 1, "main", NOW).await.is_empty());
+        assert!(commands.wait("other", 1, "main", NOW).await.is_empty());
     }
 
     #[tokio::test]
@@ -119,7 +169,9 @@ mod tests {
         let commands = Arc::new(Commands::default());
         let waiter = {
             let commands = commands.clone();
-            tokio::spawn(async move { commands.wait("t", 0, Duration::from_secs(30)).await })
+            tokio::spawn(
+                async move { commands.wait("t", 0, "main", Duration::from_secs(30)).await },
+            )
         };
         tokio::time::sleep(Duration::from_millis(20)).await;
         let start = Instant::now();
@@ -127,5 +179,63 @@ mod tests {
         assert_eq!(waiter.await.unwrap(), [Command::Terminate]);
         assert!(start.elapsed() < Duration::from_millis(50));
         assert!(commands.was_terminated("t", 0));
+    }
+
+    #[tokio::test]
+    async fn every_container_of_a_task_gets_every_command_once() {
+        let commands = Arc::new(Commands::default());
+        let waiters: Vec<_> = ["a", "b"]
+            .into_iter()
+            .map(|container| {
+                let commands = commands.clone();
+                tokio::spawn(async move {
+                    commands
+                        .wait("t", 0, container, Duration::from_secs(30))
+                        .await
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        commands.push("t", 0, Command::Terminate);
+        for waiter in waiters {
+            assert_eq!(waiter.await.unwrap(), [Command::Terminate]);
+        }
+        // A container that polls later still gets it, and nobody gets it twice.
+        assert_eq!(commands.wait("t", 0, "c", NOW).await, [Command::Terminate]);
+        assert!(commands.wait("t", 0, "a", NOW).await.is_empty());
+    }
+
+    #[tokio::test]
+    async fn closing_answers_waiting_polls() {
+        let commands = Arc::new(Commands::default());
+        let waiter = {
+            let commands = commands.clone();
+            tokio::spawn(
+                async move { commands.wait("t", 0, "main", Duration::from_secs(30)).await },
+            )
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let start = Instant::now();
+        commands.close();
+        assert!(waiter.await.unwrap().is_empty());
+        assert!(
+            commands
+                .wait("t", 0, "main", Duration::from_secs(30))
+                .await
+                .is_empty()
+        );
+        assert!(start.elapsed() < Duration::from_millis(50));
+    }
+
+    #[tokio::test]
+    async fn the_log_is_bounded() {
+        let commands = Commands::default();
+        for signal in 0..(LOG_LIMIT as i32 + 10) {
+            commands.push("t", 0, Command::Signal { signal });
+        }
+        let got = commands.wait("t", 0, "main", NOW).await;
+        assert_eq!(got.len(), LOG_LIMIT);
+        assert_eq!(got[0], Command::Signal { signal: 10 });
+        assert_eq!(commands.attempts(), 1);
     }
 }

@@ -50,7 +50,7 @@ pub async fn serve(settings: Settings) -> Result<(), String> {
     let app = Arc::new(App {
         secret: secret.clone(),
         store,
-        cache: Some(cache),
+        cache: Some(Arc::new(cache)),
         outbox: outbox.clone(),
         commands: commands.clone(),
         metrics: metrics.clone(),
@@ -95,7 +95,7 @@ pub async fn serve(settings: Settings) -> Result<(), String> {
     tokio::spawn(controller::heartbeats(
         sink,
         settings.node.clone(),
-        commands,
+        commands.clone(),
         outbox,
         stop.clone(),
     ));
@@ -168,6 +168,8 @@ pub async fn serve(settings: Settings) -> Result<(), String> {
     info!(timeout = ?settings.shutdown_timeout, "shutting down: finishing in-flight requests");
     ready.store(false, std::sync::atomic::Ordering::Relaxed);
     drop(api);
+    // Long-polls answer now: they would otherwise hold the shutdown for their whole wait.
+    commands.close();
     let deadline = tokio::time::Instant::now() + settings.shutdown_timeout;
     if tokio::time::timeout_at(deadline, graceful.shutdown())
         .await

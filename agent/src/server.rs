@@ -463,9 +463,11 @@ async fn commands(
             .map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, format!("wait: {e}")))?,
         None => Duration::ZERO,
     };
+    // Each container of a containerSet polls with the same token: each gets every command.
+    let container = query(req, "container").unwrap_or_default();
     let list: Vec<Command> = app
         .commands
-        .wait(&claims.task, claims.attempt, wait.min(MAX_WAIT))
+        .wait(&claims.task, claims.attempt, &container, wait.min(MAX_WAIT))
         .await;
     if list.is_empty() {
         return Ok(Response::builder()

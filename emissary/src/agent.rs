@@ -112,8 +112,12 @@ impl Agent {
 
     /// Relays the agent's commands for this task into the control FIFO `fifo`, where the
     /// supervisor reads them like `emissary signal` (a thread; it ends with the process).
-    pub fn relay_commands(&self, fifo: PathBuf) {
-        let (client, path) = (self.client.clone(), self.path("commands?wait=30s"));
+    pub fn relay_commands(&self, container: &str, fifo: PathBuf) {
+        let path = self.path(&format!(
+            "commands?wait=30s&container={}",
+            percent_encode(container)
+        ));
+        let client = self.client.clone();
         let spawned = std::thread::Builder::new().name("commands".into()).stack_size(64 * 1024).spawn(move || {
             let mut wait = Duration::from_millis(100);
             loop {

@@ -128,7 +128,7 @@ pub fn run(opts: &RunOptions) -> Result<i32, Fatal> {
         }
     };
     if let Some(agent) = &task.agent {
-        agent.relay_commands(logs.dir.join(crate::control::FIFO_NAME));
+        agent.relay_commands(&task.name, logs.dir.join(crate::control::FIFO_NAME));
         agent.relay_progress(&task.name, progress_file(&logs.dir));
     }
     let deadline = deadline(opts, &template)?;

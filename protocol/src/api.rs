@@ -19,7 +19,7 @@
 //! | PUT | `/v1/tasks/{task}/{attempt}/outputs/{file}` | the artifact bytes (streamed) | 200 [`StoredArtifact`] |
 //! | POST | `/v1/tasks/{task}/{attempt}/progress` | [`ProgressReport`] | 200 `{}` |
 //! | POST | `/v1/tasks/{task}/{attempt}/result` | [`TaskResult`] | 200 `{}` once journaled |
-//! | GET | `/v1/tasks/{task}/{attempt}/commands?wait=30s` | | 200 `[Command]`, 204 nothing within `wait` |
+//! | GET | `/v1/tasks/{task}/{attempt}/commands?wait=30s&container=NAME` | | 200 `[Command]` (each container gets each once), 204 nothing within `wait` |
 //!
 //! `{file}` is `{artifact name}.{extension}` (`tgz`, `tar.zst`, or the name alone for
 //! `archive: none`). Names are 1-253 bytes of `[A-Za-z0-9._-]`, not `.` or `..`.
