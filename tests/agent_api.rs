@@ -220,6 +220,16 @@ fn artifacts_stream_through_byte_exact_and_events_are_journaled_in_order() {
     assert_eq!(status, 200);
     assert!(body == payload, "downloaded bytes differ");
 
+    // An artifact whose name is that of an offloaded value's key must not meet it.
+    let (status, _) = http(
+        agent.api,
+        "PUT",
+        "/v1/tasks/step/2/outputs/parameters",
+        &auth,
+        b"an artifact",
+    );
+    assert_eq!(status, 200);
+
     let big = "x".repeat(150);
     let result = serde_json::json!({
         "container": "main", "exit_code": 0, "reason": "Completed",
@@ -263,10 +273,15 @@ fn artifacts_stream_through_byte_exact_and_events_are_journaled_in_order() {
     let params = &events[2]["outputs"]["parameters"];
     assert_eq!(params[0]["value"]["inline"], "v");
     let offloaded = &params[1]["value"]["offloaded"];
-    assert_eq!(offloaded["key"], "wf-9/step/2/parameters/big");
+    assert_eq!(offloaded["key"], "wf-9/step/2/~values/parameters/big");
+    let stored = agent.dir.join("data/store/wf-9/step/2");
     assert_eq!(
-        std::fs::read_to_string(agent.dir.join("data/store/wf-9/step/2/parameters/big")).unwrap(),
+        std::fs::read_to_string(stored.join("~values/parameters/big")).unwrap(),
         big
+    );
+    assert_eq!(
+        std::fs::read(stored.join("parameters")).unwrap(),
+        b"an artifact"
     );
     assert_eq!(events[2]["inputs_digest"], "abc");
     assert!(agent.metric("emissary_agent_events_appended") >= 3.0);

@@ -340,7 +340,8 @@ async fn inline_or_offload(
     if value.len() <= app.inline_limit {
         return Ok(Value::Inline(value));
     }
-    let key = object_key(app, claims, name);
+    // `~` is in no artifact name: an artifact called `result` or `parameters` is not overwritten.
+    let key = object_key(app, claims, &format!("~values/{name}"));
     let stored = app
         .store
         .put(&key, &mut InMemory(Some(Bytes::from(value))))
