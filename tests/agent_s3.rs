@@ -1,6 +1,7 @@
 //! The agent on a real S3 server (s3s-fs, embedded): multipart uploads, the node cache, an S3
 //! outage.
 
+use std::io::{Read, Write};
 use std::time::Duration;
 
 use crate::agent_util::*;
@@ -12,13 +13,17 @@ fn s3_agent(dir: &Dir, server: &S3Server) -> Agent {
 }
 
 fn s3_agent_with(dir: &Dir, server: &S3Server, extra: &[&str]) -> Agent {
+    s3_agent_at(dir, &server.endpoint(), extra)
+}
+
+/// An agent on the S3 server at `endpoint` (e.g. through a proxy).
+fn s3_agent_at(dir: &Dir, endpoint: &str, extra: &[&str]) -> Agent {
     let store = format!("s3://{}/emissary", s3::BUCKET);
-    let endpoint = server.endpoint();
     let mut args = vec![
         "--store",
         &store,
         "--s3-endpoint",
-        &endpoint,
+        endpoint,
         "--s3-region",
         "us-east-1",
         "--s3-path-style",
@@ -141,6 +146,73 @@ fn concurrent_requests_for_one_input_download_it_once() {
         assert_eq!(status, 200);
         assert!(body == payload);
     }
+    assert_eq!(agent.metric("emissary_agent_store_downloads"), 1.0);
+}
+
+#[test]
+fn a_large_input_streams_while_the_node_cache_fills_and_a_reader_leaving_stops_nothing() {
+    let dir = Dir::new("s3-fill");
+    let server = S3Server::start(&dir.join("s3"), 0);
+    let slow = SlowProxy::start(server.addr, 2 << 20);
+    let agent = s3_agent_at(&dir, &format!("http://{}", slow.addr), &[]);
+    let token = agent.token("wf", "gen", 0, "1h");
+    let auth = bearer(&token);
+    let payload = noise(8 << 20, 9);
+    let (status, _) = http(
+        agent.api,
+        "PUT",
+        "/v1/tasks/gen/0/outputs/big",
+        &[("Authorization", &auth)],
+        &payload,
+    );
+    assert_eq!(status, 200);
+
+    // The store needs ~4 s to send it: the answer must start long before.
+    let asked = std::time::Instant::now();
+    let mut stream = std::net::TcpStream::connect(agent.api).unwrap();
+    write!(
+        stream,
+        "GET /v1/tasks/gen/0/inputs/big?key=emissary/wf/gen/0/big HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\n\r\n"
+    )
+    .unwrap();
+    let mut first = [0u8; 12];
+    stream.read_exact(&mut first).unwrap();
+    assert_eq!(&first, b"HTTP/1.1 200");
+    assert!(
+        asked.elapsed() < Duration::from_millis(1500),
+        "the first byte came after {:?}: the whole input was fetched first",
+        asked.elapsed()
+    );
+    drop(stream); // the reader leaves mid-download
+
+    let cache = agent.dir.join("data/cache");
+    let complete = || {
+        let names: Vec<(String, u64)> = std::fs::read_dir(&cache)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_type().unwrap().is_file())
+            .map(|e| {
+                (
+                    e.file_name().to_string_lossy().into_owned(),
+                    e.metadata().unwrap().len(),
+                )
+            })
+            .collect();
+        names.len() == 1 && !names[0].0.starts_with('.') && names[0].1 == payload.len() as u64
+    };
+    assert!(
+        wait_until(Duration::from_secs(30), complete),
+        "the download did not finish into the cache without its reader"
+    );
+    let (status, body) = http(
+        agent.api,
+        "GET",
+        "/v1/tasks/gen/0/inputs/big?key=emissary/wf/gen/0/big",
+        &[("Authorization", &auth)],
+        b"",
+    );
+    assert_eq!(status, 200);
+    assert!(body == payload, "bytes differ");
     assert_eq!(agent.metric("emissary_agent_store_downloads"), 1.0);
 }
 

@@ -395,3 +395,55 @@ pub fn has_interpreter(elf: &[u8]) -> bool {
         u32::from_le_bytes(elf[at..at + 4].try_into().unwrap()) == 3
     })
 }
+
+/// A TCP proxy on 127.0.0.1 that passes what its target answers at `bytes_per_sec` (a slow
+/// store or network); requests pass at full speed. Stops accepting when dropped.
+pub struct SlowProxy {
+    pub addr: std::net::SocketAddr,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl SlowProxy {
+    pub fn start(target: std::net::SocketAddr, bytes_per_sec: usize) -> SlowProxy {
+        use std::net::{Shutdown, TcpListener, TcpStream};
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopping = stop.clone();
+        thread::spawn(move || {
+            for client in listener.incoming() {
+                if stopping.load(Ordering::Relaxed) {
+                    return;
+                }
+                let (Ok(client), Ok(server)) = (client, TcpStream::connect(target)) else {
+                    continue;
+                };
+                let (mut requests, mut upstream) =
+                    (client.try_clone().unwrap(), server.try_clone().unwrap());
+                thread::spawn(move || {
+                    let _ = std::io::copy(&mut requests, &mut upstream);
+                    let _ = upstream.shutdown(Shutdown::Write);
+                });
+                let (mut server, mut client) = (server, client);
+                thread::spawn(move || {
+                    let mut buf = vec![0; 16 * 1024];
+                    while let Ok(n @ 1..) = server.read(&mut buf) {
+                        if client.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                        thread::sleep(Duration::from_secs_f64(n as f64 / bytes_per_sec as f64));
+                    }
+                    let _ = client.shutdown(Shutdown::Both);
+                });
+            }
+        });
+        SlowProxy { addr, stop }
+    }
+}
+
+impl Drop for SlowProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = std::net::TcpStream::connect(self.addr); // wakes the accept loop
+    }
+}

@@ -8,30 +8,54 @@
 //! key overwritten during the outage is the price of running through it.
 
 use std::collections::HashMap;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
+use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt;
 use sha2::{Digest, Sha256};
-use tokio::io::AsyncWriteExt;
+use tokio::sync::watch;
 
+use crate::body::{Body, channel};
 use crate::store::{ObjectMeta, Store, StoreError, hex};
 
 /// The directory of per-key pointers to the entry last served.
 const LATEST: &str = "latest";
+/// Downloads are written, and their readers fed, in pieces of this size.
+const PIECE: usize = 256 * 1024;
 
 pub struct Cache {
     dir: PathBuf,
     max_bytes: u64,
     total: Mutex<u64>,
-    downloads: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Downloads in progress, by entry name: every request for the entry reads this one.
+    downloads: Mutex<HashMap<String, Fill>>,
 }
 
-/// Whether a lookup found the object already cached.
+/// Where a lookup found the object.
 pub enum Lookup {
+    /// Already on the node's disk.
     Hit(PathBuf),
-    Fetched(PathBuf),
+    /// Being downloaded, by this request (`started`) or an earlier one: read as it fills, so
+    /// the first bytes go out at once however large the object.
+    Filling { fill: Fill, started: bool },
+}
+
+/// A download in progress: its file (read by position, so readers share it) and how far it is.
+#[derive(Clone)]
+pub struct Fill {
+    file: Arc<std::fs::File>,
+    state: watch::Receiver<FillState>,
+}
+
+#[derive(Clone)]
+enum FillState {
+    Opening,
+    Writing(u64),
+    Done(u64),
+    Failed(StoreError),
 }
 
 impl Cache {
@@ -75,9 +99,12 @@ impl Cache {
         }
     }
 
-    /// The cached file for `key` at version `meta`, downloading it first if needed.
+    /// `key` at version `meta` from the node's disk, or from its download (started here if
+    /// none runs). A download outlives the request that started it, so a client that goes
+    /// away leaves neither a partial entry nor a wasted transfer. What fails before the first
+    /// byte is an error here, not a cut body.
     pub async fn get(
-        &self,
+        self: &Arc<Self>,
         store: &Store,
         key: &str,
         meta: &ObjectMeta,
@@ -88,22 +115,51 @@ impl Cache {
             self.remember(key, &name);
             return Ok(Lookup::Hit(path));
         }
-        let lock = self
-            .downloads
-            .lock()
-            .unwrap()
-            .entry(name.clone())
-            .or_default()
-            .clone();
-        let _one_download = lock.lock().await;
-        if touch(&path) {
-            return Ok(Lookup::Hit(path));
+        let (fill, started) = {
+            let mut downloads = self.downloads.lock().unwrap();
+            match downloads.get(&name) {
+                Some(fill) => (fill.clone(), false),
+                None if touch(&path) => return Ok(Lookup::Hit(path)), // it just finished
+                None => {
+                    let tmp = self.dir.join(format!(".{name}.{}", rand::random::<u64>()));
+                    let file = std::fs::File::options()
+                        .read(true)
+                        .write(true)
+                        .create_new(true)
+                        .open(&tmp)
+                        .map_err(|e| {
+                            StoreError::Failed(format!("node cache {}: {e}", tmp.display()))
+                        })?;
+                    let (progress, state) = watch::channel(FillState::Opening);
+                    let fill = Fill {
+                        file: Arc::new(file),
+                        state,
+                    };
+                    downloads.insert(name.clone(), fill.clone());
+                    let download = Download {
+                        store: store.clone(),
+                        key: key.to_owned(),
+                        meta: meta.clone(),
+                        name,
+                        tmp,
+                        file: fill.file.clone(),
+                        progress,
+                    };
+                    tokio::spawn(self.clone().download(download));
+                    (fill, true)
+                }
+            }
+        };
+        let mut state = fill.state.clone();
+        let first = state
+            .wait_for(|s| !matches!(s, FillState::Opening))
+            .await
+            .map(|s| s.clone());
+        match first {
+            Ok(FillState::Failed(e)) => Err(e),
+            Err(_) => Err(StoreError::Failed(format!("the download of {key} stopped"))),
+            Ok(_) => Ok(Lookup::Filling { fill, started }),
         }
-        let result = self.download(store, key, &path).await;
-        self.downloads.lock().unwrap().remove(&name);
-        result?;
-        self.remember(key, &name);
-        Ok(Lookup::Fetched(path))
     }
 
     /// The entry last served for `key`, if it is still cached (see the module docs).
@@ -135,43 +191,74 @@ impl Cache {
         }
     }
 
-    async fn download(&self, store: &Store, key: &str, path: &Path) -> Result<(), StoreError> {
-        let Some((_, mut body)) = store.get(key).await? else {
-            return Err(StoreError::Failed(format!("{key} vanished from the store")));
+    async fn download(self: Arc<Self>, d: Download) {
+        let outcome = match self.fetch(&d).await {
+            Ok(size) => std::fs::rename(&d.tmp, self.dir.join(&d.name))
+                .map(|()| size)
+                .map_err(|e| StoreError::Failed(format!("node cache {}: {e}", d.tmp.display()))),
+            Err(e) => Err(e),
         };
-        let tmp = self.dir.join(format!(
-            ".{}.{}",
-            path.file_name().unwrap_or_default().to_string_lossy(),
-            rand::random::<u64>()
-        ));
-        let failed =
-            |e: std::io::Error| StoreError::Failed(format!("node cache {}: {e}", tmp.display()));
-        let written = async {
-            let mut file = tokio::fs::File::create(&tmp).await.map_err(failed)?;
-            let mut size = 0u64;
-            while let Some(frame) = body.frame().await {
-                let frame =
-                    frame.map_err(|e| StoreError::Unavailable(format!("reading {key}: {e}")))?;
+        match outcome {
+            Ok(size) => {
+                *self.total.lock().unwrap() += size;
+                self.evict(&self.dir.join(&d.name));
+                self.remember(&d.key, &d.name);
+                d.progress.send_replace(FillState::Done(size));
+            }
+            Err(e) => {
+                let _ = std::fs::remove_file(&d.tmp);
+                d.progress.send_replace(FillState::Failed(e));
+            }
+        }
+        self.downloads.lock().unwrap().remove(&d.name);
+    }
+
+    /// Copies the object into the download's file, publishing how far it got; its size.
+    async fn fetch(&self, d: &Download) -> Result<u64, StoreError> {
+        let Some((got, mut body)) = d.store.get(&d.key).await? else {
+            return Err(StoreError::Failed(format!(
+                "{} vanished from the store",
+                d.key
+            )));
+        };
+        let changed = || StoreError::Unavailable(format!("{} changed while it was fetched", d.key));
+        if got.etag != d.meta.etag {
+            return Err(changed());
+        }
+        d.progress.send_replace(FillState::Writing(0));
+        let mut size = 0u64;
+        let mut pending = BytesMut::new();
+        loop {
+            let frame = body.frame().await;
+            let end = frame.is_none();
+            if let Some(frame) = frame {
+                let frame = frame
+                    .map_err(|e| StoreError::Unavailable(format!("reading {}: {e}", d.key)))?;
                 if let Ok(data) = frame.into_data() {
-                    size += data.len() as u64;
-                    file.write_all(&data).await.map_err(failed)?;
+                    pending.extend_from_slice(&data);
                 }
             }
-            file.flush().await.map_err(failed)?;
-            tokio::fs::rename(&tmp, path).await.map_err(failed)?;
-            Ok(size)
-        }
-        .await;
-        let size = match written {
-            Ok(size) => size,
-            Err(e) => {
-                let _ = tokio::fs::remove_file(&tmp).await;
-                return Err(e);
+            if pending.len() >= PIECE || (end && !pending.is_empty()) {
+                let piece = pending.split().freeze();
+                let (file, at, len) = (d.file.clone(), size, piece.len() as u64);
+                tokio::task::spawn_blocking(move || file.write_all_at(&piece, at))
+                    .await
+                    .map_err(std::io::Error::other)
+                    .and_then(|written| written)
+                    .map_err(|e| {
+                        StoreError::Failed(format!("node cache {}: {e}", d.tmp.display()))
+                    })?;
+                size += len;
+                d.progress.send_replace(FillState::Writing(size));
             }
-        };
-        *self.total.lock().unwrap() += size;
-        self.evict(path);
-        Ok(())
+            if end {
+                break;
+            }
+        }
+        if size != d.meta.size {
+            return Err(changed());
+        }
+        Ok(size)
     }
 
     /// Removes least recently used entries until the cache fits its bound (never `keep`).
@@ -216,4 +303,64 @@ fn touch(path: &Path) -> bool {
         .open(path)
         .and_then(|f| f.set_modified(SystemTime::now()))
         .is_ok()
+}
+
+/// What a download task needs.
+struct Download {
+    store: Store,
+    key: String,
+    meta: ObjectMeta,
+    name: String,
+    tmp: PathBuf,
+    file: Arc<std::fs::File>,
+    progress: watch::Sender<FillState>,
+}
+
+impl Fill {
+    /// The object as a response body: what is written so far, then the rest as it lands.
+    pub fn body(&self) -> Body {
+        let (tx, body) = channel(4);
+        let (file, mut state) = (self.file.clone(), self.state.clone());
+        tokio::spawn(async move {
+            let mut at = 0u64;
+            let mut closed = false;
+            loop {
+                let now = state.borrow_and_update().clone();
+                let (written, done) = match now {
+                    FillState::Opening => (0, false),
+                    FillState::Writing(n) => (n, false),
+                    FillState::Done(n) => (n, true),
+                    FillState::Failed(e) => {
+                        let _ = tx.send(Err(std::io::Error::other(e.to_string()))).await;
+                        return;
+                    }
+                };
+                if at < written {
+                    let len = (written - at).min(PIECE as u64);
+                    let file = file.clone();
+                    let piece = tokio::task::spawn_blocking(move || {
+                        let mut buf = vec![0; len as usize];
+                        file.read_exact_at(&mut buf, at).map(|()| Bytes::from(buf))
+                    })
+                    .await
+                    .map_err(std::io::Error::other)
+                    .and_then(|read| read);
+                    let failed = piece.is_err();
+                    if tx.send(piece).await.is_err() || failed {
+                        return; // the client went away, or was told
+                    }
+                    at += len;
+                } else if done {
+                    return;
+                } else if closed {
+                    let stopped = std::io::Error::other("the download stopped");
+                    let _ = tx.send(Err(stopped)).await;
+                    return;
+                } else if state.changed().await.is_err() {
+                    closed = true; // one more look at the last state
+                }
+            }
+        });
+        body
+    }
 }

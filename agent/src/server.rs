@@ -35,7 +35,7 @@ const MAX_WAIT: Duration = Duration::from_secs(60);
 pub struct App {
     pub secret: Secret,
     pub store: Store,
-    pub cache: Option<Cache>,
+    pub cache: Option<Arc<Cache>>,
     pub outbox: Outbox,
     pub commands: Arc<Commands>,
     pub metrics: Arc<Metrics>,
@@ -378,20 +378,25 @@ async fn input(app: &App, req: &Request<Incoming>, name: &str) -> Result<Respons
     let (size, body) = match &app.cache {
         Some(cache) if !app.store.is_local() => {
             let path = match app.store.head(&key).await {
-                Ok(meta) => match cache
-                    .get(&app.store, &key, &meta.ok_or_else(not_found)?)
-                    .await?
-                {
-                    Lookup::Hit(path) => {
-                        app.metrics.cache_hits.inc();
-                        path
+                Ok(meta) => {
+                    let meta = meta.ok_or_else(not_found)?;
+                    match cache.get(&app.store, &key, &meta).await? {
+                        Lookup::Hit(path) => {
+                            app.metrics.cache_hits.inc();
+                            path
+                        }
+                        Lookup::Filling { fill, started } => {
+                            if started {
+                                app.metrics.cache_misses.inc();
+                                app.metrics.store_downloads.inc();
+                            } else {
+                                app.metrics.cache_hits.inc();
+                            }
+                            app.metrics.download_bytes.inc_by(meta.size);
+                            return Ok(octet_stream(meta.size, fill.body()));
+                        }
                     }
-                    Lookup::Fetched(path) => {
-                        app.metrics.cache_misses.inc();
-                        app.metrics.store_downloads.inc();
-                        path
-                    }
-                },
+                }
                 Err(StoreError::Unavailable(e)) => {
                     let Some(path) = cache.last_served(&key) else {
                         return Err(StoreError::Unavailable(e).into());
@@ -423,12 +428,16 @@ async fn input(app: &App, req: &Request<Incoming>, name: &str) -> Result<Respons
         }
     };
     app.metrics.download_bytes.inc_by(size);
-    Ok(Response::builder()
+    Ok(octet_stream(size, body))
+}
+
+fn octet_stream(size: u64, body: Body) -> Response<Body> {
+    Response::builder()
         .status(StatusCode::OK)
         .header("content-type", "application/octet-stream")
         .header("content-length", size)
         .body(body)
-        .expect("valid response"))
+        .expect("valid response")
 }
 
 async fn output(

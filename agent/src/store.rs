@@ -26,7 +26,7 @@ const PART_SIZE: usize = 8 << 20;
 const PARTS_IN_FLIGHT: usize = 2;
 
 /// How a store operation failed.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum StoreError {
     /// The store could not be reached or answered 5xx: worth retrying.
     Unavailable(String),
@@ -55,7 +55,8 @@ pub struct ObjectMeta {
     pub etag: String,
 }
 
-/// Where artifacts live.
+/// Where artifacts live (cheap to clone: the S3 client is shared).
+#[derive(Clone)]
 pub enum Store {
     Local {
         root: PathBuf,
