@@ -504,3 +504,31 @@ fn every_log_line_of_a_request_carries_its_request_id() {
     }
     assert_ne!(ids[0], ids[1]);
 }
+
+#[test]
+fn a_refused_upload_fails_at_once_with_the_agents_reason() {
+    let dir = Dir::new("agent-refused-upload");
+    let agent = Agent::start(dir.join("agent"), &[]);
+    let out_file = dir.join("big");
+    // The token expires while the command runs: the agent refuses the upload before reading
+    // its body, which the emissary sees as a broken pipe mid-stream.
+    let spec = serde_json::json!({
+        "container": {"command": ["sh", "-c", format!("head -c 50000000 /dev/urandom > {}; sleep 3", out_file.display())]},
+        "outputs": {"artifacts": [{"name": "big", "path": out_file, "archive": {"none": {}}}]}
+    });
+    let mut cmd = emissary(["run", "--root", dir.join("root").to_str().unwrap()]);
+    cmd.env("EMISSARY_TEMPLATE", spec.to_string())
+        .env("EMISSARY_AGENT_RETRY", "30s");
+    agent.emissary_env(&mut cmd, "wf", "t", 0);
+    cmd.env("EMISSARY_TOKEN", agent.token("wf", "t", 0, "2s"));
+    let started = Instant::now();
+    let out = run(&mut cmd, b"", Duration::from_secs(60));
+    assert_ne!(out.code, Some(0), "{}", out.dump());
+    out.assert_stderr_contains("uploading an output: HTTP 401");
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "a refused upload was retried as if the agent were unreachable: {:?}{}",
+        started.elapsed(),
+        out.dump()
+    );
+}

@@ -243,16 +243,21 @@ impl Store for Agent {
             let mut upload =
                 std::io::BufWriter::with_capacity(256 * 1024, self.client.put_stream(&path)?);
             let packed = archive::pack(source, packing, &mut upload).and_then(|_| upload.flush());
-            packed.map_err(|e| {
+            if let Err(e) = packed {
                 let broken = matches!(
                     e.kind(),
                     std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
                 );
-                HttpError {
+                // A refusal (an expired token, a bad name) breaks the body off: say why, and do
+                // not retry what will be refused again.
+                if broken && let Some(refusal) = upload.into_parts().0.refusal() {
+                    return Err(refusal);
+                }
+                return Err(HttpError {
                     status: if broken { None } else { Some(400) },
                     message: format!("packing {}: {e}", source.display()),
-                }
-            })?;
+                });
+            }
             let upload = upload.into_inner().map_err(|e| HttpError {
                 status: None,
                 message: e.to_string(),

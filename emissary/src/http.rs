@@ -163,6 +163,16 @@ impl Write for Upload {
 }
 
 impl Upload {
+    /// The agent's answer when it broke off the body (a refusal such as 401 or 413 is sent
+    /// before the body is read, then the connection closed): `None` if there is none.
+    pub fn refusal(self) -> Option<HttpError> {
+        self.stream
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .ok()?;
+        let response = Response::read(self.stream, "PUT", &self.path).ok()?;
+        (!(200..300).contains(&response.status)).then(|| response.into_error())
+    }
+
     /// Ends the body and reads the answer, which must be 2xx.
     pub fn finish(mut self) -> Result<Vec<u8>, HttpError> {
         self.stream
