@@ -532,3 +532,29 @@ fn a_refused_upload_fails_at_once_with_the_agents_reason() {
         out.dump()
     );
 }
+
+#[test]
+fn progress_written_in_a_tight_loop_is_reported_at_most_once_a_second_ending_with_the_last() {
+    let dir = Dir::new("agent-progress-throttle");
+    let agent = Agent::start(dir.join("agent"), &[]);
+    let spec = serde_json::json!({"container": {"command": ["sh", "-c",
+        "i=0; while [ $i -lt 100 ]; do i=$((i+1)); echo $i/100 > $EMISSARY_PROGRESS_FILE; sleep 0.01; done; sleep 1.5"]}});
+    let mut cmd = emissary(["run", "--root", dir.join("root").to_str().unwrap()]);
+    cmd.env("EMISSARY_TEMPLATE", spec.to_string());
+    agent.emissary_env(&mut cmd, "wf", "t", 0);
+    run(&mut cmd, b"", Duration::from_secs(30)).assert_code(0);
+    assert!(wait_until(Duration::from_secs(10), || events_file(&agent)
+        .last()
+        .is_some_and(|e| e["phase"] == "Succeeded")));
+    let reported: Vec<String> = events_file(&agent)
+        .iter()
+        .filter(|e| e["phase"] == "Running" && e["progress"].is_string())
+        .map(|e| e["progress"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(
+        (2..=6).contains(&reported.len()),
+        "{} progress events: {reported:?}",
+        reported.len()
+    );
+    assert_eq!(reported.last().unwrap(), "100/100", "{reported:?}");
+}

@@ -19,6 +19,9 @@ use crate::http::{Client, HttpError};
 use crate::store::{GetError, Store};
 use crate::template::env_any;
 
+/// The shortest time between two progress reports.
+const PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
+
 pub struct Agent {
     client: Client,
     task: String,
@@ -181,12 +184,23 @@ impl Agent {
                     return;
                 }
                 let mut last = None;
+                let mut reported: Option<Instant> = None;
                 loop {
                     let Ok(events) = inotify.read_events() else {
                         return;
                     };
-                    if !events.iter().any(|e| e.name.as_deref() == Some(name)) {
+                    // An overflowed queue may have dropped our file's event: look anyway.
+                    if !events.iter().any(|e| {
+                        e.name.as_deref() == Some(name)
+                            || e.mask.contains(AddWatchFlags::IN_Q_OVERFLOW)
+                    }) {
                         continue;
+                    }
+                    // At most one report per interval: a tight loop writing its progress
+                    // must not become a flood of events. What it wrote meanwhile is read
+                    // after the pause, so the latest value is the one reported.
+                    if let Some(at) = reported {
+                        std::thread::sleep(PROGRESS_INTERVAL.saturating_sub(at.elapsed()));
                     }
                     let progress = crate::outputs::progress(&file);
                     if progress.is_some() && progress != last {
@@ -195,6 +209,7 @@ impl Agent {
                             progress: progress.clone().unwrap_or_default(),
                         };
                         let _ = client.post_json(&path, &report);
+                        reported = Some(Instant::now());
                         last = progress;
                     }
                 }
