@@ -30,6 +30,7 @@ metadata:
   annotations:
     emissary.io/template: '{"container": {"command": ["sh"]}}'
     emissary.io/task-id: step-1
+    emissary.io/token: t0k3n
 spec:
   restartPolicy: Never
   containers:

@@ -112,6 +112,17 @@ pub fn inject(pod: &Value, config: &Config) -> Result<Value, InjectError> {
     if is_injected(pod) {
         return Ok(pod.clone());
     }
+    // Without them every container would start, find no token, and fail: refuse at admission.
+    for key in [ANNOTATION_TASK, ANNOTATION_TOKEN] {
+        let value = pod.pointer(&format!("/metadata/annotations/{}", escape(key)));
+        if value.and_then(Value::as_str).is_none_or(str::is_empty) {
+            return fail(format!(
+                "metadata.annotations[{key:?}] is missing: the controller gives a task pod its \
+                 identity ({ANNOTATION_TASK}, {ANNOTATION_ATTEMPT}, {ANNOTATION_TOKEN}) before \
+                 the emissary is injected"
+            ));
+        }
+    }
     let mut pod = pod.clone();
     let has_template = pod
         .pointer(&format!(
@@ -382,7 +393,9 @@ mod tests {
     fn pod() -> Value {
         json!({
             "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": "step-1", "annotations": {"emissary.io/template": "{}", "other": "x"}},
+            "metadata": {"name": "step-1", "annotations": {
+                "emissary.io/template": "{}", "emissary.io/task-id": "step-1",
+                "emissary.io/token": "t0k3n", "other": "x"}},
             "spec": {
                 "containers": [
                     {"name": "main", "image": "alpine", "command": ["sh", "-c"], "args": ["echo hi"],
@@ -436,6 +449,23 @@ mod tests {
         assert_eq!(inits[0]["name"], INIT_CONTAINER, "ours runs first");
         assert_eq!(inits[1]["name"], "user-init");
         assert_eq!(out["spec"]["volumes"].as_array().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn a_pod_without_its_task_identity_is_refused() {
+        for key in [ANNOTATION_TASK, ANNOTATION_TOKEN] {
+            let mut pod = pod();
+            pod["metadata"]["annotations"]
+                .as_object_mut()
+                .unwrap()
+                .remove(key);
+            let err = inject(&pod, &config()).unwrap_err();
+            assert!(
+                err.0
+                    .starts_with(&format!("metadata.annotations[{key:?}] is missing")),
+                "{err}"
+            );
+        }
     }
 
     #[test]
