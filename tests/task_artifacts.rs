@@ -296,6 +296,24 @@ fn hostile_archives_are_refused_and_nothing_lands_outside() {
             "through a symlink",
         ),
         (
+            // Lexically inside, but l0 leads to the root and l1 one above it.
+            "symlink-chain",
+            build(&[
+                file("ok", b"x"),
+                dir("d"),
+                symlink("d/l0", ".."),
+                symlink("d/l1", "l0/.."),
+            ]),
+            "points outside the target",
+        ),
+        (
+            // The lone top directory becomes the target itself: `..` from it is outside.
+            "symlink-lifted",
+            build(&[dir("top"), symlink("top/up", "../secret")]),
+            "points outside the target",
+        ),
+        ("lone-symlink", build(&[symlink("x", ".")]), "lone symlink"),
+        (
             "hardlink-escape",
             build(&[hardlink("passwd", "../../../../etc/passwd")]),
             "points outside the target",

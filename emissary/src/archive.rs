@@ -404,6 +404,17 @@ fn place(tmp: &Path, dest: &Path, unpacked: bool) -> Result<(), String> {
         if entries.len() == 1 {
             source = entries[0].path();
         }
+        // Links are judged where they will live: under `dest`, one level up if the single
+        // entry is lifted, and through the links they pass on the way.
+        let kind = fs::symlink_metadata(&source).map_err(|e| e.to_string())?;
+        if kind.is_symlink() {
+            return Err(
+                "the archive is a lone symlink, which would point outside the target".into(),
+            );
+        }
+        if kind.is_dir() {
+            check_links(&source, Path::new(""))?;
+        }
     }
     match fs::symlink_metadata(dest) {
         Ok(m) if m.is_dir() => fs::remove_dir_all(dest),
@@ -416,6 +427,61 @@ fn place(tmp: &Path, dest: &Path, unpacked: bool) -> Result<(), String> {
         let _ = fs::remove_dir(tmp);
     }
     Ok(())
+}
+
+/// Fails if a symlink under `root/dir` resolves outside `root`.
+fn check_links(root: &Path, dir: &Path) -> Result<(), String> {
+    for entry in fs::read_dir(root.join(dir)).map_err(|e| e.to_string())? {
+        let entry = entry.map_err(|e| e.to_string())?;
+        let relative = dir.join(entry.file_name());
+        let kind = entry.file_type().map_err(|e| e.to_string())?;
+        if kind.is_dir() {
+            check_links(root, &relative)?;
+        } else if kind.is_symlink() {
+            let link = fs::read_link(root.join(&relative)).map_err(|e| e.to_string())?;
+            let at = dir.components().map(|c| c.as_os_str().to_owned()).collect();
+            if resolve_within(root, at, &link, &mut 0).is_none() {
+                return Err(format!(
+                    "symlink {:?} -> {:?} points outside the target",
+                    relative.display(),
+                    link.display()
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Where `target`, read from directory `at` (components under `root`), leads, following the
+/// symlinks it passes; `None` if it leaves `root`, is absolute, or loops.
+fn resolve_within(
+    root: &Path,
+    mut at: Vec<std::ffi::OsString>,
+    target: &Path,
+    hops: &mut u32,
+) -> Option<Vec<std::ffi::OsString>> {
+    for component in target.components() {
+        match component {
+            Component::Normal(part) => {
+                at.push(part.to_owned());
+                let here: PathBuf = at.iter().collect();
+                if let Ok(next) = fs::read_link(root.join(here)) {
+                    *hops += 1;
+                    if *hops > 40 {
+                        return None;
+                    }
+                    at.pop();
+                    at = resolve_within(root, at, &next, hops)?;
+                }
+            }
+            Component::CurDir => {}
+            Component::ParentDir => {
+                at.pop()?;
+            }
+            Component::RootDir | Component::Prefix(_) => return None,
+        }
+    }
+    Some(at)
 }
 
 /// Unpacks a tar stream into the new directory `root`, refusing anything that could write
