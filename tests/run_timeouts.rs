@@ -64,3 +64,18 @@ fn a_command_that_finishes_in_time_keeps_its_code() {
     ]))
     .assert_code(4);
 }
+
+#[test]
+fn a_duration_past_any_clock_is_a_usage_error_not_a_crash() {
+    for flag in ["--deadline", "--grace"] {
+        run_quick(&mut emissary([
+            "run",
+            flag,
+            "4000000000000000h",
+            "--",
+            "true",
+        ]))
+        .assert_code(125)
+        .assert_stderr_contains("longer than 100 years");
+    }
+}

@@ -90,3 +90,14 @@ pub fn build(entries: &[Entry<'_>]) -> Vec<u8> {
 fn put(field: &mut [u8], value: &[u8]) {
     field[..value.len()].copy_from_slice(value);
 }
+
+/// Sets the first entry's mtime to 2^64 - 1 seconds (GNU base-256), past any clock.
+pub fn far_future_mtime(archive: &mut [u8]) {
+    let h = &mut archive[..512];
+    h[136] = 0x80;
+    h[137..140].fill(0);
+    h[140..148].fill(0xff);
+    h[148..156].copy_from_slice(b"        ");
+    let sum: u32 = h.iter().map(|&b| u32::from(b)).sum();
+    put(&mut h[148..156], format!("{sum:06o}\0 ").as_bytes());
+}

@@ -254,6 +254,24 @@ fn stage_hostile(dir: &Dir, archive: &[u8], compress: Option<&str>) -> Output {
     out
 }
 
+#[test]
+fn an_entry_dated_past_the_clocks_range_is_unpacked_without_its_date() {
+    let dir = Dir::new("archive-far-mtime");
+    let mut archive = build(&[tarball::file("f.txt", b"kept\n")]);
+    tarball::far_future_mtime(&mut archive);
+    let input = dir.write("in.tar", &archive);
+    let target = dir.join("target"); // a lone file becomes the target itself
+    let spec = json!({"inputs": {"artifacts": [{"name": "in", "path": target}]},
+                      "container": {"command": ["cat", target]}});
+    let (out, _) = run_spec(
+        &dir,
+        &spec,
+        &["--input", &format!("in={}", input.display())],
+    );
+    out.assert_code(0);
+    assert_eq!(out.stdout(), "kept\n");
+}
+
 /// Every file under `dir`, so a test can prove nothing appeared anywhere else.
 fn listing(dir: &Path) -> Vec<String> {
     let out = Command::new("find").arg(dir).output().unwrap();

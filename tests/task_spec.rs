@@ -184,6 +184,15 @@ fn active_deadline_seconds_stops_the_step_and_outputs_are_still_written() {
 }
 
 #[test]
+fn an_active_deadline_of_the_largest_integer_means_no_deadline() {
+    let dir = Dir::new("spec-deadline-max");
+    let spec = json!({"activeDeadlineSeconds": i64::MAX, "container": {"command": ["echo", "hi"]}});
+    let (out, outputs) = run_spec(&dir, &spec, &[]);
+    out.assert_code(0);
+    assert_eq!(outputs["outputs"]["result"], "hi");
+}
+
+#[test]
 fn an_rfc3339_deadline_from_the_environment_is_honoured() {
     let dir = Dir::new("spec-env-deadline");
     let soon = std::time::SystemTime::now() + Duration::from_millis(700);

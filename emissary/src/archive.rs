@@ -538,10 +538,11 @@ fn unpack_tar(input: &mut dyn Read, root: &Path, limits: Limits) -> Result<(), S
                 io::copy(&mut entry, &mut file).map_err(|e| format!("entry {shown:?}: {e}"))?;
                 file.set_permissions(fs::Permissions::from_mode(mode))
                     .map_err(|e| format!("entry {shown:?}: {e}"))?;
-                if let Ok(mtime) = entry.header().mtime() {
-                    let _ = file.set_modified(
-                        std::time::UNIX_EPOCH + std::time::Duration::from_secs(mtime),
-                    );
+                // A time past what the clock can hold (base-256 mtimes reach 2^64) is skipped.
+                if let Some(mtime) = entry.header().mtime().ok().and_then(|secs| {
+                    std::time::UNIX_EPOCH.checked_add(std::time::Duration::from_secs(secs))
+                }) {
+                    let _ = file.set_modified(mtime);
                 }
             }
             tar::EntryType::Symlink => {

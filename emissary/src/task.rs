@@ -407,7 +407,7 @@ fn deadline(opts: &RunOptions, template: &Template) -> Result<Option<Instant>, F
     candidates.extend(
         template
             .active_deadline_seconds
-            .map(|s| now + Duration::from_secs(s)),
+            .map(|s| now + Duration::from_secs(s).min(protocol::duration::MAX)),
     );
     if let Some(text) = env_any(&["EMISSARY_DEADLINE", "ARGO_DEADLINE"]) {
         // Argo writes Go's zero time when there is no deadline.

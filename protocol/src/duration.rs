@@ -25,6 +25,10 @@ impl fmt::Display for DurationError {
 
 impl std::error::Error for DurationError {}
 
+/// The longest duration accepted: longer than any task, and far from overflowing a clock
+/// reading it is added to.
+pub const MAX: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
 /// Parses a sequence of `<number><unit>` terms; units are `ms`, `s`, `m` and `h`.
 pub fn parse(input: &str) -> Result<Duration, DurationError> {
     let fail = |why| DurationError {
@@ -56,10 +60,15 @@ pub fn parse(input: &str) -> Result<Duration, DurationError> {
             "" => return Err(fail("missing unit")),
             _ => return Err(fail("unknown unit")),
         };
-        total_ns += scale(number, unit_ns).ok_or_else(|| fail("bad number"))?;
+        total_ns = scale(number, unit_ns)
+            .and_then(|ns| total_ns.checked_add(ns))
+            .ok_or_else(|| fail("bad number"))?;
         rest = tail;
     }
-    let secs = u64::try_from(total_ns / 1_000_000_000).map_err(|_| fail("too large"))?;
+    if total_ns > MAX.as_nanos() {
+        return Err(fail("longer than 100 years"));
+    }
+    let secs = (total_ns / 1_000_000_000) as u64;
     Ok(Duration::new(secs, (total_ns % 1_000_000_000) as u32))
 }
 
@@ -102,6 +111,7 @@ mod tests {
         assert_eq!(parse("0.5s"), Ok(Duration::from_millis(500)));
         assert_eq!(parse(".25s"), Ok(Duration::from_millis(250)));
         assert_eq!(parse("0s"), Ok(Duration::ZERO));
+        assert_eq!(parse("876000h"), Ok(MAX));
     }
 
     #[test]
@@ -116,6 +126,9 @@ mod tests {
             "-1s",
             "1s 2s",
             "99999999999999999999h",
+            "4000000000000000h",
+            "876001h",
+            "340282366920938463463374607431768211455h340282366920938463463374607431768211455h",
         ] {
             assert!(parse(bad).is_err(), "{bad:?} should be rejected");
         }
