@@ -156,3 +156,35 @@ fn a_thousand_fast_exits_back_to_back_never_hang() {
         assert_eq!(out.code, Some(0), "run {i}{}", out.dump());
     }
 }
+
+#[test]
+fn a_stderr_whose_reader_is_gone_aborts_nothing() {
+    let dir = Dir::new("closed-stderr");
+    for (command, code) in [
+        (vec!["/nonexistent-command"], 127),
+        (vec!["sh", "-c", "echo err >&2; exit 3"], 3),
+    ] {
+        let _ = std::fs::remove_file(dir.join("s.json"));
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let mut child = emissary(["run", "--summary"])
+            .arg(dir.join("s.json"))
+            .arg("--log-dir")
+            .arg(dir.join("logs"))
+            .arg("--")
+            .args(&command)
+            .stdout(std::process::Stdio::null())
+            .stderr(writer)
+            .spawn()
+            .unwrap();
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        };
+        assert_eq!(status.code(), Some(code), "{command:?}: {status:?}");
+        assert_eq!(dir.read_json("s.json")["exit_code"], code);
+    }
+    assert_eq!(dir.read_string("logs/stderr"), "err\n");
+}

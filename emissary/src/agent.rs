@@ -83,7 +83,7 @@ impl Agent {
             match call() {
                 Ok(value) => return Ok(value),
                 Err(e) if e.retryable() && Instant::now() + wait < until => {
-                    eprintln!("emissary: {what}: {e}; retrying");
+                    crate::note!("emissary: {what}: {e}; retrying");
                     std::thread::sleep(wait.mul_f64(0.5 + jitter() / 2.0));
                     wait = (wait * 2).min(Duration::from_secs(5));
                 }
@@ -137,7 +137,7 @@ impl Agent {
                         if !lines.is_empty()
                             && let Err(e) = OpenOptions::new().write(true).open(&fifo).and_then(|mut f| f.write_all(lines.as_bytes()))
                         {
-                            eprintln!("emissary: delivering a command to {}: {e}", fifo.display());
+                            crate::note!("emissary: delivering a command to {}: {e}", fifo.display());
                         }
                     }
                     Err(e) if e.retryable() => {
@@ -145,14 +145,14 @@ impl Agent {
                         wait = (wait * 2).min(Duration::from_secs(5));
                     }
                     Err(e) => {
-                        eprintln!("emissary: the agent refused the command poll ({e}); commands will not reach this task");
+                        crate::note!("emissary: the agent refused the command poll ({e}); commands will not reach this task");
                         return;
                     }
                 }
             }
         });
         if let Err(e) = spawned {
-            eprintln!("emissary: cannot start the command relay: {e}");
+            crate::note!("emissary: cannot start the command relay: {e}");
         }
     }
 

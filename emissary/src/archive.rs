@@ -242,7 +242,7 @@ fn append(tar: &mut tar::Builder<&mut dyn Write>, path: &Path, name: &Path) -> i
         tar.append_path_with_name(path, name)
     } else {
         // Sockets, FIFOs and devices have no content to carry; reading a FIFO could block.
-        eprintln!(
+        crate::note!(
             "emissary: not archiving {} (not a file, directory or symlink)",
             path.display()
         );

@@ -5,6 +5,7 @@
 //! `-p`, `--`, then the command).
 
 use std::ffi::{OsStr, OsString};
+use std::io::Write as _;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -102,7 +103,7 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> i32 {
             parse_signal(&mut args).map(|(dir, signal)| match control::send(&dir, signal) {
                 Ok(()) => 0,
                 Err(message) => {
-                    eprintln!("emissary: {message}");
+                    crate::note!("emissary: {message}");
                     exit::EMISSARY_FAILED
                 }
             })
@@ -110,13 +111,13 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> i32 {
         Some("init") => parse_init(&mut args).map(|opts| match crate::init::init(&opts) {
             Ok(()) => 0,
             Err(message) => {
-                eprintln!("emissary: init: {message}");
+                crate::note!("emissary: init: {message}");
                 exit::EMISSARY_FAILED
             }
         }),
         Some("version" | "--version" | "-V") => match args.next_token() {
             Token::End => {
-                println!("{}", version::describe());
+                let _ = writeln!(std::io::stdout(), "{}", version::describe());
                 Ok(0)
             }
             Token::Option(name, _) if name == "-h" || name == "--help" => {
@@ -137,7 +138,7 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> i32 {
     match result {
         Ok(code) => code,
         Err(Usage::Help(text)) => {
-            print!("{text}");
+            let _ = write!(std::io::stdout(), "{text}");
             0
         }
         Err(Usage::Error(message, text)) => {
@@ -146,7 +147,7 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> i32 {
                 .take_while(|l| !l.is_empty())
                 .collect::<Vec<_>>()
                 .join("\n");
-            eprintln!("error: {message}\n\n{usage}\n\nFor more information, try '--help'.");
+            crate::note!("error: {message}\n\n{usage}\n\nFor more information, try '--help'.");
             exit::EMISSARY_FAILED
         }
     }

@@ -81,7 +81,7 @@ impl Control {
                 }
                 let signal = signals::parse(word);
                 if signal.is_none() {
-                    eprintln!(
+                    crate::note!(
                         "emissary: ignoring unknown signal {word:?} from {}",
                         self.path.display()
                     );

@@ -62,7 +62,7 @@ pub fn run(opts: RunOptions) -> i32 {
     match result {
         Ok(code) => code,
         Err(Fatal(message)) => {
-            eprintln!("emissary: {message}");
+            crate::note!("emissary: {message}");
             exit::EMISSARY_FAILED
         }
     }
@@ -264,7 +264,7 @@ pub fn execute(
     let pid = match spawn::spawn(job.program, stdio) {
         Ok(pid) => pid,
         Err(e) => {
-            eprintln!("emissary: {e}");
+            crate::note!("emissary: {e}");
             return Ok(Outcome::not_started(
                 e.exit_code(),
                 start_error(&e),
@@ -331,7 +331,7 @@ pub fn execute(
         usage: children_usage(),
     };
     if let Some(message) = capture_error {
-        eprintln!("emissary: {message}");
+        crate::note!("emissary: {message}");
         outcome.fail(TaskError::system(message, true));
     }
     Ok(outcome)

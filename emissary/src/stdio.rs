@@ -17,3 +17,14 @@ pub fn ensure_open() {
         }
     }
 }
+
+/// `eprintln!` that cannot panic: our stderr may be a pipe whose reader is gone (a log
+/// collector that died, `2>&1 | head`), and a message must never abort the supervisor before
+/// it has reaped, reported and written its files.
+#[macro_export]
+macro_rules! note {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr().lock(), $($arg)*);
+    }};
+}

@@ -147,7 +147,7 @@ pub fn run(opts: &RunOptions) -> Result<i32, Fatal> {
         {
             break;
         }
-        eprintln!(
+        crate::note!(
             "emissary: {}; attempt {attempt} of {attempts} in {}",
             outcome.error.as_ref().map_or("failed", |e| &e.message),
             protocol::duration::format(pause)
@@ -183,7 +183,7 @@ impl Task {
         template: Option<&Template>,
         error: TaskError,
     ) -> Result<i32, Fatal> {
-        eprintln!("emissary: {}", error.message);
+        crate::note!("emissary: {}", error.message);
         self.report(
             logs,
             not_started(exit::EMISSARY_FAILED, error),
@@ -281,7 +281,7 @@ impl Task {
                         .map(|e| e.message.as_str())
                         .collect::<Vec<_>>()
                         .join("; ");
-                    eprintln!("emissary: {message}");
+                    crate::note!("emissary: {message}");
                     // A store that failed is the platform's problem; a missing file, the step's.
                     let error = if errors.iter().any(|e| e.system) {
                         TaskError::system(message, true)
@@ -320,7 +320,7 @@ impl Task {
             && let Err(message) = agent.result(&build(&outcome, result_outputs.clone()))
         {
             // The result did not reach the controller: the pod's exit must say so.
-            eprintln!("emissary: {message}");
+            crate::note!("emissary: {message}");
             outcome.fail(TaskError::system(message, true));
         }
         let summary = outcome.summary();
