@@ -86,6 +86,12 @@ fn a_script_template_runs_its_source_with_its_command() {
     assert_eq!(outputs["reason"], "Error");
     assert_eq!(outputs["error"]["kind"], "user");
     assert_eq!(outputs["outputs"]["result"], "from sh");
+
+    // Another spec run in the same place runs its own script, not the one left there.
+    let spec = json!({"script": {"image": "alpine", "source": "echo second"}});
+    let (out, outputs) = run_spec(&dir, &spec, &[]);
+    out.assert_code(0);
+    assert_eq!(outputs["outputs"]["result"], "second");
 }
 
 #[test]

@@ -202,8 +202,10 @@ impl Task {
     ) -> Result<Program, String> {
         let script = template.script.as_ref().map(|s| &s.source);
         let script_path = self.root.join("script");
+        // Written unless it is there already (init wrote it, or another container of the set):
+        // a script left by an earlier run of another spec must not be run.
         if let Some(source) = script
-            && !script_path.exists()
+            && std::fs::read(&script_path).ok().as_deref() != Some(source.as_bytes())
         {
             write_atomic_mode(&script_path, source.as_bytes(), Some(0o755)).map_err(|e| {
                 format!("cannot write the script to {}: {e}", script_path.display())
