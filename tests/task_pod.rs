@@ -195,6 +195,116 @@ fn a_signal_while_waiting_for_dependencies_ends_the_wait() {
 }
 
 #[test]
+fn a_window_resize_while_waiting_for_dependencies_changes_nothing() {
+    let dir = Dir::new("containerset-winch");
+    let (root, spec) = container_set(
+        &dir,
+        &format!("echo from a > {}", dir.join("a.txt").display()),
+    );
+    let root_arg = root.to_str().unwrap();
+    let main = start(
+        emissary(["run", "--root", root_arg, "--container", "main"])
+            .env("EMISSARY_TEMPLATE", &spec),
+    );
+    assert!(wait_until(Duration::from_secs(5), || root
+        .join("ctr/main/signal")
+        .exists()));
+    for signal in [libc::SIGWINCH, libc::SIGURG, libc::SIGCONT] {
+        main.signal(signal);
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    run_quick(
+        emissary(["run", "--root", root_arg, "--container", "a"]).env("EMISSARY_TEMPLATE", &spec),
+    )
+    .assert_code(0);
+    let out = main.finish(Duration::from_secs(5));
+    out.assert_code(0);
+    assert_eq!(out.stdout(), "main ran\nfrom a\n");
+}
+
+#[test]
+fn the_deadline_runs_while_waiting_for_dependencies() {
+    let dir = Dir::new("containerset-deadline");
+    let spec = json!({"activeDeadlineSeconds": 1, "containerSet": {"containers": [
+        {"name": "a", "command": ["true"]},
+        {"name": "main", "command": ["true"], "dependencies": ["a"]}
+    ]}});
+    let root = dir.join("root");
+    let out = run(
+        emissary([
+            "run",
+            "--root",
+            root.to_str().unwrap(),
+            "--container",
+            "main",
+        ])
+        .env("EMISSARY_TEMPLATE", spec.to_string()),
+        b"",
+        Duration::from_secs(10),
+    );
+    out.assert_code(124);
+    assert!(out.elapsed < Duration::from_secs(3), "{}", out.dump());
+    assert_eq!(
+        std::fs::read_to_string(root.join("ctr/main/exitcode")).unwrap(),
+        "124"
+    );
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(root.join("ctr/main/summary.json")).unwrap())
+            .unwrap();
+    assert_eq!(summary["reason"], "DeadlineExceeded");
+}
+
+#[test]
+fn a_container_that_cannot_start_still_leaves_its_exit_code_for_its_dependants() {
+    let dir = Dir::new("containerset-bad-deadline");
+    let (root, spec) = container_set(&dir, "true");
+    let root_arg = root.to_str().unwrap();
+    run_quick(
+        emissary(["run", "--root", root_arg, "--container", "a"])
+            .env("EMISSARY_TEMPLATE", &spec)
+            .env("EMISSARY_DEADLINE", "tomorrow"),
+    )
+    .assert_code(125)
+    .assert_stderr_contains("EMISSARY_DEADLINE");
+    assert_eq!(
+        std::fs::read_to_string(root.join("ctr/a/exitcode")).unwrap(),
+        "125"
+    );
+    run_quick(
+        emissary(["run", "--root", root_arg, "--container", "main"])
+            .env("EMISSARY_TEMPLATE", &spec),
+    )
+    .assert_code(125)
+    .assert_stderr_contains("skipped: dependency \"a\" failed with exit code 125");
+}
+
+#[test]
+fn an_exit_code_left_by_an_earlier_run_is_not_taken_for_this_one() {
+    let dir = Dir::new("containerset-stale");
+    let a_txt = dir.join("a.txt");
+    let (root, spec) = container_set(&dir, &format!("sleep 1; echo from a > {}", a_txt.display()));
+    let root_arg = root.to_str().unwrap();
+    let run_a = || {
+        start(
+            emissary(["run", "--root", root_arg, "--container", "a"])
+                .env("EMISSARY_TEMPLATE", &spec),
+        )
+    };
+    run_a().finish(Duration::from_secs(10)).assert_code(0);
+    std::fs::remove_file(&a_txt).unwrap();
+    // The second run of `a` has started, not finished: main must wait for it.
+    let a = run_a();
+    std::thread::sleep(Duration::from_millis(300));
+    let main = run_quick(
+        emissary(["run", "--root", root_arg, "--container", "main"])
+            .env("EMISSARY_TEMPLATE", &spec),
+    );
+    a.finish(Duration::from_secs(10)).assert_code(0);
+    main.assert_code(0);
+    assert_eq!(main.stdout(), "main ran\nfrom a\n");
+}
+
+#[test]
 fn an_unknown_container_is_a_clear_error() {
     let dir = Dir::new("containerset-unknown");
     let (root, spec) = container_set(&dir, "true");

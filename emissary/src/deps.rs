@@ -5,6 +5,7 @@
 use std::fs;
 use std::os::fd::AsFd;
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
@@ -20,31 +21,48 @@ pub enum Waited {
     Failed(String, i32),
     /// A signal arrived first: stop, as the command would have.
     Interrupted(i32),
+    /// The task's deadline passed first.
+    TimedOut,
 }
 
-/// Blocks until every container in `deps` under `ctr_root` has exited.
-pub fn wait(ctr_root: &Path, deps: &[String], signals: &Signals) -> Result<Waited, String> {
+/// How often to look when inotify is unavailable (its per-user instances are a node-wide limit).
+const POLL_FALLBACK: Duration = Duration::from_millis(50);
+
+/// Blocks until every container in `deps` under `ctr_root` has exited, a terminating signal
+/// arrives, or `deadline` passes.
+pub fn wait(
+    ctr_root: &Path,
+    deps: &[String],
+    signals: &Signals,
+    deadline: Option<Instant>,
+) -> Result<Waited, String> {
     if deps.is_empty() {
         return Ok(Waited::Ready);
     }
     fs::create_dir_all(ctr_root).map_err(|e| format!("creating {}: {e}", ctr_root.display()))?;
-    let inotify = Inotify::init(InitFlags::IN_CLOEXEC | InitFlags::IN_NONBLOCK)
-        .map_err(|e| format!("inotify: {e}"))?;
     // The dependency's directory may not exist yet: watch the root for it, then it.
-    let root_events = AddWatchFlags::IN_CREATE | AddWatchFlags::IN_MOVED_TO;
-    inotify
-        .add_watch(ctr_root, root_events)
-        .map_err(|e| format!("watching {}: {e}", ctr_root.display()))?;
+    let mut inotify = Inotify::init(InitFlags::IN_CLOEXEC | InitFlags::IN_NONBLOCK)
+        .ok()
+        .filter(|i| {
+            i.add_watch(
+                ctr_root,
+                AddWatchFlags::IN_CREATE | AddWatchFlags::IN_MOVED_TO,
+            )
+            .is_ok()
+        });
     let mut watched = vec![false; deps.len()];
     loop {
         // Watch first, then look: a file landing in between is seen by the look.
         for (dep, seen) in deps.iter().zip(watched.iter_mut()) {
             let dir = ctr_root.join(dep);
-            if !*seen && dir.is_dir() {
+            if let Some(watcher) = &inotify
+                && !*seen
+                && dir.is_dir()
+            {
                 let file_events = AddWatchFlags::IN_MOVED_TO | AddWatchFlags::IN_CLOSE_WRITE;
-                inotify
-                    .add_watch(&dir, file_events)
-                    .map_err(|e| format!("watching {}: {e}", dir.display()))?;
+                if watcher.add_watch(&dir, file_events).is_err() {
+                    inotify = None; // out of watches: look every POLL_FALLBACK instead
+                }
                 *seen = true;
             }
         }
@@ -62,21 +80,54 @@ pub fn wait(ctr_root: &Path, deps: &[String], signals: &Signals) -> Result<Waite
             std::mem::forget(inotify);
             return Ok(Waited::Ready);
         }
-        let mut fds = [
-            PollFd::new(inotify.as_fd(), PollFlags::POLLIN),
-            PollFd::new(signals.as_fd(), PollFlags::POLLIN),
-        ];
-        match poll(&mut fds, PollTimeout::NONE) {
+        let now = Instant::now();
+        if deadline.is_some_and(|d| d <= now) {
+            return Ok(Waited::TimedOut);
+        }
+        let mut sleep = deadline.map(|d| d - now);
+        if inotify.is_none() {
+            sleep = Some(sleep.map_or(POLL_FALLBACK, |s| s.min(POLL_FALLBACK)));
+        }
+        let timeout = match sleep {
+            // Rounded up, so the deadline has passed when poll returns.
+            Some(s) => {
+                PollTimeout::try_from(s.as_millis().saturating_add(1).min(i32::MAX as u128) as i32)
+                    .unwrap_or(PollTimeout::MAX)
+            }
+            None => PollTimeout::NONE,
+        };
+        let mut fds = vec![PollFd::new(signals.as_fd(), PollFlags::POLLIN)];
+        if let Some(watcher) = &inotify {
+            fds.push(PollFd::new(watcher.as_fd(), PollFlags::POLLIN));
+        }
+        match poll(&mut fds, timeout) {
             Ok(_) | Err(Errno::EINTR) => {}
             Err(e) => return Err(format!("poll: {e}")),
         }
         while let Ok(Some(signal)) = signals.next() {
-            if signal != libc::SIGCHLD {
+            if terminates(signal) {
                 return Ok(Waited::Interrupted(signal));
             }
         }
-        let _ = inotify.read_events();
+        if let Some(watcher) = &inotify {
+            let _ = watcher.read_events();
+        }
     }
+}
+
+/// Whether `signal`'s default action ends a process: a window resize, SIGURG, SIGCONT or a
+/// stop request must not fail the container while it waits.
+fn terminates(signal: i32) -> bool {
+    !matches!(
+        signal,
+        libc::SIGCHLD
+            | libc::SIGCONT
+            | libc::SIGURG
+            | libc::SIGWINCH
+            | libc::SIGTSTP
+            | libc::SIGTTIN
+            | libc::SIGTTOU
+    )
 }
 
 /// The code in an exitcode file, once it is complete.

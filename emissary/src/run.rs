@@ -116,6 +116,18 @@ impl LogDir {
     pub fn create(dir: &Path) -> Result<LogDir, Fatal> {
         fs::create_dir_all(dir)
             .map_err(|e| Fatal(format!("cannot create log dir {}: {e}", dir.display())))?;
+        // A dependant must not take an earlier run's exit code for this one's.
+        for stale in ["exitcode", "summary.json"] {
+            match fs::remove_file(dir.join(stale)) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(Fatal(format!(
+                        "cannot remove {}: {e}",
+                        dir.join(stale).display()
+                    )));
+                }
+                _ => {}
+            }
+        }
         let open = |name: &str, append: bool| {
             let path = dir.join(name);
             // O_APPEND by hand: std refuses append together with truncate.

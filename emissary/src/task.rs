@@ -76,8 +76,28 @@ pub fn run(opts: &RunOptions) -> Result<i32, Fatal> {
         Some(Err(message)) => return task.refuse(&logs, None, TaskError::system(message, false)),
     }
 
-    match deps::wait(&ctr_root, &dependencies, &signals).map_err(Fatal)? {
+    // The deadline runs from the start, dependencies and input staging included.
+    let deadline = match deadline(opts, &template) {
+        Ok(deadline) => deadline,
+        Err(Fatal(message)) => {
+            return task.refuse(&logs, Some(&template), TaskError::system(message, false));
+        }
+    };
+    let waited = match deps::wait(&ctr_root, &dependencies, &signals, deadline) {
+        Ok(waited) => waited,
+        Err(message) => {
+            return task.refuse(&logs, Some(&template), TaskError::system(message, true));
+        }
+    };
+    match waited {
         Waited::Ready => {}
+        Waited::TimedOut => {
+            let error =
+                TaskError::user("the deadline passed while waiting for dependencies", false);
+            let mut outcome = not_started(exit::DEADLINE_EXCEEDED, error);
+            outcome.reason = ExitReason::DeadlineExceeded;
+            return task.report(&logs, outcome, Some(&template), None);
+        }
         Waited::Failed(dep, code) => {
             let message = format!("skipped: dependency {dep:?} failed with exit code {code}");
             return task.refuse(&logs, Some(&template), TaskError::user(message, false));
@@ -131,7 +151,6 @@ pub fn run(opts: &RunOptions) -> Result<i32, Fatal> {
         agent.relay_commands(&task.name, logs.dir.join(crate::control::FIFO_NAME));
         agent.relay_progress(&task.name, progress_file(&logs.dir));
     }
-    let deadline = deadline(opts, &template)?;
     let (attempts, pause) = container_set_retries(&template);
     let job = Job {
         program: &program,
@@ -139,7 +158,12 @@ pub fn run(opts: &RunOptions) -> Result<i32, Fatal> {
         deadline,
         grace: opts.grace,
     };
-    let mut outcome = run::execute(job, &signals, Some(&mut logs))?;
+    let mut outcome = match run::execute(job, &signals, Some(&mut logs)) {
+        Ok(outcome) => outcome,
+        Err(Fatal(message)) => {
+            return task.refuse(&logs, Some(&template), TaskError::system(message, true));
+        }
+    };
     for attempt in 2..=attempts {
         // A signal or the deadline ends the retries: only a failing command is tried again.
         if outcome.reason != ExitReason::Error
@@ -153,7 +177,12 @@ pub fn run(opts: &RunOptions) -> Result<i32, Fatal> {
             protocol::duration::format(pause)
         );
         std::thread::sleep(pause);
-        outcome = run::execute(job, &signals, Some(&mut logs))?;
+        outcome = match run::execute(job, &signals, Some(&mut logs)) {
+            Ok(outcome) => outcome,
+            Err(Fatal(message)) => {
+                return task.refuse(&logs, Some(&template), TaskError::system(message, true));
+            }
+        };
     }
     let local = LocalStore::new(&root);
     let store: &dyn Store = match &task.agent {
