@@ -454,9 +454,22 @@ fn the_result_keeps_the_last_256_kib_and_says_so() {
     let result = outputs["outputs"]["result"].as_str().unwrap();
     assert_eq!(outputs["outputs"]["result_truncated"], true);
     assert!(
-        result.ends_with("a\nEND") && result.len() == 256 * 1024 - 1,
+        result.ends_with("a\nEND") && result.len() == 256 * 1024,
         "len {}",
         result.len()
+    );
+
+    // Exactly 256 KiB and its newline: the newline goes, the result is whole.
+    let spec = json!({"container": {"command": ["sh", "-c", "head -c 262144 /dev/zero | tr '\\0' b; echo"]}});
+    let (_, outputs) = run_spec(&dir, &spec, &[]);
+    assert_eq!(
+        outputs["outputs"]["result"].as_str().unwrap().len(),
+        256 * 1024
+    );
+    assert!(
+        outputs["outputs"].get("result_truncated").is_none(),
+        "{}",
+        outputs["outputs"]["result_truncated"]
     );
 
     let spec = json!({"container": {"command": ["printf", "two lines\\n\\n"]}});

@@ -128,14 +128,17 @@ fn read_parameter(path: &Path) -> io::Result<String> {
 pub fn result(stdout_file: &Path) -> io::Result<(String, bool)> {
     let mut file = File::open(stdout_file)?;
     let len = file.metadata()?.len();
-    let truncated = len > RESULT_LIMIT;
-    if truncated {
-        file.seek(SeekFrom::Start(len - RESULT_LIMIT))?;
-    }
+    // One byte more than the limit, so the newline is trimmed before the limit is applied.
+    let start = len.saturating_sub(RESULT_LIMIT + 1);
+    file.seek(SeekFrom::Start(start))?;
     let mut bytes = Vec::new();
     file.read_to_end(&mut bytes)?;
     if bytes.ends_with(b"\n") {
         bytes.pop();
+    }
+    let truncated = start > 0 || bytes.len() as u64 > RESULT_LIMIT;
+    if bytes.len() as u64 > RESULT_LIMIT {
+        bytes.drain(..bytes.len() - RESULT_LIMIT as usize);
     }
     let mut text = String::from_utf8_lossy(&bytes).into_owned();
     if truncated && text.starts_with('\u{fffd}') {
