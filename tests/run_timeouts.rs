@@ -79,3 +79,20 @@ fn a_duration_past_any_clock_is_a_usage_error_not_a_crash() {
         .assert_stderr_contains("longer than 100 years");
     }
 }
+
+#[test]
+fn a_stopped_command_is_continued_so_it_can_act_on_term() {
+    let out = run_quick(&mut emissary([
+        "run",
+        "--deadline",
+        "300ms",
+        "--grace",
+        "10s",
+        "--",
+        "sh",
+        "-c",
+        "kill -STOP $$",
+    ]));
+    out.assert_code(124);
+    assert!(out.elapsed < Duration::from_secs(3), "{}", out.dump());
+}

@@ -170,7 +170,10 @@ impl Terminator {
         if killing {
             signals::send(group, libc::SIGKILL);
         } else if !self.group_termed {
+            // CONT after TERM (as systemd does): a stopped process acts on TERM only once it
+            // runs, instead of sitting out the whole grace.
             signals::send(group, libc::SIGTERM);
+            signals::send(group, libc::SIGCONT);
             self.group_termed = true;
         }
         for pid in direct_children() {
@@ -178,6 +181,7 @@ impl Terminator {
                 signals::send(Pid::from_raw(pid), libc::SIGKILL);
             } else if !self.sent_term.contains(&pid) {
                 signals::send(Pid::from_raw(pid), libc::SIGTERM);
+                signals::send(Pid::from_raw(pid), libc::SIGCONT);
                 self.sent_term.push(pid);
             }
         }
