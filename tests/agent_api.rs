@@ -153,7 +153,14 @@ fn bad_input_is_refused_with_a_message_that_names_it() {
     assert_eq!(status, 404);
     // A key that escapes the store is the caller's mistake (400, not retried as a 5xx would
     // be); a key prefix holding objects (below) is not itself an object.
-    for key in ["../../etc/passwd", "/etc/passwd", "wf%2F..%2F..%2Fsecret"] {
+    for key in [
+        "../../etc/passwd",
+        "/etc/passwd",
+        "wf%2F..%2F..%2Fsecret",
+        "wf//t",
+        "wf/t%00/0",
+        &"a".repeat(1025),
+    ] {
         let (status, body) = http(
             agent.api,
             "GET",

@@ -112,6 +112,34 @@ fn artifacts_go_to_s3_in_parts_and_come_back_through_the_node_cache() {
 }
 
 #[test]
+fn a_token_reads_nothing_outside_the_agents_store_prefix() {
+    let dir = Dir::new("s3-prefix");
+    let server = S3Server::start(&dir.join("s3"), 0);
+    // Another team's object in the same bucket.
+    let elsewhere = dir.join("s3").join(s3::BUCKET).join("other-team/secret");
+    std::fs::create_dir_all(elsewhere.parent().unwrap()).unwrap();
+    std::fs::write(&elsewhere, b"not yours").unwrap();
+    let agent = s3_agent(&dir, &server);
+    let auth = bearer(&agent.token("wf", "t", 0, "1h"));
+    for key in [
+        "other-team/secret",
+        "emissary/../other-team/secret",
+        "emissaryx/secret",
+    ] {
+        let (status, body) = http(
+            agent.api,
+            "GET",
+            &format!("/v1/tasks/t/0/inputs/x?key={key}"),
+            &[("Authorization", &auth)],
+            b"",
+        );
+        let body = String::from_utf8_lossy(&body);
+        assert_eq!(status, 400, "{key}: {body}");
+        assert!(!body.contains("not yours"));
+    }
+}
+
+#[test]
 fn concurrent_requests_for_one_input_download_it_once() {
     let dir = Dir::new("s3-single-flight");
     let server = S3Server::start(&dir.join("s3"), 0);

@@ -130,6 +130,29 @@ impl Store {
         }
     }
 
+    /// Refuses a key that is not a plain relative path under this agent's prefix: a task's token
+    /// must not reach other prefixes of the bucket, nor odd keys a proxy might normalise.
+    fn check_key(&self, key: &str) -> Result<(), StoreError> {
+        let bad = |why: &str| Err(StoreError::BadKey(format!("store key {key:?} {why}")));
+        if key.is_empty() || key.len() > 1024 {
+            return bad("must be 1 to 1024 bytes");
+        }
+        if key.chars().any(char::is_control) {
+            return bad("contains a control character");
+        }
+        if key
+            .split('/')
+            .any(|segment| matches!(segment, "" | "." | ".."))
+        {
+            return bad("must be a relative path without . or .. or empty segments");
+        }
+        let prefix = self.prefix();
+        if !prefix.is_empty() && !key.starts_with(&format!("{prefix}/")) {
+            return bad(&format!("is outside this agent's store prefix {prefix}/"));
+        }
+        Ok(())
+    }
+
     /// True when reads are local anyway (no point in a node cache).
     pub fn is_local(&self) -> bool {
         matches!(self, Store::Local { .. })
@@ -141,6 +164,7 @@ impl Store {
         key: &str,
         source: &mut impl Chunks,
     ) -> Result<StoredArtifact, StoreError> {
+        self.check_key(key)?;
         match self {
             Store::Local { root } => put_local(root, key, source).await,
             Store::S3 { client, bucket, .. } => put_s3(client, bucket, key, source).await,
@@ -148,6 +172,7 @@ impl Store {
     }
 
     pub async fn head(&self, key: &str) -> Result<Option<ObjectMeta>, StoreError> {
+        self.check_key(key)?;
         match self {
             Store::Local { root } => {
                 let path = local_path(root, key)?;
@@ -162,7 +187,7 @@ impl Store {
                         }))
                     }
                     Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-                    Err(e) => Err(StoreError::Failed(format!("{}: {e}", path.display()))),
+                    Err(e) => Err(StoreError::Failed(format!("{key}: {e}"))),
                 }
             }
             Store::S3 { client, bucket, .. } => {
@@ -180,6 +205,7 @@ impl Store {
 
     /// Opens `key` as a streamed body; `None` when there is no such object.
     pub async fn get(&self, key: &str) -> Result<Option<(ObjectMeta, Body)>, StoreError> {
+        self.check_key(key)?;
         match self {
             Store::Local { root } => {
                 let path = local_path(root, key)?;
@@ -189,7 +215,7 @@ impl Store {
                 let file = match tokio::fs::File::open(&path).await {
                     Ok(f) => f,
                     Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-                    Err(e) => return Err(StoreError::Failed(format!("{}: {e}", path.display()))),
+                    Err(e) => return Err(StoreError::Failed(format!("{key}: {e}"))),
                 };
                 Ok(Some((meta, stream_file(file))))
             }
