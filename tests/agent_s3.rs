@@ -245,6 +245,47 @@ fn a_large_input_streams_while_the_node_cache_fills_and_a_reader_leaving_stops_n
 }
 
 #[test]
+fn an_upload_whose_client_leaves_mid_way_is_aborted_in_the_store() {
+    let dir = Dir::new("s3-upload-left");
+    let server = S3Server::start(&dir.join("s3"), 0);
+    // S3's answers crawl, so the upload is still in flight when its client goes.
+    let slow = SlowProxy::start(server.addr, 400);
+    let agent = s3_agent_at(&dir, &format!("http://{}", slow.addr), &[]);
+    let token = agent.token("wf", "gen", 0, "1h");
+    let body = noise(9 << 20, 10);
+    let mut stream = std::net::TcpStream::connect(agent.api).unwrap();
+    write!(
+        stream,
+        "PUT /v1/tasks/gen/0/outputs/big HTTP/1.1\r\nHost: x\r\nAuthorization: {}\r\nContent-Length: {}\r\n\r\n",
+        bearer(&token),
+        body.len()
+    )
+    .unwrap();
+    stream.write_all(&body).unwrap();
+    let uploads = || {
+        std::fs::read_dir(dir.join("s3"))
+            .unwrap()
+            .flatten()
+            .filter(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                name.starts_with(".upload-") && name.ends_with(".json")
+            })
+            .count()
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || uploads() == 1),
+        "no multipart upload was started"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    drop(stream);
+    assert!(
+        wait_until(Duration::from_secs(20), || uploads() == 0),
+        "the abandoned multipart upload was never aborted"
+    );
+    assert!(server.object("emissary/wf/gen/0/big").is_none());
+}
+
+#[test]
 fn an_s3_outage_is_a_retryable_error_not_a_hang() {
     let dir = Dir::new("s3-down");
     let mut server = S3Server::start(&dir.join("s3"), 0);

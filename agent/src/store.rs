@@ -296,13 +296,15 @@ async fn put_local(
 ) -> Result<StoredArtifact, StoreError> {
     let path = local_path(root, key)?;
     let dir = path.parent().unwrap_or(root).to_owned();
-    let failed = |e: io::Error| StoreError::Failed(format!("{}: {e}", path.display()));
+    let failed = |e: io::Error| StoreError::Failed(format!("{key}: {e}"));
     tokio::fs::create_dir_all(&dir).await.map_err(failed)?;
     let tmp = dir.join(format!(
         ".{}.tmp.{}",
         path.file_name().unwrap_or_default().to_string_lossy(),
         rand::random::<u64>()
     ));
+    // Removed unless renamed into place, even if this future is dropped mid-upload.
+    let mut leftover = RemoveOnDrop(Some(tmp.clone()));
     let result = async {
         let mut file = tokio::fs::File::create(&tmp).await.map_err(failed)?;
         let (mut hasher, mut size) = (Sha256::new(), 0u64);
@@ -315,6 +317,7 @@ async fn put_local(
         // Durable before it is visible: the result event will point at it.
         file.sync_all().await.map_err(failed)?;
         tokio::fs::rename(&tmp, &path).await.map_err(failed)?;
+        leftover.0 = None;
         Ok(StoredArtifact {
             key: key.to_owned(),
             size,
@@ -322,10 +325,19 @@ async fn put_local(
         })
     }
     .await;
-    if result.is_err() {
-        let _ = tokio::fs::remove_file(&tmp).await;
-    }
+    drop(leftover);
     result
+}
+
+/// A temporary file that goes away with this value, unless taken out first.
+struct RemoveOnDrop(Option<PathBuf>);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        if let Some(path) = self.0.take() {
+            let _ = std::fs::remove_file(path);
+        }
+    }
 }
 
 async fn put_s3(
@@ -336,7 +348,14 @@ async fn put_s3(
 ) -> Result<StoredArtifact, StoreError> {
     let (mut hasher, mut size) = (Sha256::new(), 0u64);
     let mut part = BytesMut::with_capacity(PART_SIZE);
-    let mut upload_id: Option<String> = None;
+    // Aborts the multipart upload unless it completes, even if this future is dropped (the
+    // client went away while parts were in flight): its parts must not linger in the bucket.
+    let mut upload = MultipartGuard {
+        client: client.clone(),
+        bucket: bucket.to_owned(),
+        key: key.to_owned(),
+        id: None,
+    };
     let mut in_flight: VecDeque<JoinHandle<Result<CompletedPart, StoreError>>> = VecDeque::new();
     let mut parts = Vec::new();
     let result = async {
@@ -353,9 +372,9 @@ async fn put_s3(
             }
             let last = chunk.is_none();
             if part.len() >= part_size(parts.len() + in_flight.len())
-                || (last && upload_id.is_some() && !part.is_empty())
+                || (last && upload.id.is_some() && !part.is_empty())
             {
-                let id = match &upload_id {
+                let id = match &upload.id {
                     Some(id) => id.clone(),
                     None => {
                         let created = client
@@ -365,7 +384,8 @@ async fn put_s3(
                             .send()
                             .await
                             .map_err(|e| s3_error("create multipart upload", key, e))?;
-                        upload_id
+                        upload
+                            .id
                             .insert(created.upload_id().unwrap_or_default().to_owned())
                             .clone()
                     }
@@ -405,7 +425,7 @@ async fn put_s3(
         while let Some(handle) = in_flight.pop_front() {
             parts.push(joined(handle).await?);
         }
-        match &upload_id {
+        match upload.id.clone() {
             Some(id) => {
                 let completed = CompletedMultipartUpload::builder()
                     .set_parts(Some(parts.clone()))
@@ -414,11 +434,12 @@ async fn put_s3(
                     .complete_multipart_upload()
                     .bucket(bucket)
                     .key(key)
-                    .upload_id(id.as_str())
+                    .upload_id(&id)
                     .multipart_upload(completed)
                     .send()
                     .await
                     .map_err(|e| s3_error("complete multipart upload", key, e))?;
+                upload.id = None; // an object now: nothing to abort
             }
             None => {
                 // Small enough for one request.
@@ -444,18 +465,34 @@ async fn put_s3(
         for handle in in_flight {
             handle.abort();
         }
-        if let Some(id) = &upload_id {
-            // Parts of a failed upload must not linger (nor ever become an object).
-            let _ = client
-                .abort_multipart_upload()
-                .bucket(bucket)
-                .key(key)
-                .upload_id(id.as_str())
-                .send()
-                .await;
-        }
     }
     result
+}
+
+/// A multipart upload in progress; dropped before it completed, it is aborted.
+struct MultipartGuard {
+    client: Client,
+    bucket: String,
+    key: String,
+    id: Option<String>,
+}
+
+impl Drop for MultipartGuard {
+    fn drop(&mut self) {
+        let (Some(id), Ok(runtime)) = (self.id.take(), tokio::runtime::Handle::try_current())
+        else {
+            return;
+        };
+        let request = self
+            .client
+            .abort_multipart_upload()
+            .bucket(&self.bucket)
+            .key(&self.key)
+            .upload_id(id);
+        runtime.spawn(async move {
+            let _ = request.send().await;
+        });
+    }
 }
 
 /// The size of the next part after `done` parts: 8 MiB, doubling every 2000 parts, so an
