@@ -1,5 +1,6 @@
 //! The agent's emissary API: tokens, bad input, streamed artifacts, events, commands.
 
+use std::io::Write;
 use std::time::{Duration, Instant};
 
 use crate::agent_util::*;
@@ -184,6 +185,80 @@ fn bad_input_is_refused_with_a_message_that_names_it() {
         b"",
     );
     assert_eq!(status, 404, "{}", String::from_utf8_lossy(&body));
+
+    // A result names only what its own task may: no parameter name that is a path, no
+    // artifact of another task, no digest that is not one.
+    let own = format!(
+        "{{\"name\": \"a\", \"key\": \"wf/t/0/a.txt\", \"size\": 1, \"sha256\": \"{}\", \"archive\": \"none\"}}",
+        "ab".repeat(32)
+    );
+    for (outputs, field) in [
+        (
+            r#"{"parameters": [{"name": "../../x", "value": "v"}]}"#.to_owned(),
+            "outputs.parameters[0].name",
+        ),
+        (
+            own.replace("wf/t/0/", "wf/other/0/"),
+            "outputs.artifacts[0].key",
+        ),
+        (
+            own.replace(&"ab".repeat(32), "not-hex"),
+            "outputs.artifacts[0].sha256",
+        ),
+    ] {
+        let outputs = if outputs.starts_with("{\"name\"") {
+            format!("{{\"artifacts\": [{outputs}]}}")
+        } else {
+            outputs
+        };
+        let body = format!(
+            r#"{{"container": "main", "exit_code": 0, "reason": "Completed", "outputs": {outputs}}}"#
+        );
+        let (status, answer) = http(
+            agent.api,
+            "POST",
+            "/v1/tasks/t/0/result",
+            &auth,
+            body.as_bytes(),
+        );
+        let answer = String::from_utf8_lossy(&answer);
+        assert_eq!(status, 400, "{field}: {answer}");
+        assert!(answer.contains(field), "{field}: {answer}");
+    }
+    let body = format!(
+        r#"{{"container": "main", "exit_code": 0, "reason": "Completed", "outputs": {{"artifacts": [{own}]}}}}"#
+    );
+    let (status, answer) = http(
+        agent.api,
+        "POST",
+        "/v1/tasks/t/0/result",
+        &auth,
+        body.as_bytes(),
+    );
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&answer));
+}
+
+#[test]
+fn a_json_body_that_stalls_or_breaks_is_a_408_or_a_400_not_a_413() {
+    let dir = Dir::new("agent-body-errors");
+    let agent = Agent::start(dir.join("agent"), &["--body-idle-timeout", "500ms"]);
+    let token = agent.token("wf", "t", 0, "1h");
+    let send = |head: String, body: &[u8]| {
+        let mut stream = std::net::TcpStream::connect(agent.api).unwrap();
+        stream.write_all(head.as_bytes()).unwrap();
+        stream.write_all(body).unwrap();
+        read_response(stream).0
+    };
+    let head = |extra: &str| {
+        format!(
+            "POST /v1/tasks/t/0/start HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n{extra}\r\n"
+        )
+    };
+    assert_eq!(send(head("Content-Length: 100\r\n"), b"{\"contai"), 408);
+    assert_eq!(
+        send(head("Transfer-Encoding: chunked\r\n"), b"ZZ\r\nxx\r\n"),
+        400
+    );
 }
 
 #[test]

@@ -91,14 +91,40 @@ impl Chunks for InMemory {
     }
 }
 
+/// Why a whole body could not be read; each is its own status.
+pub enum ReadError {
+    TooLarge(usize),
+    /// The client stopped sending (idle past the limit).
+    Stalled,
+    /// The body broke off or was malformed (bad chunking, connection closed).
+    Broken(String),
+}
+
+impl std::fmt::Display for ReadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReadError::TooLarge(limit) => write!(f, "request body larger than {limit} bytes"),
+            ReadError::Stalled => f.write_str("the client stopped sending"),
+            ReadError::Broken(e) => write!(f, "reading the request body: {e}"),
+        }
+    }
+}
+
 /// Reads a whole request body, refusing more than `limit` bytes.
-pub async fn read_limited(body: Incoming, limit: usize, idle: Duration) -> Result<Vec<u8>, String> {
+pub async fn read_limited(
+    body: Incoming,
+    limit: usize,
+    idle: Duration,
+) -> Result<Vec<u8>, ReadError> {
     let mut upload = Upload { body, idle };
     let mut out = Vec::new();
     while let Some(chunk) = upload.next_chunk().await {
-        let chunk = chunk.map_err(|e| e.to_string())?;
+        let chunk = chunk.map_err(|e| match e.kind() {
+            io::ErrorKind::TimedOut => ReadError::Stalled,
+            _ => ReadError::Broken(e.to_string()),
+        })?;
         if out.len() + chunk.len() > limit {
-            return Err(format!("request body larger than {limit} bytes"));
+            return Err(ReadError::TooLarge(limit));
         }
         out.extend_from_slice(&chunk);
     }

@@ -19,7 +19,7 @@ use protocol::api::{
 use serde::de::DeserializeOwned;
 use tracing::{Instrument, info, info_span, warn};
 
-use crate::body::{Body, InMemory, Upload, empty, full, read_limited};
+use crate::body::{Body, InMemory, ReadError, Upload, empty, full, read_limited};
 use crate::cache::{Cache, Lookup};
 use crate::commands::Commands;
 use crate::metrics::{Metrics, RequestLabels};
@@ -217,7 +217,14 @@ fn authorize(
 async fn json_body<T: DeserializeOwned>(app: &App, req: Request<Incoming>) -> Result<T, Refusal> {
     let bytes = read_limited(req.into_body(), JSON_LIMIT, app.body_idle)
         .await
-        .map_err(|e| Refusal::new(StatusCode::PAYLOAD_TOO_LARGE, e))?;
+        .map_err(|e| {
+            let status = match e {
+                ReadError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+                ReadError::Stalled => StatusCode::REQUEST_TIMEOUT,
+                ReadError::Broken(_) => StatusCode::BAD_REQUEST,
+            };
+            Refusal::new(status, e.to_string())
+        })?;
     let de = &mut serde_json::Deserializer::from_slice(&bytes);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
@@ -308,6 +315,7 @@ async fn result(
         sys_cpu_ms: s.sys_cpu_ms,
         max_rss_kb: s.max_rss_kb,
     });
+    check_outputs(app, claims, &result.outputs)?;
     let mut outputs = EventOutputs {
         parameters: Vec::new(),
         result: None,
@@ -327,6 +335,36 @@ async fn result(
     }
     e.outputs = Some(outputs);
     journal(app, e).await
+}
+
+/// A result names only what its own task may: parameter names that are single names (they
+/// become store keys when offloaded), artifacts under its own key prefix with real digests.
+fn check_outputs(app: &App, claims: &Claims, outputs: &api::Outputs) -> Result<(), Refusal> {
+    let bad = |message: String| Err(Refusal::new(StatusCode::BAD_REQUEST, message));
+    for (i, p) in outputs.parameters.iter().enumerate() {
+        if !api::valid_name(&p.name) {
+            return bad(format!(
+                "outputs.parameters[{i}].name {:?} is not a name of [A-Za-z0-9._-]",
+                p.name
+            ));
+        }
+    }
+    let own = object_key(app, claims, "");
+    for (i, a) in outputs.artifacts.iter().enumerate() {
+        if !a.stored.key.starts_with(&own) {
+            return bad(format!(
+                "outputs.artifacts[{i}].key {:?} is not under this task's {own:?}",
+                a.stored.key
+            ));
+        }
+        let digest = &a.stored.sha256;
+        if digest.len() != 64 || !digest.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return bad(format!(
+                "outputs.artifacts[{i}].sha256 {digest:?} is not a SHA-256 in hex"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// A value small enough travels in the event; a larger one goes to the store, and the event
