@@ -117,6 +117,8 @@ pub async fn serve(settings: Settings) -> Result<(), String> {
             tokio::spawn(async move {
                 let service = service_fn(move |req| server::admin(app.clone(), ready.clone(), req));
                 let _ = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(server::HEADER_TIMEOUT)
                     .serve_connection(TokioIo::new(stream), service)
                     .await;
             });
@@ -157,7 +159,7 @@ pub async fn serve(settings: Settings) -> Result<(), String> {
         let connection = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
             // A client that never finishes its headers is cut off.
-            .header_read_timeout(std::time::Duration::from_secs(30))
+            .header_read_timeout(server::HEADER_TIMEOUT)
             .serve_connection(TokioIo::new(stream), service);
         let watched = graceful.watch(connection);
         tokio::spawn(async move {

@@ -28,6 +28,8 @@ use crate::store::{Store, StoreError, stream_file};
 use crate::token::{Claims, Secret};
 
 const JSON_LIMIT: usize = 1 << 20;
+/// How long a client may take to send its request's headers (every listener).
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 /// The longest a commands long-poll may wait.
 const MAX_WAIT: Duration = Duration::from_secs(60);
 

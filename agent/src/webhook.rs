@@ -16,7 +16,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
@@ -24,6 +24,7 @@ use tokio_rustls::rustls;
 use tracing::{info, warn};
 
 use crate::inject::{self, Config, LABEL_INJECT};
+use crate::server::HEADER_TIMEOUT;
 
 #[derive(clap::Args)]
 pub struct WebhookArgs {
@@ -70,15 +71,22 @@ pub async fn serve(args: WebhookArgs) -> Result<(), String> {
         };
         let (acceptor, config) = (acceptor.clone(), config.clone());
         tokio::spawn(async move {
-            let tls = match acceptor.accept(stream).await {
-                Ok(tls) => tls,
-                Err(e) => {
+            // A peer that never finishes its handshake or headers must not hold a socket.
+            let tls = match tokio::time::timeout(HEADER_TIMEOUT, acceptor.accept(stream)).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
                     warn!(peer = %peer, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    warn!(peer = %peer, "TLS handshake timed out");
                     return;
                 }
             };
             let service = service_fn(move |req| handle(config.clone(), req));
             let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
                 .serve_connection(TokioIo::new(tls), service)
                 .await;
         });
