@@ -99,8 +99,38 @@ pub struct Settings {
 }
 
 impl ServeArgs {
+    /// An empty value counts as unset, so that it does not override the config file with
+    /// nothing (a manifest's `value: ""`, an optional ConfigMap key left empty).
+    fn drop_empty(&mut self) {
+        for text in [
+            &mut self.controller_url,
+            &mut self.store,
+            &mut self.s3_endpoint,
+            &mut self.s3_region,
+            &mut self.node,
+            &mut self.shutdown_timeout,
+            &mut self.body_idle_timeout,
+        ] {
+            if text.as_deref() == Some("") {
+                *text = None;
+            }
+        }
+        for path in [
+            &mut self.config,
+            &mut self.data_dir,
+            &mut self.secret_file,
+            &mut self.controller_ca,
+            &mut self.ready_file,
+        ] {
+            if path.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
+                *path = None;
+            }
+        }
+    }
+
     /// Flags and environment (already in `self`) over the file over the defaults.
-    pub fn resolve(self) -> Result<Settings, String> {
+    pub fn resolve(mut self) -> Result<Settings, String> {
+        self.drop_empty();
         let file: BTreeMap<String, toml::Value> = match &self.config {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
@@ -236,6 +266,12 @@ impl ServeArgs {
             ready_file: self.ready_file.or(text("ready-file")?.map(PathBuf::from)),
             data_dir,
         };
+        if !protocol::api::valid_name(&settings.node) {
+            return Err(format!(
+                "node name {:?} must be a name of [A-Za-z0-9._-] (it is part of the controller's URLs)",
+                settings.node
+            ));
+        }
         if let Some(url) = &settings.controller_url
             && !url.starts_with("http://")
             && !url.starts_with("https://")
@@ -304,6 +340,38 @@ mod tests {
         .resolve()
         .unwrap_err();
         assert!(err.contains("inline-limit"), "{err}");
+    }
+
+    #[test]
+    fn an_empty_value_is_unset_and_the_file_gives_it() {
+        let dir = std::env::temp_dir().join(format!("agent-config-empty-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("agent.toml");
+        std::fs::write(&file, "node = \"from-file\"\nsecret-file = \"/s\"\n").unwrap();
+        let s = ServeArgs {
+            config: Some(file),
+            node: Some(String::new()),
+            store: Some(String::new()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(s.node, "from-file");
+        assert!(s.store.starts_with("file:///"), "{}", s.store);
+    }
+
+    #[test]
+    fn a_node_name_that_cannot_be_a_url_segment_is_refused() {
+        for node in ["a/b", "..", "node 1"] {
+            let err = ServeArgs {
+                node: Some(node.into()),
+                secret_file: Some("/s".into()),
+                ..Default::default()
+            }
+            .resolve()
+            .unwrap_err();
+            assert!(err.starts_with(&format!("node name {node:?}")), "{err}");
+        }
     }
 
     #[test]
