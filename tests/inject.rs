@@ -314,3 +314,25 @@ fn the_webhook_answers_admission_reviews_with_a_patch_and_fails_closed() {
     let (status, _) = webhook.post(b"not json");
     assert_eq!(status, 400);
 }
+
+#[test]
+fn a_client_that_never_finishes_its_handshake_or_headers_is_cut_off() {
+    let dir = Dir::new("webhook-silent");
+    let webhook = Webhook::start(&dir);
+    let limit = Duration::from_secs(40);
+    let addr = webhook.addr;
+    let handshake =
+        std::thread::spawn(move || cuts_off_a_silent_client(addr, b"\x16\x03\x01", limit));
+    let admin = {
+        let agent = crate::agent_util::Agent::start(dir.join("agent"), &[]);
+        let addr = agent.admin;
+        let cut = cuts_off_a_silent_client(addr, b"GET /metr", limit);
+        drop(agent);
+        cut
+    };
+    assert!(admin, "the admin port kept a silent client");
+    assert!(
+        handshake.join().unwrap(),
+        "the webhook kept a silent TLS client"
+    );
+}

@@ -447,3 +447,23 @@ impl Drop for SlowProxy {
         let _ = std::net::TcpStream::connect(self.addr); // wakes the accept loop
     }
 }
+
+/// Whether the server at `addr` closes a connection that sent only `partial` (a request or
+/// handshake that never completes) within `limit`.
+pub fn cuts_off_a_silent_client(
+    addr: std::net::SocketAddr,
+    partial: &[u8],
+    limit: Duration,
+) -> bool {
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream.write_all(partial).unwrap();
+    stream.set_read_timeout(Some(limit)).unwrap();
+    let mut buf = [0u8; 1024];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => {} // an error answer (408) before the close is fine
+            Err(e) => return e.kind() == std::io::ErrorKind::ConnectionReset,
+        }
+    }
+}
