@@ -479,6 +479,42 @@ fn the_result_keeps_the_last_256_kib_and_says_so() {
 }
 
 #[test]
+fn a_fifo_where_an_input_was_expected_is_an_error_or_left_out_not_a_hang() {
+    let dir = Dir::new("inputs-fifo");
+    let store = dir.join("store");
+    let tree = dir.join("tree");
+    std::fs::create_dir_all(store.join("k")).unwrap();
+    std::fs::create_dir_all(&tree).unwrap();
+    std::fs::write(tree.join("file"), b"kept").unwrap();
+    for fifo in [store.join("k/fifo"), tree.join("pipe")] {
+        assert!(
+            Command::new("mkfifo")
+                .arg(&fifo)
+                .status()
+                .unwrap()
+                .success()
+        );
+    }
+    let staged = dir.join("staged");
+    let spec = json!({"container": {"command": ["ls", staged]},
+                      "inputs": {"artifacts": [{"name": "tree", "path": staged}]}});
+    let (out, _) = run_spec(
+        &dir,
+        &spec,
+        &["--input", &format!("tree={}", tree.display())],
+    );
+    out.assert_code(0);
+    assert_eq!(out.stdout(), "file\n", "{}", out.dump());
+
+    let spec = json!({"container": {"command": ["true"]},
+                      "inputs": {"artifacts": [{"name": "in", "path": dir.join("in"), "s3": {"key": "k/fifo"}}]}});
+    let (out, outputs) = run_spec(&dir, &spec, &["--store", store.to_str().unwrap()]);
+    out.assert_code(125)
+        .assert_stderr_contains("not a regular file");
+    assert_eq!(outputs["reason"], "StartFailed");
+}
+
+#[test]
 fn a_fifo_or_device_where_an_output_was_expected_is_an_error_not_a_hang() {
     let dir = Dir::new("outputs-fifo");
     let fifo = dir.join("fifo");

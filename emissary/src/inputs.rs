@@ -204,10 +204,17 @@ fn copy_tree(from: &Path, to: &Path, digest: &mut impl io::Write) -> io::Result<
         let _ = fs::remove_file(to);
         // A link's own mode is meaningless, and chmod would follow it: done.
         return std::os::unix::fs::symlink(target, to);
-    } else {
+    } else if meta.is_file() {
         let mut source = File::open(from)?;
         let mut target = File::create(to)?;
         io::copy(&mut source, &mut TeeWriter(&mut target, digest))?;
+    } else {
+        // A FIFO would block the copy forever, a device is not data: left out, as in outputs.
+        crate::note!(
+            "emissary: {} is not a regular file; left out",
+            from.display()
+        );
+        return Ok(());
     }
     fs::set_permissions(to, meta.permissions())
 }

@@ -55,11 +55,15 @@ impl LocalStore {
 impl Store for LocalStore {
     fn get(&self, key: &str) -> Result<Option<Box<dyn Read + '_>>, GetError> {
         let path = self.path_of(key).map_err(GetError::BadKey)?;
-        match File::open(&path) {
+        match std::fs::metadata(&path) {
             // A directory (a key prefix) is not an object.
-            Ok(file) if file.metadata().is_ok_and(|m| m.is_dir()) => Ok(None),
+            Ok(meta) if meta.is_dir() => return Ok(None),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            _ => {}
+        }
+        // Only a regular file is an object: a FIFO at a key must not block the step.
+        match crate::fsutil::open_regular(&path) {
             Ok(file) => Ok(Some(Box::new(file))),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(GetError::Failed(format!("{}: {e}", path.display()))),
         }
     }
