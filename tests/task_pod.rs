@@ -391,6 +391,11 @@ fn a_container_set_retries_a_failing_container_as_argo_counts_retries() {
         std::fs::read_to_string(root.join("ctr/main/stdout")).unwrap(),
         "attempt 1\nattempt 2\nattempt 3\n"
     );
+    // The result is the attempt that counted, as its byte count is.
+    let outputs: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(root.join("outputs.json")).unwrap()).unwrap();
+    assert_eq!(outputs["outputs"]["result"], "attempt 3");
+    assert_eq!(outputs["summary"]["stdout_bytes"], 10, "{outputs}");
 
     std::fs::remove_file(&count).unwrap();
     let out = run_quick(

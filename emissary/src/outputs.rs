@@ -123,20 +123,21 @@ fn read_parameter(path: &Path) -> io::Result<String> {
     Ok(String::from_utf8_lossy(&bytes).into_owned())
 }
 
-/// `outputs.result`: the captured stdout, one trailing newline removed, the last
-/// [`RESULT_LIMIT`] bytes; true when that is only the tail.
-pub fn result(stdout_file: &Path) -> io::Result<(String, bool)> {
+/// `outputs.result`: the captured stdout from byte `from` on (where the last attempt began),
+/// one trailing newline removed, the last [`RESULT_LIMIT`] bytes; true when that is only the
+/// tail.
+pub fn result(stdout_file: &Path, from: u64) -> io::Result<(String, bool)> {
     let mut file = File::open(stdout_file)?;
     let len = file.metadata()?.len();
     // One byte more than the limit, so the newline is trimmed before the limit is applied.
-    let start = len.saturating_sub(RESULT_LIMIT + 1);
+    let start = len.saturating_sub(RESULT_LIMIT + 1).max(from.min(len));
     file.seek(SeekFrom::Start(start))?;
     let mut bytes = Vec::new();
     file.read_to_end(&mut bytes)?;
     if bytes.ends_with(b"\n") {
         bytes.pop();
     }
-    let truncated = start > 0 || bytes.len() as u64 > RESULT_LIMIT;
+    let truncated = start > from || bytes.len() as u64 > RESULT_LIMIT;
     if bytes.len() as u64 > RESULT_LIMIT {
         bytes.drain(..bytes.len() - RESULT_LIMIT as usize);
     }

@@ -57,6 +57,7 @@ pub fn run(opts: &RunOptions) -> Result<i32, Fatal> {
         json: Vec::new(),
         staged: Vec::new(),
         agent: None,
+        result_from: 0,
     };
 
     let loaded = match template::load(opts.template.as_deref(), &opts.params) {
@@ -177,6 +178,7 @@ pub fn run(opts: &RunOptions) -> Result<i32, Fatal> {
             protocol::duration::format(pause)
         );
         std::thread::sleep(pause);
+        task.result_from = std::fs::metadata(logs.dir.join("stdout")).map_or(0, |m| m.len());
         outcome = match run::execute(job, &signals, Some(&mut logs)) {
             Ok(outcome) => outcome,
             Err(Fatal(message)) => {
@@ -202,6 +204,8 @@ struct Task {
     staged: Vec<inputs::Staged>,
     /// The node agent, when the pod has one: the store and where the result goes.
     agent: Option<Agent>,
+    /// Where the last attempt's stdout starts in the stdout file (retries append to it).
+    result_from: u64,
 }
 
 impl Task {
@@ -322,7 +326,7 @@ impl Task {
                     outcome.fail(error);
                 }
                 if include_result() {
-                    match outputs::result(&logs.dir.join("stdout")) {
+                    match outputs::result(&logs.dir.join("stdout"), self.result_from) {
                         Ok((text, truncated)) => {
                             result_outputs.result = Some(text);
                             result_outputs.result_truncated = truncated;
