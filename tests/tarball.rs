@@ -101,3 +101,12 @@ pub fn far_future_mtime(archive: &mut [u8]) {
     let sum: u32 = h.iter().map(|&b| u32::from(b)).sum();
     put(&mut h[148..156], format!("{sum:06o}\0 ").as_bytes());
 }
+
+/// Sets the size field of the header at `offset` (which `build` computed from the data).
+pub fn set_size(archive: &mut [u8], offset: usize, size: u64) {
+    let h = &mut archive[offset..offset + 512];
+    put(&mut h[124..136], format!("{size:011o}\0").as_bytes());
+    h[148..156].copy_from_slice(b"        ");
+    let sum: u32 = h.iter().map(|&b| u32::from(b)).sum();
+    put(&mut h[148..156], format!("{sum:06o}\0 ").as_bytes());
+}

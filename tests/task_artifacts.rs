@@ -255,6 +255,53 @@ fn stage_hostile(dir: &Dir, archive: &[u8], compress: Option<&str>) -> Output {
 }
 
 #[test]
+fn a_long_name_or_pax_record_over_64_kib_is_refused_before_it_is_read() {
+    use tarball::*;
+    let name = vec![b'a'; 2 << 20];
+    let long_name = Entry {
+        name: "././@LongLink",
+        kind: b'L',
+        link: "",
+        data: &name,
+    };
+    let plain = build(&[long_name, file("x", b"x")]);
+    // A pax size= says the next entry's data is 512 bytes (its header says 0), and those bytes
+    // look like a header whose data would cover the long name: it is found only by following
+    // the pax size, as the tar crate does.
+    let decoy = build(&[file("decoy", &[0u8; 512])]);
+    let mut hidden = build(&[
+        Entry {
+            name: "pax",
+            kind: b'x',
+            link: "",
+            data: b"12 size=512\n",
+        },
+        file("f", &decoy[..512]),
+        Entry {
+            name: "././@LongLink",
+            kind: b'L',
+            link: "",
+            data: b"",
+        },
+    ]);
+    set_size(&mut hidden, 1024, 0);
+    set_size(&mut hidden, 2048, 2 << 20);
+    for (name, archive) in [("plain", plain), ("after-pax", hidden)] {
+        let dir = Dir::new(&format!("hostile-longname-{name}"));
+        let out = stage_hostile(&dir, &archive, Some("gzip"));
+        out.assert_code(125)
+            .assert_stderr_contains("a long name or pax record of 2097152 bytes");
+        let outputs = std::fs::metadata(dir.join("out/outputs.json"))
+            .unwrap()
+            .len();
+        assert!(
+            outputs < 64 * 1024,
+            "{name}: outputs.json is {outputs} bytes"
+        );
+    }
+}
+
+#[test]
 fn an_entry_dated_past_the_clocks_range_is_unpacked_without_its_date() {
     let dir = Dir::new("archive-far-mtime");
     let mut archive = build(&[tarball::file("f.txt", b"kept\n")]);

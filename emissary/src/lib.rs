@@ -6,8 +6,8 @@
 //! back out), [`control`] (the signal FIFO), [`supervise`] (the loop that ties them together),
 //! and [`run`] (the `emissary run` command from options to exit code). Template mode adds
 //! [`template`] (where the spec comes from), [`task`] (spec → inputs → run → outputs),
-//! [`inputs`], [`outputs`], [`archive`], [`store`], [`deps`] (containerSet ordering), [`oom`]
-//! and [`init`].
+//! [`inputs`], [`outputs`], [`archive`] (with [`tar_guard`]), [`store`], [`deps`]
+//! (containerSet ordering), [`oom`] and [`init`].
 
 pub mod agent;
 pub mod archive;
@@ -28,6 +28,7 @@ pub mod spawn;
 pub mod stdio;
 pub mod store;
 pub mod supervise;
+pub mod tar_guard;
 pub mod task;
 pub mod template;
 pub mod version;
