@@ -171,6 +171,24 @@ fn bad_input_is_refused_with_a_message_that_names_it() {
         );
         assert_eq!(status, 400, "{key}: {}", String::from_utf8_lossy(&body));
     }
+    for (path, body) in [
+        ("progress", r#"{"container": "main", "progress": "half"}"#),
+        ("progress", r#"{"container": "main", "progress": "+1/2"}"#),
+        ("progress", r#"{"container": "a/b", "progress": "1/2"}"#),
+        (
+            "start",
+            r#"{"container": "", "started_at": "2026-01-01T00:00:00Z"}"#,
+        ),
+    ] {
+        let (status, answer) = http(
+            agent.api,
+            "POST",
+            &format!("/v1/tasks/t/0/{path}"),
+            &auth,
+            body.as_bytes(),
+        );
+        assert_eq!(status, 400, "{body}: {}", String::from_utf8_lossy(&answer));
+    }
     let (status, _) = http(agent.api, "GET", "/v1/elsewhere", &[], b"");
     assert_eq!(status, 404);
     assert!(store_files(&agent).is_empty());
@@ -389,6 +407,9 @@ fn commands_reach_the_tasks_long_poll_at_once() {
     });
     std::thread::sleep(Duration::from_millis(300));
     let sent = Instant::now();
+    // A signal that does not exist is dropped at the agent; the one after it arrives.
+    controller
+        .command(serde_json::json!({"task_id": "t", "attempt": 0, "kind": "signal", "signal": 99}));
     controller
         .command(serde_json::json!({"task_id": "t", "attempt": 0, "kind": "signal", "signal": 10}));
     let (status, body, waited) = poll.join().unwrap();

@@ -16,7 +16,7 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use protocol::api::{EventBatch, Heartbeat, NodeCommands, TaskRef};
+use protocol::api::{Command, EventBatch, Heartbeat, NodeCommands, TaskRef};
 use tokio::sync::watch;
 use tokio_rustls::rustls;
 use tracing::{debug, info, warn};
@@ -322,6 +322,12 @@ pub async fn relay_commands(
             Ok(list) => {
                 backoff.reset();
                 for c in list.commands {
+                    if let Command::Signal { signal } = c.command
+                        && !(1..=64).contains(&signal)
+                    {
+                        warn!(task = %c.task_id, signal, "ignoring a command with no such signal");
+                        continue;
+                    }
                     info!(task = %c.task_id, attempt = c.attempt, command = ?c.command, "command relayed");
                     commands.push(&c.task_id, c.attempt, c.command);
                 }

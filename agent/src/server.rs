@@ -275,6 +275,7 @@ async fn start(
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Refusal> {
     let start: StartRequest = json_body(app, req).await?;
+    check_container(&start.container)?;
     let mut e = event(app, claims, Phase::Running);
     e.container = Some(start.container);
     journal(app, e).await
@@ -286,6 +287,18 @@ async fn progress(
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Refusal> {
     let report: ProgressReport = json_body(app, req).await?;
+    check_container(&report.container)?;
+    let well_formed = report.progress.split_once('/').is_some_and(|(n, m)| {
+        [n, m]
+            .iter()
+            .all(|part| !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit()))
+    });
+    if !well_formed {
+        return Err(Refusal::new(
+            StatusCode::BAD_REQUEST,
+            format!("progress {:?} is not N/M", report.progress),
+        ));
+    }
     let mut e = event(app, claims, Phase::Running);
     e.container = Some(report.container);
     e.progress = Some(report.progress);
@@ -298,6 +311,7 @@ async fn result(
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Refusal> {
     let result: TaskResult = json_body(app, req).await?;
+    check_container(&result.container)?;
     let phase = if app.commands.was_terminated(&claims.task, claims.attempt)
         && result.reason != protocol::ExitReason::Completed
     {
@@ -337,6 +351,18 @@ async fn result(
     }
     e.outputs = Some(outputs);
     journal(app, e).await
+}
+
+/// The `container` of a start, progress or result: a name, as in the pod.
+fn check_container(container: &str) -> Result<(), Refusal> {
+    if api::valid_name(container) {
+        Ok(())
+    } else {
+        Err(Refusal::new(
+            StatusCode::BAD_REQUEST,
+            format!("container {container:?} is not a name of [A-Za-z0-9._-]"),
+        ))
+    }
 }
 
 /// A result names only what its own task may: parameter names that are single names (they

@@ -160,5 +160,6 @@ pub fn progress(file: &Path) -> Option<String> {
     let text = String::from_utf8_lossy(&bytes);
     let line = text.lines().rev().find(|l| !l.trim().is_empty())?.trim();
     let (n, m) = line.split_once('/')?;
-    (n.parse::<u64>().is_ok() && m.parse::<u64>().is_ok()).then(|| line.to_owned())
+    let number = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    (number(n) && number(m)).then(|| line.to_owned())
 }
