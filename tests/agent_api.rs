@@ -497,6 +497,31 @@ fn sigterm_finishes_in_flight_uploads_then_exits() {
 }
 
 #[test]
+fn an_upload_outliving_the_shutdown_timeout_is_cut_and_an_empty_outbox_is_not_reported_stuck() {
+    use std::io::Write;
+    let dir = Dir::new("agent-shutdown-timeout");
+    let mut agent = Agent::start(dir.join("agent"), &["--shutdown-timeout", "1s"]);
+    let token = agent.token("wf", "t", 0, "1h");
+    let mut stream = std::net::TcpStream::connect(agent.api).unwrap();
+    write!(stream, "PUT /v1/tasks/t/0/outputs/stuck HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Length: 1000000\r\n\r\n").unwrap();
+    stream.write_all(&[0u8; 1000]).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(agent.terminate(Duration::from_secs(10)).success());
+    let log = agent.log();
+    assert!(
+        log.contains("in-flight requests did not finish in time"),
+        "{log}"
+    );
+    assert!(
+        !log.contains("did not drain"),
+        "nothing was left to drain: {log}"
+    );
+    // The cut upload's temporary file went with it.
+    assert!(store_files(&agent).is_empty(), "{:?}", store_files(&agent));
+    drop(stream);
+}
+
+#[test]
 fn an_input_key_that_escapes_the_store_fails_the_step_at_once_as_the_specs_fault() {
     let dir = Dir::new("agent-bad-key");
     let agent = Agent::start(dir.join("agent"), &[]);

@@ -46,6 +46,7 @@ pub async fn serve(settings: Settings) -> Result<(), String> {
         )
     })?;
     let metrics = Arc::new(Metrics::new(outbox.bytes.clone()));
+    let undelivered = outbox.bytes.clone();
     let commands = Arc::new(Commands::default());
     let app = Arc::new(App {
         secret: secret.clone(),
@@ -180,8 +181,13 @@ pub async fn serve(settings: Settings) -> Result<(), String> {
         warn!("in-flight requests did not finish in time");
     }
     let _ = stop_tx.send(true);
-    if tokio::time::timeout_at(deadline, delivery).await.is_err() {
-        warn!("the outbox did not drain in time; undelivered events stay journaled");
+    let drained = tokio::time::timeout_at(deadline, delivery).await.is_ok();
+    let left = undelivered.load(std::sync::atomic::Ordering::Relaxed);
+    if !drained && left > 0 {
+        warn!(
+            bytes = left,
+            "the outbox did not drain in time; undelivered events stay journaled"
+        );
     }
     info!("stopped");
     Ok(())
