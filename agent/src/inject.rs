@@ -89,11 +89,21 @@ fn fail<T>(message: impl Into<String>) -> Result<T, InjectError> {
     Err(InjectError(message.into()))
 }
 
-/// True when `pod` already carries the emissary (so injecting again must change nothing).
+/// True when `pod` already carries the emissary (so injecting again must change nothing): our
+/// init container, by name and by what it runs.
 pub fn is_injected(pod: &Value) -> bool {
+    init_named_ours(pod).is_some_and(|c| c["command"] == json!(init_command()))
+}
+
+fn init_named_ours(pod: &Value) -> Option<&Value> {
     pod.pointer("/spec/initContainers")
-        .and_then(Value::as_array)
-        .is_some_and(|inits| inits.iter().any(|c| c["name"] == INIT_CONTAINER))
+        .and_then(Value::as_array)?
+        .iter()
+        .find(|c| c["name"] == INIT_CONTAINER)
+}
+
+fn init_command() -> [&'static str; 4] {
+    ["/emissary", "init", "--dest", SHARED_DIR]
 }
 
 /// The injected form of `pod`.
@@ -111,6 +121,14 @@ pub fn inject(pod: &Value, config: &Config) -> Result<Value, InjectError> {
     }
     if is_injected(pod) {
         return Ok(pod.clone());
+    }
+    if init_named_ours(pod).is_some() {
+        // Taking it for ours would admit the pod uninjected.
+        return fail(format!(
+            "spec.initContainers has an {INIT_CONTAINER:?} that is not the injector's (its command \
+             is not {})",
+            init_command().join(" ")
+        ));
     }
     // Without them every container would start, find no token, and fail: refuse at admission.
     for key in [ANNOTATION_TASK, ANNOTATION_TOKEN] {
@@ -183,7 +201,7 @@ fn init_container(config: &Config, has_template: bool) -> Value {
     json!({
         "name": INIT_CONTAINER,
         "image": config.emissary_image,
-        "command": ["/emissary", "init", "--dest", SHARED_DIR],
+        "command": init_command(),
         "env": env,
         "volumeMounts": mounts,
         // Copying a 2 MB binary and staging inputs through the agent needs little; a tight CPU
@@ -466,6 +484,15 @@ mod tests {
                 "{err}"
             );
         }
+    }
+
+    #[test]
+    fn an_init_container_that_only_borrows_our_name_is_refused() {
+        let mut pod = pod();
+        pod["spec"]["initContainers"] =
+            json!([{"name": INIT_CONTAINER, "image": "busybox", "command": ["true"]}]);
+        let err = inject(&pod, &config()).unwrap_err();
+        assert!(err.0.contains("is not the injector's"), "{err}");
     }
 
     #[test]
