@@ -108,6 +108,19 @@ fn init_stages_inputs_and_the_task_container_moves_them_into_place() {
     assert!(!shared.join("inputs/data").exists(), "moved, not copied");
 }
 
+/// `emissary run` of one container of the containerSet `spec`, in the pod rooted at `root`.
+fn member(root: &Path, spec: &str, container: &str) -> std::process::Command {
+    let mut cmd = emissary([
+        "run",
+        "--root",
+        root.to_str().unwrap(),
+        "--container",
+        container,
+    ]);
+    cmd.env("EMISSARY_TEMPLATE", spec);
+    cmd
+}
+
 fn container_set(dir: &Dir, a_script: &str) -> (std::path::PathBuf, String) {
     let spec = json!({"containerSet": {"containers": [
         {"name": "a", "command": ["sh", "-c", a_script]},
@@ -123,15 +136,9 @@ fn a_container_set_runs_in_dependency_order() {
         &dir,
         &format!("sleep 0.3; echo from a > {}", dir.join("a.txt").display()),
     );
-    let root_arg = root.to_str().unwrap();
-    let main = start(
-        emissary(["run", "--root", root_arg, "--container", "main"])
-            .env("EMISSARY_TEMPLATE", &spec),
-    );
+    let main = start(&mut member(&root, &spec, "main"));
     std::thread::sleep(Duration::from_millis(100));
-    let a = run_quick(
-        emissary(["run", "--root", root_arg, "--container", "a"]).env("EMISSARY_TEMPLATE", &spec),
-    );
+    let a = run_quick(&mut member(&root, &spec, "a"));
     a.assert_code(0);
     let main = main.finish(Duration::from_secs(10));
     main.assert_code(0);
@@ -150,15 +157,8 @@ fn a_container_set_runs_in_dependency_order() {
 fn a_failed_dependency_skips_its_dependants() {
     let dir = Dir::new("containerset-failed");
     let (root, spec) = container_set(&dir, "exit 3");
-    let root_arg = root.to_str().unwrap();
-    run_quick(
-        emissary(["run", "--root", root_arg, "--container", "a"]).env("EMISSARY_TEMPLATE", &spec),
-    )
-    .assert_code(3);
-    let main = run_quick(
-        emissary(["run", "--root", root_arg, "--container", "main"])
-            .env("EMISSARY_TEMPLATE", &spec),
-    );
+    run_quick(&mut member(&root, &spec, "a")).assert_code(3);
+    let main = run_quick(&mut member(&root, &spec, "main"));
     main.assert_code(125)
         .assert_stderr_contains("skipped: dependency \"a\" failed with exit code 3");
     assert!(!main.stdout().contains("main ran"));
@@ -176,16 +176,7 @@ fn a_failed_dependency_skips_its_dependants() {
 fn a_signal_while_waiting_for_dependencies_ends_the_wait() {
     let dir = Dir::new("containerset-term");
     let (root, spec) = container_set(&dir, "true");
-    let main = start(
-        emissary([
-            "run",
-            "--root",
-            root.to_str().unwrap(),
-            "--container",
-            "main",
-        ])
-        .env("EMISSARY_TEMPLATE", &spec),
-    );
+    let main = start(&mut member(&root, &spec, "main"));
     assert!(wait_until(Duration::from_secs(5), || root
         .join("ctr/main/signal")
         .exists()));
@@ -201,11 +192,7 @@ fn a_window_resize_while_waiting_for_dependencies_changes_nothing() {
         &dir,
         &format!("echo from a > {}", dir.join("a.txt").display()),
     );
-    let root_arg = root.to_str().unwrap();
-    let main = start(
-        emissary(["run", "--root", root_arg, "--container", "main"])
-            .env("EMISSARY_TEMPLATE", &spec),
-    );
+    let main = start(&mut member(&root, &spec, "main"));
     assert!(wait_until(Duration::from_secs(5), || root
         .join("ctr/main/signal")
         .exists()));
@@ -213,10 +200,7 @@ fn a_window_resize_while_waiting_for_dependencies_changes_nothing() {
         main.signal(signal);
     }
     std::thread::sleep(Duration::from_millis(100));
-    run_quick(
-        emissary(["run", "--root", root_arg, "--container", "a"]).env("EMISSARY_TEMPLATE", &spec),
-    )
-    .assert_code(0);
+    run_quick(&mut member(&root, &spec, "a")).assert_code(0);
     let out = main.finish(Duration::from_secs(5));
     out.assert_code(0);
     assert_eq!(out.stdout(), "main ran\nfrom a\n");
@@ -231,14 +215,7 @@ fn the_deadline_runs_while_waiting_for_dependencies() {
     ]}});
     let root = dir.join("root");
     let out = run(
-        emissary([
-            "run",
-            "--root",
-            root.to_str().unwrap(),
-            "--container",
-            "main",
-        ])
-        .env("EMISSARY_TEMPLATE", spec.to_string()),
+        &mut member(&root, &spec.to_string(), "main"),
         b"",
         Duration::from_secs(10),
     );
@@ -258,24 +235,16 @@ fn the_deadline_runs_while_waiting_for_dependencies() {
 fn a_container_that_cannot_start_still_leaves_its_exit_code_for_its_dependants() {
     let dir = Dir::new("containerset-bad-deadline");
     let (root, spec) = container_set(&dir, "true");
-    let root_arg = root.to_str().unwrap();
-    run_quick(
-        emissary(["run", "--root", root_arg, "--container", "a"])
-            .env("EMISSARY_TEMPLATE", &spec)
-            .env("EMISSARY_DEADLINE", "tomorrow"),
-    )
-    .assert_code(125)
-    .assert_stderr_contains("EMISSARY_DEADLINE");
+    run_quick(member(&root, &spec, "a").env("EMISSARY_DEADLINE", "tomorrow"))
+        .assert_code(125)
+        .assert_stderr_contains("EMISSARY_DEADLINE");
     assert_eq!(
         std::fs::read_to_string(root.join("ctr/a/exitcode")).unwrap(),
         "125"
     );
-    run_quick(
-        emissary(["run", "--root", root_arg, "--container", "main"])
-            .env("EMISSARY_TEMPLATE", &spec),
-    )
-    .assert_code(125)
-    .assert_stderr_contains("skipped: dependency \"a\" failed with exit code 125");
+    run_quick(&mut member(&root, &spec, "main"))
+        .assert_code(125)
+        .assert_stderr_contains("skipped: dependency \"a\" failed with exit code 125");
 }
 
 #[test]
@@ -283,22 +252,13 @@ fn an_exit_code_left_by_an_earlier_run_is_not_taken_for_this_one() {
     let dir = Dir::new("containerset-stale");
     let a_txt = dir.join("a.txt");
     let (root, spec) = container_set(&dir, &format!("sleep 1; echo from a > {}", a_txt.display()));
-    let root_arg = root.to_str().unwrap();
-    let run_a = || {
-        start(
-            emissary(["run", "--root", root_arg, "--container", "a"])
-                .env("EMISSARY_TEMPLATE", &spec),
-        )
-    };
+    let run_a = || start(&mut member(&root, &spec, "a"));
     run_a().finish(Duration::from_secs(10)).assert_code(0);
     std::fs::remove_file(&a_txt).unwrap();
     // The second run of `a` has started, not finished: main must wait for it.
     let a = run_a();
     std::thread::sleep(Duration::from_millis(300));
-    let main = run_quick(
-        emissary(["run", "--root", root_arg, "--container", "main"])
-            .env("EMISSARY_TEMPLATE", &spec),
-    );
+    let main = run_quick(&mut member(&root, &spec, "main"));
     a.finish(Duration::from_secs(10)).assert_code(0);
     main.assert_code(0);
     assert_eq!(main.stdout(), "main ran\nfrom a\n");
@@ -308,18 +268,9 @@ fn an_exit_code_left_by_an_earlier_run_is_not_taken_for_this_one() {
 fn an_unknown_container_is_a_clear_error() {
     let dir = Dir::new("containerset-unknown");
     let (root, spec) = container_set(&dir, "true");
-    run_quick(
-        emissary([
-            "run",
-            "--root",
-            root.to_str().unwrap(),
-            "--container",
-            "nope",
-        ])
-        .env("EMISSARY_TEMPLATE", &spec),
-    )
-    .assert_code(125)
-    .assert_stderr_contains("containerSet has no container \"nope\"");
+    run_quick(&mut member(&root, &spec, "nope"))
+        .assert_code(125)
+        .assert_stderr_contains("containerSet has no container \"nope\"");
 }
 
 #[test]
@@ -331,8 +282,7 @@ fn a_dependency_cycle_is_refused_instead_of_waiting_forever() {
     ]}});
     let root = dir.join("root");
     let out = run(
-        emissary(["run", "--root", root.to_str().unwrap(), "--container", "a"])
-            .env("EMISSARY_TEMPLATE", spec.to_string()),
+        &mut member(&root, &spec.to_string(), "a"),
         b"",
         Duration::from_secs(10),
     );

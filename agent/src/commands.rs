@@ -148,9 +148,21 @@ impl Commands {
 mod tests {
     use std::sync::Arc;
 
+    use tokio::task::JoinHandle;
+
     use super::*;
 
     const NOW: Duration = Duration::from_millis(1);
+
+    /// A long-poll of task `t` attempt 0 by `container`, running.
+    fn poll(commands: &Arc<Commands>, container: &'static str) -> JoinHandle<Vec<Command>> {
+        let commands = commands.clone();
+        tokio::spawn(async move {
+            commands
+                .wait("t", 0, container, Duration::from_secs(30))
+                .await
+        })
+    }
 
     #[tokio::test]
     async fn a_command_pushed_before_the_poll_is_not_lost() {
@@ -167,12 +179,7 @@ mod tests {
     #[tokio::test]
     async fn a_waiting_poll_wakes_at_once() {
         let commands = Arc::new(Commands::default());
-        let waiter = {
-            let commands = commands.clone();
-            tokio::spawn(
-                async move { commands.wait("t", 0, "main", Duration::from_secs(30)).await },
-            )
-        };
+        let waiter = poll(&commands, "main");
         tokio::time::sleep(Duration::from_millis(20)).await;
         let start = Instant::now();
         commands.push("t", 0, Command::Terminate);
@@ -184,17 +191,7 @@ mod tests {
     #[tokio::test]
     async fn every_container_of_a_task_gets_every_command_once() {
         let commands = Arc::new(Commands::default());
-        let waiters: Vec<_> = ["a", "b"]
-            .into_iter()
-            .map(|container| {
-                let commands = commands.clone();
-                tokio::spawn(async move {
-                    commands
-                        .wait("t", 0, container, Duration::from_secs(30))
-                        .await
-                })
-            })
-            .collect();
+        let waiters = [poll(&commands, "a"), poll(&commands, "b")];
         tokio::time::sleep(Duration::from_millis(20)).await;
         commands.push("t", 0, Command::Terminate);
         for waiter in waiters {
@@ -208,12 +205,7 @@ mod tests {
     #[tokio::test]
     async fn closing_answers_waiting_polls() {
         let commands = Arc::new(Commands::default());
-        let waiter = {
-            let commands = commands.clone();
-            tokio::spawn(
-                async move { commands.wait("t", 0, "main", Duration::from_secs(30)).await },
-            )
-        };
+        let waiter = poll(&commands, "main");
         tokio::time::sleep(Duration::from_millis(20)).await;
         let start = Instant::now();
         commands.close();
