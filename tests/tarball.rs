@@ -110,3 +110,27 @@ pub fn set_size(archive: &mut [u8], offset: usize, size: u64) {
     let sum: u32 = h.iter().map(|&b| u32::from(b)).sum();
     put(&mut h[148..156], format!("{sum:06o}\0 ").as_bytes());
 }
+
+/// One raw header with its size field and magic as given (`build` writes well-formed ones).
+pub fn raw_header(name: &str, kind: u8, size_field: &[u8; 12], magic: &[u8; 8]) -> Vec<u8> {
+    let mut h = vec![0u8; 512];
+    put(&mut h[0..100], name.as_bytes());
+    put(&mut h[100..108], b"0000644\0");
+    put(&mut h[108..116], b"0000000\0");
+    put(&mut h[116..124], b"0000000\0");
+    h[124..136].copy_from_slice(size_field);
+    put(&mut h[136..148], b"00000000000\0");
+    h[156] = kind;
+    h[257..265].copy_from_slice(magic);
+    h[148..156].copy_from_slice(b"        ");
+    let sum: u32 = h.iter().map(|&b| u32::from(b)).sum();
+    put(&mut h[148..156], format!("{sum:06o}\0 ").as_bytes());
+    h
+}
+
+/// `data` padded to whole 512-byte blocks.
+pub fn padded(data: &[u8]) -> Vec<u8> {
+    let mut out = data.to_vec();
+    out.resize(data.len().div_ceil(512) * 512, 0);
+    out
+}

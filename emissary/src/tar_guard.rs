@@ -4,8 +4,12 @@
 //! input limits were. [`MetadataGuard`] reads the stream alongside the crate, header by header,
 //! and fails the read that would start such a record when it is over [`METADATA_LIMIT`].
 //!
-//! It follows the stream as the crate does: 512-byte headers, data padded to 512 bytes, the
-//! size of a pax record's `size=` for the entry after it, and GNU sparse extension blocks.
+//! It must see the stream exactly as tar 0.4 does (`Archive::entries`, not raw, zeros not
+//! ignored), or a crafted archive could make it lose its place and let a record through: the
+//! same number parsing, the same notion of a recognised (ustar or GNU) header, a pax record's
+//! `size=` applied to the next header that is not itself an extension, pending pax records
+//! dropped with the entry they are yielded with, GNU sparse extension blocks. Whatever it cannot
+//! parse, the crate cannot either: that is an error here too.
 
 use std::io::{self, Read};
 
@@ -20,8 +24,8 @@ pub struct MetadataGuard<R> {
     /// A block being gathered (a header or a sparse extension).
     block: Box<[u8; BLOCK]>,
     filled: usize,
-    /// The `size=` of the last pax record, for the next entry that is not itself metadata.
-    pax_size: Option<u64>,
+    /// The `size=` of a pax record waiting for its entry (`Some(None)`: a record without one).
+    pax: Option<Option<u64>>,
     /// The data size of a sparse entry whose extension blocks are being read.
     sparse_size: u64,
 }
@@ -29,12 +33,12 @@ pub struct MetadataGuard<R> {
 enum State {
     Header,
     SparseExtension,
-    /// Data and padding to pass; a pax record's first `len` bytes are kept to read its size.
+    /// Data and padding to pass; a pax record's data (`record` bytes of it) is kept to read.
     Data {
         left: u64,
-        pax: Option<(Vec<u8>, u64)>,
+        record: Option<(Vec<u8>, u64)>,
     },
-    /// The end of the archive (or a header the crate will refuse): nothing more to check.
+    /// The end of the archive: the crate reads no further.
     Done,
 }
 
@@ -45,7 +49,7 @@ impl<R: Read> MetadataGuard<R> {
             state: State::Header,
             block: Box::new([0; BLOCK]),
             filled: 0,
-            pax_size: None,
+            pax: None,
             sparse_size: 0,
         }
     }
@@ -54,19 +58,19 @@ impl<R: Read> MetadataGuard<R> {
         while !bytes.is_empty() {
             match &mut self.state {
                 State::Done => return Ok(()),
-                State::Data { left, pax } => {
+                State::Data { left, record } => {
                     let n = bytes
                         .len()
                         .min(usize::try_from(*left).unwrap_or(usize::MAX));
-                    if let Some((kept, len)) = pax {
+                    if let Some((kept, len)) = record {
                         let want = (*len as usize).saturating_sub(kept.len()).min(n);
                         kept.extend_from_slice(&bytes[..want]);
                     }
                     *left -= n as u64;
                     bytes = &bytes[n..];
                     if *left == 0 {
-                        if let Some((kept, _)) = pax.take() {
-                            self.pax_size = pax_value(&kept, "size");
+                        if let Some((kept, _)) = record.take() {
+                            self.pax = Some(pax_size(&kept));
                         }
                         self.state = State::Header;
                     }
@@ -78,7 +82,7 @@ impl<R: Read> MetadataGuard<R> {
                     bytes = &bytes[n..];
                     if self.filled == BLOCK {
                         self.filled = 0;
-                        self.next_state()?;
+                        self.after_block()?;
                     }
                 }
             }
@@ -87,10 +91,10 @@ impl<R: Read> MetadataGuard<R> {
     }
 
     /// A whole block has been read: what follows it.
-    fn next_state(&mut self) -> io::Result<()> {
+    fn after_block(&mut self) -> io::Result<()> {
         let block = &self.block;
         if matches!(self.state, State::SparseExtension) {
-            if block[504] == 0 {
+            if block[504] != 1 {
                 self.state = data(self.sparse_size, None);
             }
             return Ok(());
@@ -100,15 +104,20 @@ impl<R: Read> MetadataGuard<R> {
             return Ok(());
         }
         let kind = block[156];
-        let metadata = matches!(kind, b'L' | b'K' | b'x' | b'g');
-        let Some(mut size) = numeric(&block[124..136]) else {
-            self.state = State::Done; // the crate refuses it
-            return Ok(());
-        };
-        if !metadata && let Some(pax) = self.pax_size.take() {
+        let gnu = &block[257..265] == b"ustar  \0";
+        let recognised = gnu || &block[257..265] == b"ustar\x0000";
+        let extension = matches!(kind, b'L' | b'K' | b'x' | b'g');
+        let mut size = numeric(&block[124..136]).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                "a tar header with a malformed size",
+            )
+        })?;
+        if !extension && let Some(Some(pax)) = self.pax {
             size = pax;
         }
-        if matches!(kind, b'L' | b'K' | b'x') && size > METADATA_LIMIT {
+        let metadata = recognised && matches!(kind, b'L' | b'K' | b'x');
+        if metadata && size > METADATA_LIMIT {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 format!(
@@ -117,23 +126,30 @@ impl<R: Read> MetadataGuard<R> {
                 ),
             ));
         }
-        if kind == b'S' && block[482] != 0 {
+        if !metadata {
+            self.pax = None; // yielded with this entry
+        }
+        if kind == b'S' && gnu && block[482] == 1 {
             self.sparse_size = size;
             self.state = State::SparseExtension;
             return Ok(());
         }
-        let pax = (kind == b'x').then(|| (Vec::new(), size));
-        self.state = data(size, pax);
+        let record = (recognised && kind == b'x').then(|| (Vec::new(), size));
+        self.state = data(size, record);
         Ok(())
     }
 }
 
-fn data(size: u64, pax: Option<(Vec<u8>, u64)>) -> State {
+fn data(size: u64, record: Option<(Vec<u8>, u64)>) -> State {
     let left = size.div_ceil(BLOCK as u64).saturating_mul(BLOCK as u64);
     if left == 0 {
+        if record.is_some() {
+            // An empty pax record: pending, with no size.
+            return State::Data { left: 0, record };
+        }
         State::Header
     } else {
-        State::Data { left, pax }
+        State::Data { left, record }
     }
 }
 
@@ -145,7 +161,8 @@ impl<R: Read> Read for MetadataGuard<R> {
     }
 }
 
-/// A tar numeric field: octal text, or GNU base-256 (high bit set; the last 8 bytes count).
+/// A tar numeric field as tar 0.4 reads it: GNU base-256 when the high bit is set (the last 8
+/// bytes count), else octal text cut at the first NUL and trimmed.
 fn numeric(field: &[u8]) -> Option<u64> {
     if field[0] & 0x80 != 0 {
         let skip = field.len().saturating_sub(8).max(1);
@@ -155,26 +172,29 @@ fn numeric(field: &[u8]) -> Option<u64> {
                 .fold(0u64, |n, &b| (n << 8) | u64::from(b)),
         );
     }
-    let text = std::str::from_utf8(field).ok()?;
-    let text = text.trim_matches(|c: char| c == '\0' || c == ' ');
-    if text.is_empty() {
-        return Some(0);
-    }
-    u64::from_str_radix(text, 8).ok()
+    let end = field.iter().position(|&b| b == 0).unwrap_or(field.len());
+    let text = std::str::from_utf8(&field[..end]).ok()?;
+    u64::from_str_radix(text.trim(), 8).ok()
 }
 
-/// The value of `key` in pax records (`LEN key=value\n`...).
-fn pax_value(records: &[u8], key: &str) -> Option<u64> {
-    let mut rest = records;
-    while !rest.is_empty() {
-        let space = rest.iter().position(|&b| b == b' ')?;
-        let len: usize = std::str::from_utf8(&rest[..space]).ok()?.parse().ok()?;
-        let record = rest.get(space + 1..len)?;
-        let record = record.strip_suffix(b"\n").unwrap_or(record);
-        if let Some(value) = record.strip_prefix(format!("{key}=").as_bytes()) {
-            return std::str::from_utf8(value).ok()?.parse().ok();
+/// The `size=` of pax records as tar 0.4 reads it: lines split at `\n`, each `LEN key=value`
+/// with LEN counting the line and its newline; an empty line ends them; the first malformed
+/// line, or a size that is not a number, means none.
+fn pax_size(records: &[u8]) -> Option<u64> {
+    for line in records.split(|&b| b == b'\n') {
+        if line.is_empty() {
+            return None;
         }
-        rest = &rest[len..];
+        let space = line.iter().position(|&b| b == b' ')?;
+        let len: usize = std::str::from_utf8(&line[..space]).ok()?.parse().ok()?;
+        if line.len() + 1 != len {
+            return None;
+        }
+        let pair = &line[space + 1..];
+        let equals = pair.iter().position(|&b| b == b'=')?;
+        if &pair[..equals] == b"size" {
+            return std::str::from_utf8(&pair[equals + 1..]).ok()?.parse().ok();
+        }
     }
     None
 }
@@ -184,17 +204,26 @@ mod tests {
     use super::*;
 
     #[test]
-    fn reads_numeric_fields_and_pax_sizes() {
+    fn reads_numbers_and_pax_sizes_as_the_tar_crate_does() {
         assert_eq!(numeric(b"00000001750\0"), Some(1000));
-        assert_eq!(numeric(b"\0\0\0\0\0\0\0\0\0\0\0\0"), Some(0));
+        assert_eq!(numeric(b"1\x000000000000"), Some(1), "cut at the first NUL");
+        assert_eq!(numeric(b"\t0000000001\0"), Some(1), "trimmed");
+        assert_eq!(
+            numeric(b"\0\0\0\0\0\0\0\0\0\0\0\0"),
+            None,
+            "empty is not a number"
+        );
+        assert_eq!(numeric(b"0000000009\0\0"), None);
         let mut big = [0u8; 12];
         big[0] = 0x80;
         big[11] = 7;
         assert_eq!(numeric(&big), Some(7));
         assert_eq!(
-            pax_value(b"18 path=some/file\n15 size=123456\n", "size"),
+            pax_size(b"18 path=some/file\n15 size=123456\n"),
             Some(123456)
         );
-        assert_eq!(pax_value(b"18 path=some/file\n", "size"), None);
+        assert_eq!(pax_size(b"18 path=some/file\n"), None);
+        // A value with a newline makes the record malformed to the crate: no size after it.
+        assert_eq!(pax_size(b"12 path=a\nb\n11 size=0\n"), None);
     }
 }
