@@ -355,8 +355,8 @@ async fn put_s3(
         bucket: bucket.to_owned(),
         key: key.to_owned(),
         id: None,
+        in_flight: VecDeque::new(),
     };
-    let mut in_flight: VecDeque<JoinHandle<Result<CompletedPart, StoreError>>> = VecDeque::new();
     let mut parts = Vec::new();
     let result = async {
         loop {
@@ -371,7 +371,7 @@ async fn put_s3(
                 part.extend_from_slice(chunk);
             }
             let last = chunk.is_none();
-            if part.len() >= part_size(parts.len() + in_flight.len())
+            if part.len() >= part_size(parts.len() + upload.in_flight.len())
                 || (last && upload.id.is_some() && !part.is_empty())
             {
                 let id = match &upload.id {
@@ -392,7 +392,7 @@ async fn put_s3(
                 };
                 // Parts go up while the next one is received: a few in flight, no more (each
                 // is PART_SIZE of memory).
-                let number = (parts.len() + in_flight.len()) as i32 + 1;
+                let number = (parts.len() + upload.in_flight.len()) as i32 + 1;
                 let request = client
                     .upload_part()
                     .bucket(bucket)
@@ -404,7 +404,7 @@ async fn put_s3(
                         std::mem::replace(&mut part, BytesMut::with_capacity(PART_SIZE)).freeze(),
                     ));
                 let key = key.to_owned();
-                in_flight.push_back(tokio::spawn(async move {
+                upload.in_flight.push_back(tokio::spawn(async move {
                     let sent = request
                         .send()
                         .await
@@ -414,15 +414,16 @@ async fn put_s3(
                         .set_e_tag(sent.e_tag().map(str::to_owned))
                         .build())
                 }));
-                if in_flight.len() > PARTS_IN_FLIGHT {
-                    parts.push(joined(in_flight.pop_front().expect("not empty")).await?);
+                if upload.in_flight.len() > PARTS_IN_FLIGHT {
+                    let oldest = upload.in_flight.pop_front().expect("not empty");
+                    parts.push(joined(oldest).await?);
                 }
             }
             if last {
                 break;
             }
         }
-        while let Some(handle) = in_flight.pop_front() {
+        while let Some(handle) = upload.in_flight.pop_front() {
             parts.push(joined(handle).await?);
         }
         match upload.id.clone() {
@@ -461,11 +462,7 @@ async fn put_s3(
         })
     }
     .await;
-    if result.is_err() {
-        for handle in in_flight {
-            handle.abort();
-        }
-    }
+    drop(upload); // on failure: parts stopped, upload aborted
     result
 }
 
@@ -475,10 +472,15 @@ struct MultipartGuard {
     bucket: String,
     key: String,
     id: Option<String>,
+    /// Parts being sent: stopped first, so none lands after the abort.
+    in_flight: VecDeque<JoinHandle<Result<CompletedPart, StoreError>>>,
 }
 
 impl Drop for MultipartGuard {
     fn drop(&mut self) {
+        for part in self.in_flight.drain(..) {
+            part.abort();
+        }
         let (Some(id), Ok(runtime)) = (self.id.take(), tokio::runtime::Handle::try_current())
         else {
             return;
