@@ -220,6 +220,10 @@ fn bad_input_is_refused_with_a_message_that_names_it() {
             "outputs.artifacts[0].key",
         ),
         (
+            own.replace("wf/t/0/", "wf/t/0/../../other/0/"),
+            "outputs.artifacts[0].key",
+        ),
+        (
             own.replace(&"ab".repeat(32), "not-hex"),
             "outputs.artifacts[0].sha256",
         ),

@@ -379,7 +379,9 @@ fn check_outputs(app: &App, claims: &Claims, outputs: &api::Outputs) -> Result<(
     }
     let own = object_key(app, claims, "");
     for (i, a) in outputs.artifacts.iter().enumerate() {
-        if !a.stored.key.starts_with(&own) {
+        // Exactly what an upload of this task stores: its prefix and one file name.
+        let file = a.stored.key.strip_prefix(&own);
+        if !file.is_some_and(api::valid_name) {
             return bad(format!(
                 "outputs.artifacts[{i}].key {:?} is not under this task's {own:?}",
                 a.stored.key
