@@ -286,6 +286,43 @@ fn an_upload_whose_client_leaves_mid_way_is_aborted_in_the_store() {
 }
 
 #[test]
+fn concurrent_uploads_share_a_bounded_part_memory() {
+    let dir = Dir::new("s3-upload-budget");
+    let server = S3Server::start(&dir.join("s3"), 0);
+    // S3 takes seconds to answer each request: parts pile up in the agent.
+    let slow = SlowProxy::start(server.addr, 120);
+    let agent = s3_agent_at(&dir, &format!("http://{}", slow.addr), &[]);
+    let payload = std::sync::Arc::new(noise(24 << 20, 11));
+    let uploads: Vec<_> = (0..20)
+        .map(|i| {
+            let (api, payload) = (agent.api, payload.clone());
+            let auth = bearer(&agent.token("wf", &format!("u{i}"), 0, "1h"));
+            std::thread::spawn(move || {
+                let path = format!("/v1/tasks/u{i}/0/outputs/big");
+                http(api, "PUT", &path, &[("Authorization", &auth)], &payload).0
+            })
+        })
+        .collect();
+    for upload in uploads {
+        assert_eq!(upload.join().unwrap(), 200);
+    }
+    assert!(server.object("emissary/wf/u19/0/big").unwrap() == *payload);
+    let status = std::fs::read_to_string(format!("/proc/{}/status", agent.pid())).unwrap();
+    let peak_kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    // Twenty uploads holding up to 24 MiB each reached 344 MiB; the budget is 128 MiB of
+    // parts, under the DaemonSet's 256 MiB limit with the rest of the agent.
+    assert!(
+        peak_kb < 240 << 10,
+        "the agent peaked at {} MiB",
+        peak_kb >> 10
+    );
+}
+
+#[test]
 fn an_s3_outage_is_a_retryable_error_not_a_hang() {
     let dir = Dir::new("s3-down");
     let mut server = S3Server::start(&dir.join("s3"), 0);

@@ -7,6 +7,7 @@
 use std::collections::VecDeque;
 use std::io;
 use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
 
 use aws_sdk_s3::Client;
 use aws_sdk_s3::primitives::ByteStream;
@@ -15,6 +16,7 @@ use bytes::{Bytes, BytesMut};
 use protocol::api::StoredArtifact;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::body::{Body, Chunks, channel};
@@ -24,6 +26,10 @@ const PART_SIZE: usize = 8 << 20;
 /// Parts uploading while the next is received: one upload holds at most
 /// `(PARTS_IN_FLIGHT + 1)` parts of memory (24 MiB for most).
 const PARTS_IN_FLIGHT: usize = 2;
+/// Part buffers of all uploads together, in `PART_SIZE` units (128 MiB): ten tasks uploading
+/// at once would otherwise hold 240 MiB, near the DaemonSet's 256 MiB limit. An upload waits
+/// for room before it reads more of its body.
+const PARTS_BUDGET: usize = 16;
 
 /// How a store operation failed.
 #[derive(Debug, Clone)]
@@ -65,6 +71,8 @@ pub enum Store {
         client: Client,
         bucket: String,
         prefix: String,
+        /// Shared by every upload: see [`PARTS_BUDGET`].
+        part_buffers: Arc<Semaphore>,
     },
 }
 
@@ -119,6 +127,7 @@ impl Store {
             client: Client::from_conf(config),
             bucket: bucket.to_owned(),
             prefix: prefix.trim_matches('/').to_owned(),
+            part_buffers: Arc::new(Semaphore::new(PARTS_BUDGET)),
         })
     }
 
@@ -167,7 +176,12 @@ impl Store {
         self.check_key(key)?;
         match self {
             Store::Local { root } => put_local(root, key, source).await,
-            Store::S3 { client, bucket, .. } => put_s3(client, bucket, key, source).await,
+            Store::S3 {
+                client,
+                bucket,
+                part_buffers,
+                ..
+            } => put_s3(client, bucket, key, source, part_buffers).await,
         }
     }
 
@@ -345,8 +359,10 @@ async fn put_s3(
     bucket: &str,
     key: &str,
     source: &mut impl Chunks,
+    part_buffers: &Arc<Semaphore>,
 ) -> Result<StoredArtifact, StoreError> {
     let (mut hasher, mut size) = (Sha256::new(), 0u64);
+    let mut room = reserve(part_buffers, 0).await?;
     let mut part = BytesMut::with_capacity(PART_SIZE);
     // Aborts the multipart upload unless it completes, even if this future is dropped (the
     // client went away while parts were in flight): its parts must not linger in the bucket.
@@ -404,7 +420,9 @@ async fn put_s3(
                         std::mem::replace(&mut part, BytesMut::with_capacity(PART_SIZE)).freeze(),
                     ));
                 let key = key.to_owned();
+                let sending = room.take();
                 upload.in_flight.push_back(tokio::spawn(async move {
+                    let _room = sending; // the part's memory, until it is sent
                     let sent = request
                         .send()
                         .await
@@ -417,6 +435,9 @@ async fn put_s3(
                 if upload.in_flight.len() > PARTS_IN_FLIGHT {
                     let oldest = upload.in_flight.pop_front().expect("not empty");
                     parts.push(joined(oldest).await?);
+                }
+                if !last {
+                    room = reserve(part_buffers, parts.len() + upload.in_flight.len()).await?;
                 }
             }
             if last {
@@ -495,6 +516,20 @@ impl Drop for MultipartGuard {
             let _ = request.send().await;
         });
     }
+}
+
+/// Room for the part after `done` parts in the shared budget, waiting for it if need be.
+async fn reserve(
+    part_buffers: &Arc<Semaphore>,
+    done: usize,
+) -> Result<Option<OwnedSemaphorePermit>, StoreError> {
+    let units = (part_size(done) / PART_SIZE).min(PARTS_BUDGET) as u32;
+    part_buffers
+        .clone()
+        .acquire_many_owned(units)
+        .await
+        .map(Some)
+        .map_err(|e| StoreError::Failed(format!("upload budget: {e}")))
 }
 
 /// The size of the next part after `done` parts: 8 MiB, doubling every 2000 parts, so an
