@@ -49,10 +49,21 @@ impl Cluster {
 
     /// `emissary run` of `spec` as task `task` (its root under the test dir).
     fn step(&self, task: &str, spec: &serde_json::Value) -> std::process::Command {
-        let mut cmd = emissary(["run", "--root", self.dir.join(task).to_str().unwrap()]);
+        self.step_of("wf-e2e", task, spec)
+    }
+
+    /// [`Cluster::step`] in workflow `workflow`.
+    fn step_of(
+        &self,
+        workflow: &str,
+        task: &str,
+        spec: &serde_json::Value,
+    ) -> std::process::Command {
+        let root = self.dir.join(format!("{workflow}-{task}"));
+        let mut cmd = emissary(["run", "--root", root.to_str().unwrap()]);
         cmd.env("EMISSARY_TEMPLATE", spec.to_string())
             .env("EMISSARY_AGENT_RETRY", "20s");
-        self.agent.emissary_env(&mut cmd, "wf-e2e", task, 0);
+        self.agent.emissary_env(&mut cmd, workflow, task, 0);
         cmd
     }
 }
@@ -158,6 +169,41 @@ fn a_terminate_from_the_controller_stops_the_step() {
     );
     let events = cluster.controller.wait_events(2, Duration::from_secs(20));
     assert_eq!(events.last().unwrap()["phase"], "Aborted", "{events:#?}");
+}
+
+#[test]
+fn a_terminate_for_one_workflow_leaves_the_same_task_id_of_another_running() {
+    let cluster = Cluster::start("e2e-terminate-workflow");
+    let marker = marker(73);
+    let spec = json!({"container": {"command": ["sh", "-c", format!("trap 'echo got TERM; exit 3' TERM; sleep {marker} & wait")]}});
+    let a = start(&mut cluster.step_of("wf-a", "step", &spec));
+    let b = start(&mut cluster.step_of("wf-b", "step", &spec));
+    assert!(
+        wait_until(Duration::from_secs(10), || sleeps(&marker).len() == 2),
+        "the steps did not start"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    cluster
+        .controller
+        .command(json!({"workflow": "wf-a", "task_id": "step", "attempt": 0, "kind": "terminate"}));
+    a.finish(Duration::from_secs(20)).assert_code(3);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(sleeps(&marker).len(), 1, "wf-b's step was stopped too");
+    cluster
+        .controller
+        .command(json!({"task_id": "step", "attempt": 0, "kind": "terminate"}));
+    b.finish(Duration::from_secs(20)).assert_code(3);
+    let events = cluster.controller.wait_events(4, Duration::from_secs(20));
+    let last = |workflow: &str| {
+        events
+            .iter()
+            .rev()
+            .find(|e| e["workflow"] == workflow)
+            .unwrap_or_else(|| panic!("no event of {workflow}: {events:#?}"))["phase"]
+            .clone()
+    };
+    assert_eq!(last("wf-a"), "Aborted");
+    assert_eq!(last("wf-b"), "Aborted");
 }
 
 #[test]

@@ -144,6 +144,7 @@ fn samples() -> Vec<(&'static str, Json)> {
         archive: ArchiveFormat::Zstd,
     };
     let event = Event {
+        workflow: "wf".into(),
         task_id: "t".into(),
         attempt: 0,
         seq: 1,
@@ -195,11 +196,13 @@ fn samples() -> Vec<(&'static str, Json)> {
             to(&NodeCommands {
                 commands: vec![
                     NodeCommand {
+                        workflow: Some("wf".into()),
                         task_id: "t".into(),
                         attempt: 0,
                         command: Command::Terminate,
                     },
                     NodeCommand {
+                        workflow: None,
                         task_id: "t".into(),
                         attempt: 1,
                         command: Command::Signal { signal: 10 },

@@ -1,6 +1,7 @@
 //! Commands for running tasks (terminate, signal): kept per task attempt and handed to every
 //! container's long-poll (a containerSet runs one emissary per container, all with the
-//! attempt's token), each command once per container, the moment it arrives.
+//! attempt's token), each command once per container, the moment it arrives. A command names
+//! its workflow, or none to mean the task id in whichever workflow polls for it.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -32,14 +33,15 @@ impl Default for Commands {
 }
 
 struct Slot {
-    /// Commands `first..first + log.len()` of this attempt.
-    log: Vec<Command>,
+    /// Commands `first..first + log.len()` of this attempt, with the workflow each is for.
+    log: Vec<(Option<String>, Command)>,
     first: usize,
-    /// Per container: the number of commands it has been handed.
-    cursors: HashMap<String, usize>,
+    /// Per (workflow, container): how many of the log it has been through.
+    cursors: HashMap<(String, String), usize>,
     /// Bumped on every push; a waiting poll subscribes before it sleeps, so no push is missed.
     pushed: watch::Sender<()>,
-    terminated: bool,
+    /// The workflows told to terminate this attempt (`None`: any).
+    terminated: Vec<Option<String>>,
     touched: Instant,
 }
 
@@ -50,19 +52,24 @@ impl Slot {
             first: 0,
             cursors: HashMap::new(),
             pushed: watch::channel(()).0,
-            terminated: false,
+            terminated: Vec::new(),
             touched: Instant::now(),
         }
     }
 
-    /// What `container` has not been handed yet, marking it handed.
-    fn take(&mut self, container: &str) -> Vec<Command> {
+    /// What `container` of `workflow` has not been handed yet, marking it handed.
+    fn take(&mut self, workflow: &str, container: &str) -> Vec<Command> {
         let end = self.first + self.log.len();
-        let cursor = self.cursors.entry(container.to_owned()).or_insert(0);
+        let key = (workflow.to_owned(), container.to_owned());
+        let cursor = self.cursors.entry(key).or_insert(0);
         let from = (*cursor).max(self.first) - self.first;
         *cursor = end;
         self.touched = Instant::now();
-        self.log[from..].to_vec()
+        self.log[from..]
+            .iter()
+            .filter(|(for_workflow, _)| for_workflow.as_deref().is_none_or(|w| w == workflow))
+            .map(|(_, command)| *command)
+            .collect()
     }
 }
 
@@ -74,11 +81,14 @@ impl Commands {
             .or_insert_with(Slot::new)
     }
 
-    pub fn push(&self, task: &str, attempt: u32, command: Command) {
+    pub fn push(&self, workflow: Option<&str>, task: &str, attempt: u32, command: Command) {
         let mut slots = self.slots.lock().unwrap();
         let slot = Self::slot(&mut slots, task, attempt);
-        slot.terminated |= command == Command::Terminate;
-        slot.log.push(command);
+        let workflow = workflow.map(str::to_owned);
+        if command == Command::Terminate {
+            slot.terminated.push(workflow.clone());
+        }
+        slot.log.push((workflow, command));
         if slot.log.len() > LOG_LIMIT {
             slot.log.remove(0);
             slot.first += 1;
@@ -90,8 +100,7 @@ impl Commands {
     /// The commands `container` of a task has not had yet, waiting up to `wait` for the first.
     pub async fn wait(
         &self,
-        task: &str,
-        attempt: u32,
+        (workflow, task, attempt): (&str, &str, u32),
         container: &str,
         wait: Duration,
     ) -> Vec<Command> {
@@ -99,7 +108,7 @@ impl Commands {
         let mut pushed = {
             let mut slots = self.slots.lock().unwrap();
             let slot = Self::slot(&mut slots, task, attempt);
-            let ready = slot.take(container);
+            let ready = slot.take(workflow, container);
             if !ready.is_empty() || *closing.borrow_and_update() {
                 return ready;
             }
@@ -111,7 +120,7 @@ impl Commands {
             _ = closing.changed() => {}
         }
         let mut slots = self.slots.lock().unwrap();
-        Self::slot(&mut slots, task, attempt).take(container)
+        Self::slot(&mut slots, task, attempt).take(workflow, container)
     }
 
     /// Answers every long-poll now and every later one at once (the agent is stopping).
@@ -120,12 +129,16 @@ impl Commands {
     }
 
     /// Whether the controller asked this attempt to stop (its end is then `Aborted`).
-    pub fn was_terminated(&self, task: &str, attempt: u32) -> bool {
+    pub fn was_terminated(&self, workflow: &str, task: &str, attempt: u32) -> bool {
         self.slots
             .lock()
             .unwrap()
             .get(&(task.to_owned(), attempt))
-            .is_some_and(|s| s.terminated)
+            .is_some_and(|s| {
+                s.terminated
+                    .iter()
+                    .any(|w| w.as_deref().is_none_or(|w| w == workflow))
+            })
     }
 
     /// Task attempts currently polling or with queued commands (for heartbeats).
@@ -159,7 +172,7 @@ mod tests {
         let commands = commands.clone();
         tokio::spawn(async move {
             commands
-                .wait("t", 0, container, Duration::from_secs(30))
+                .wait(("wf", "t", 0), container, Duration::from_secs(30))
                 .await
         })
     }
@@ -167,13 +180,18 @@ mod tests {
     #[tokio::test]
     async fn a_command_pushed_before_the_poll_is_not_lost() {
         let commands = Commands::default();
-        commands.push("t", 1, Command::Signal { signal: 10 });
+        commands.push(None, "t", 1, Command::Signal { signal: 10 });
         assert_eq!(
-            commands.wait("t", 1, "main", NOW).await,
+            commands.wait(("wf", "t", 1), "main", NOW).await,
             [Command::Signal { signal: 10 }]
         );
-        assert!(commands.wait("t", 1, "main", NOW).await.is_empty());
-        assert!(commands.wait("other", 1, "main", NOW).await.is_empty());
+        assert!(commands.wait(("wf", "t", 1), "main", NOW).await.is_empty());
+        assert!(
+            commands
+                .wait(("wf", "other", 1), "main", NOW)
+                .await
+                .is_empty()
+        );
     }
 
     #[tokio::test]
@@ -182,10 +200,10 @@ mod tests {
         let waiter = poll(&commands, "main");
         tokio::time::sleep(Duration::from_millis(20)).await;
         let start = Instant::now();
-        commands.push("t", 0, Command::Terminate);
+        commands.push(None, "t", 0, Command::Terminate);
         assert_eq!(waiter.await.unwrap(), [Command::Terminate]);
         assert!(start.elapsed() < Duration::from_millis(50));
-        assert!(commands.was_terminated("t", 0));
+        assert!(commands.was_terminated("wf", "t", 0));
     }
 
     #[tokio::test]
@@ -193,13 +211,31 @@ mod tests {
         let commands = Arc::new(Commands::default());
         let waiters = [poll(&commands, "a"), poll(&commands, "b")];
         tokio::time::sleep(Duration::from_millis(20)).await;
-        commands.push("t", 0, Command::Terminate);
+        commands.push(None, "t", 0, Command::Terminate);
         for waiter in waiters {
             assert_eq!(waiter.await.unwrap(), [Command::Terminate]);
         }
         // A container that polls later still gets it, and nobody gets it twice.
-        assert_eq!(commands.wait("t", 0, "c", NOW).await, [Command::Terminate]);
-        assert!(commands.wait("t", 0, "a", NOW).await.is_empty());
+        assert_eq!(
+            commands.wait(("wf", "t", 0), "c", NOW).await,
+            [Command::Terminate]
+        );
+        assert!(commands.wait(("wf", "t", 0), "a", NOW).await.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_command_for_one_workflow_reaches_only_its_task() {
+        let commands = Commands::default();
+        commands.push(Some("a"), "t", 0, Command::Terminate);
+        commands.push(None, "t", 0, Command::Signal { signal: 10 });
+        let poll = |workflow| commands.wait((workflow, "t", 0), "main", NOW);
+        assert_eq!(
+            poll("a").await,
+            [Command::Terminate, Command::Signal { signal: 10 }]
+        );
+        assert_eq!(poll("b").await, [Command::Signal { signal: 10 }]);
+        assert!(commands.was_terminated("a", "t", 0));
+        assert!(!commands.was_terminated("b", "t", 0));
     }
 
     #[tokio::test]
@@ -212,7 +248,7 @@ mod tests {
         assert!(waiter.await.unwrap().is_empty());
         assert!(
             commands
-                .wait("t", 0, "main", Duration::from_secs(30))
+                .wait(("wf", "t", 0), "main", Duration::from_secs(30))
                 .await
                 .is_empty()
         );
@@ -223,9 +259,9 @@ mod tests {
     async fn the_log_is_bounded() {
         let commands = Commands::default();
         for signal in 0..(LOG_LIMIT as i32 + 10) {
-            commands.push("t", 0, Command::Signal { signal });
+            commands.push(None, "t", 0, Command::Signal { signal });
         }
-        let got = commands.wait("t", 0, "main", NOW).await;
+        let got = commands.wait(("wf", "t", 0), "main", NOW).await;
         assert_eq!(got.len(), LOG_LIMIT);
         assert_eq!(got[0], Command::Signal { signal: 10 });
         assert_eq!(commands.attempts(), 1);

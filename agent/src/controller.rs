@@ -329,7 +329,7 @@ pub async fn relay_commands(
                         continue;
                     }
                     info!(task = %c.task_id, attempt = c.attempt, command = ?c.command, "command relayed");
-                    commands.push(&c.task_id, c.attempt, c.command);
+                    commands.push(c.workflow.as_deref(), &c.task_id, c.attempt, c.command);
                 }
             }
             Err(e) => {

@@ -5,7 +5,7 @@
 //! record id; one JSON record per line), `cursor` (the last delivered id), `seqs.json` (the last
 //! `seq` of every task attempt whose records are gone). A kill -9 loses nothing acknowledged: a
 //! half-written last line is ignored on restart, records after the cursor are sent again (the
-//! controller deduplicates by `(task_id, attempt, seq)`), and `seq` never repeats.
+//! controller deduplicates by `(workflow, task_id, attempt, seq)`), and `seq` never repeats.
 //!
 //! Full journal (`--journal-max-bytes`): new events are refused with 503 and the emissary
 //! retries with backoff; nothing is ever dropped to make room.

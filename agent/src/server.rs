@@ -244,6 +244,7 @@ async fn json_body<T: DeserializeOwned>(app: &App, req: Request<Incoming>) -> Re
 
 fn event(app: &App, claims: &Claims, phase: Phase) -> Event {
     Event {
+        workflow: claims.wf.clone(),
         task_id: claims.task.clone(),
         attempt: claims.attempt,
         seq: 0,
@@ -312,7 +313,9 @@ async fn result(
 ) -> Result<Response<Body>, Refusal> {
     let result: TaskResult = json_body(app, req).await?;
     check_container(&result.container)?;
-    let phase = if app.commands.was_terminated(&claims.task, claims.attempt)
+    let phase = if app
+        .commands
+        .was_terminated(&claims.wf, &claims.task, claims.attempt)
         && result.reason != protocol::ExitReason::Completed
     {
         Phase::Aborted
@@ -545,7 +548,11 @@ async fn commands(
     let container = query(req, "container").unwrap_or_default();
     let list: Vec<Command> = app
         .commands
-        .wait(&claims.task, claims.attempt, &container, wait.min(MAX_WAIT))
+        .wait(
+            (&claims.wf, &claims.task, claims.attempt),
+            &container,
+            wait.min(MAX_WAIT),
+        )
         .await;
     if list.is_empty() {
         return Ok(Response::builder()

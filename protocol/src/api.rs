@@ -223,9 +223,11 @@ pub struct Usage {
 }
 
 /// One event about one task attempt. Delivered at least once, in `seq` order per
-/// `(task_id, attempt)`; controllers deduplicate on `(task_id, attempt, seq)`.
+/// `(task_id, attempt)`; controllers deduplicate on `(workflow, task_id, attempt, seq)`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Event {
+    /// The workflow of the task (from its token): task ids need only be unique within one.
+    pub workflow: String,
     pub task_id: String,
     pub attempt: u32,
     /// 1, 2, 3... per `(task_id, attempt)`.
@@ -261,6 +263,9 @@ pub struct EventBatch {
 /// A command for one task attempt, as the controller sends it to a node.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeCommand {
+    /// The task's workflow; absent, the command is for the task id in any workflow.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workflow: Option<String>,
     pub task_id: String,
     pub attempt: u32,
     #[serde(flatten)]
