@@ -136,6 +136,15 @@ fn a_kill_9_loses_no_event_duplicates_no_seq_and_leaves_no_partial_object() {
     drop(stream);
     let key = agent.dir.join("data/store/wf/t/0/big");
     assert!(!key.exists(), "a partial object became visible");
+    let leftovers = || {
+        std::fs::read_dir(key.parent().unwrap())
+            .map(|d| d.flatten().count())
+            .unwrap_or(0)
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || leftovers() == 0),
+        "the cut upload's temporary file outlived the restart"
+    );
     for n in 5..8 {
         assert_eq!(post(&agent, &token, "t", "progress", progress(n)), 200);
     }

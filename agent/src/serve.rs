@@ -32,6 +32,15 @@ pub async fn serve(settings: Settings) -> Result<(), String> {
         path_style: settings.s3_path_style,
     };
     let store = Store::open(&settings.store, &s3).await?;
+    {
+        let (store, started) = (store.clone(), std::time::SystemTime::now());
+        tokio::task::spawn_blocking(move || {
+            let removed = store.sweep_leftovers(started);
+            if removed > 0 {
+                info!(removed, "removed temporary files of uploads cut by a crash");
+            }
+        });
+    }
     let data = &settings.data_dir;
     let outbox = Outbox::open(&data.join("journal"), settings.journal_max_bytes).map_err(|e| {
         format!(

@@ -162,6 +162,43 @@ impl Store {
         Ok(())
     }
 
+    /// Removes what uploads cut by a crash left in a local store: temporary files last written
+    /// before `started` (an upload running now keeps writing, so its file is newer). Returns
+    /// how many went. Blocking: run it off the runtime.
+    pub fn sweep_leftovers(&self, started: std::time::SystemTime) -> usize {
+        fn sweep(dir: &Path, started: std::time::SystemTime) -> usize {
+            let Ok(entries) = std::fs::read_dir(dir) else {
+                return 0;
+            };
+            let mut removed = 0;
+            for entry in entries.flatten() {
+                let Ok(kind) = entry.file_type() else {
+                    continue;
+                };
+                let name = entry.file_name();
+                let name = name.to_string_lossy();
+                if kind.is_dir() {
+                    removed += sweep(&entry.path(), started);
+                } else if kind.is_file()
+                    && name.starts_with('.')
+                    && name.contains(".tmp.")
+                    && entry
+                        .metadata()
+                        .and_then(|m| m.modified())
+                        .is_ok_and(|t| t < started)
+                    && std::fs::remove_file(entry.path()).is_ok()
+                {
+                    removed += 1;
+                }
+            }
+            removed
+        }
+        match self {
+            Store::Local { root } => sweep(root, started),
+            Store::S3 { .. } => 0, // a bucket lifecycle rule aborts what a crash left there
+        }
+    }
+
     /// True when reads are local anyway (no point in a node cache).
     pub fn is_local(&self) -> bool {
         matches!(self, Store::Local { .. })
