@@ -127,6 +127,15 @@ fn a_kill_9_loses_no_event_duplicates_no_seq_and_leaves_no_partial_object() {
     for n in 0..5 {
         assert_eq!(post(&agent, &token, "t", "progress", progress(n)), 200);
     }
+    // An artifact whose name looks like a temporary file is an object like any other.
+    let (status, _) = http(
+        agent.api,
+        "PUT",
+        "/v1/tasks/t/0/outputs/.old.tmp.7",
+        &[("Authorization", &bearer(&token))],
+        b"kept",
+    );
+    assert_eq!(status, 200);
     // An upload cut in the middle by the crash.
     let mut stream = std::net::TcpStream::connect(agent.api).unwrap();
     write!(stream, "PUT /v1/tasks/t/0/outputs/big HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Length: 4000000\r\n\r\n").unwrap();
@@ -136,14 +145,17 @@ fn a_kill_9_loses_no_event_duplicates_no_seq_and_leaves_no_partial_object() {
     drop(stream);
     let key = agent.dir.join("data/store/wf/t/0/big");
     assert!(!key.exists(), "a partial object became visible");
-    let leftovers = || {
+    let names = || -> Vec<String> {
         std::fs::read_dir(key.parent().unwrap())
-            .map(|d| d.flatten().count())
-            .unwrap_or(0)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect()
     };
     assert!(
-        wait_until(Duration::from_secs(10), || leftovers() == 0),
-        "the cut upload's temporary file outlived the restart"
+        wait_until(Duration::from_secs(10), || names() == [".old.tmp.7"]),
+        "the cut upload's temporary file outlived the restart, or the sweep took an object: {:?}",
+        names()
     );
     for n in 5..8 {
         assert_eq!(post(&agent, &token, "t", "progress", progress(n)), 200);

@@ -21,6 +21,10 @@ use tokio::task::JoinHandle;
 
 use crate::body::{Body, Chunks, channel};
 
+/// How a local upload's temporary file begins: `~` is in no artifact name, so no object's key
+/// can look like one.
+const TEMP_PREFIX: &str = ".~upload.";
+
 /// S3 multipart part size to begin with (S3's minimum is 5 MiB); see [`part_size`].
 const PART_SIZE: usize = 8 << 20;
 /// Parts uploading while the next is received: one upload holds at most
@@ -162,9 +166,9 @@ impl Store {
         Ok(())
     }
 
-    /// Removes what uploads cut by a crash left in a local store: temporary files last written
-    /// before `started` (an upload running now keeps writing, so its file is newer). Returns
-    /// how many went. Blocking: run it off the runtime.
+    /// Removes what uploads cut by a crash left in a local store: temporary files
+    /// ([`TEMP_PREFIX`]) last written before `started` (an upload running now keeps writing, so
+    /// its file is newer). Returns how many went. Blocking: run it off the runtime.
     pub fn sweep_leftovers(&self, started: std::time::SystemTime) -> usize {
         fn sweep(dir: &Path, started: std::time::SystemTime) -> usize {
             let Ok(entries) = std::fs::read_dir(dir) else {
@@ -180,8 +184,7 @@ impl Store {
                 if kind.is_dir() {
                     removed += sweep(&entry.path(), started);
                 } else if kind.is_file()
-                    && name.starts_with('.')
-                    && name.contains(".tmp.")
+                    && name.starts_with(TEMP_PREFIX)
                     && entry
                         .metadata()
                         .and_then(|m| m.modified())
@@ -350,7 +353,7 @@ async fn put_local(
     let failed = |e: io::Error| StoreError::Failed(format!("{key}: {e}"));
     tokio::fs::create_dir_all(&dir).await.map_err(failed)?;
     let tmp = dir.join(format!(
-        ".{}.tmp.{}",
+        "{TEMP_PREFIX}{}.{}",
         path.file_name().unwrap_or_default().to_string_lossy(),
         rand::random::<u64>()
     ));
