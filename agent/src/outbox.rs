@@ -20,6 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use protocol::api::{Event, Phase};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, mpsc, oneshot};
+use tracing::warn;
 
 /// A new segment starts past this size.
 const SEGMENT_BYTES: u64 = 8 << 20;
@@ -71,18 +72,27 @@ impl Outbox {
     /// Opens (or recovers) the journal in `dir` and starts its writer thread.
     pub fn open(dir: &Path, max_bytes: u64) -> io::Result<Outbox> {
         fs::create_dir_all(dir)?;
-        let mut seqs: HashMap<(String, u32), SeqState> = read_seqs(dir)?;
+        let mut seqs: HashMap<SeqKey, SeqState> = read_seqs(dir)?;
         let cursor = read_cursor(dir)?;
         let (mut next_id, mut live_bytes) = (cursor + 1, 0u64);
-        for segment in segments(dir)? {
-            for (record, len) in read_records(File::open(&segment.path)?)? {
+        let segments = segments(dir)?;
+        for (i, segment) in segments.iter().enumerate() {
+            let file = File::open(&segment.path)?;
+            let size = file.metadata()?.len();
+            let (records, complete) = read_records(file)?;
+            if i + 1 == segments.len() && complete < size {
+                // A torn last line: cut it, so that what is appended next starts a line.
+                OpenOptions::new()
+                    .write(true)
+                    .open(&segment.path)?
+                    .set_len(complete)?;
+            }
+            for (record, len) in records {
                 if record.id > cursor {
                     live_bytes += len;
                 }
                 next_id = next_id.max(record.id + 1);
-                let state = seqs
-                    .entry((record.event.task_id.clone(), record.event.attempt))
-                    .or_default();
+                let state = seqs.entry(seq_key(&record.event)).or_default();
                 state.seq = state.seq.max(record.event.seq);
             }
         }
@@ -121,6 +131,13 @@ impl Outbox {
     }
 }
 
+/// `seq` counts per (workflow, task id, attempt).
+type SeqKey = (String, String, u32);
+
+fn seq_key(event: &Event) -> SeqKey {
+    (event.workflow.clone(), event.task_id.clone(), event.attempt)
+}
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct SeqState {
     seq: u64,
@@ -135,7 +152,7 @@ struct Segment {
 
 struct Writer {
     dir: PathBuf,
-    seqs: HashMap<(String, u32), SeqState>,
+    seqs: HashMap<SeqKey, SeqState>,
     next_id: u64,
     current: Option<(File, u64)>,
     bytes: Arc<AtomicU64>,
@@ -181,10 +198,7 @@ impl Writer {
     }
 
     fn write(&mut self, mut event: Event) -> io::Result<Event> {
-        let state = self
-            .seqs
-            .entry((event.task_id.clone(), event.attempt))
-            .or_default();
+        let state = self.seqs.entry(seq_key(&event)).or_default();
         state.seq += 1;
         event.seq = state.seq;
         if matches!(
@@ -238,8 +252,11 @@ impl Writer {
             s.final_at
                 .is_none_or(|t| now.saturating_sub(t) < SEQ_RETENTION_SECS)
         });
-        let list: Vec<(&String, u32, &SeqState)> =
-            self.seqs.iter().map(|((t, a), s)| (t, *a, s)).collect();
+        let list: Vec<(&String, &String, u32, &SeqState)> = self
+            .seqs
+            .iter()
+            .map(|((w, t, a), s)| (w, t, *a, s))
+            .collect();
         write_atomic(
             &self.dir.join("seqs.json"),
             &serde_json::to_vec(&list).map_err(io::Error::other)?,
@@ -247,12 +264,26 @@ impl Writer {
     }
 }
 
-fn read_seqs(dir: &Path) -> io::Result<HashMap<(String, u32), SeqState>> {
+/// A `seqs.json` entry: `[workflow, task, attempt, state]`, or `[task, attempt, state]` as
+/// agents wrote it before events carried their workflow (read as the empty workflow).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum SeqEntry {
+    Current(String, String, u32, SeqState),
+    Legacy(String, u32, SeqState),
+}
+
+fn read_seqs(dir: &Path) -> io::Result<HashMap<SeqKey, SeqState>> {
     match fs::read(dir.join("seqs.json")) {
         Ok(bytes) => {
-            let list: Vec<(String, u32, SeqState)> =
-                serde_json::from_slice(&bytes).map_err(io::Error::other)?;
-            Ok(list.into_iter().map(|(t, a, s)| ((t, a), s)).collect())
+            let list: Vec<SeqEntry> = serde_json::from_slice(&bytes).map_err(io::Error::other)?;
+            Ok(list
+                .into_iter()
+                .map(|entry| match entry {
+                    SeqEntry::Current(w, t, a, s) => ((w, t, a), s),
+                    SeqEntry::Legacy(t, a, s) => ((String::new(), t, a), s),
+                })
+                .collect())
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(HashMap::new()),
         Err(e) => Err(e),
@@ -286,24 +317,26 @@ fn segments(dir: &Path) -> io::Result<Vec<Segment>> {
     Ok(list)
 }
 
-/// Every complete record of a segment with its line's length; a torn last line (a crash
-/// mid-write) is skipped.
-fn read_records(file: File) -> io::Result<Vec<(Record, u64)>> {
+/// Every complete record of a segment with its line's length, and the length of its complete
+/// lines (a torn last line, from a crash mid-write, is past it). A complete line that is not a
+/// record (corrupt, or from a format this agent does not read) is skipped, not an end.
+fn read_records(file: File) -> io::Result<(Vec<(Record, u64)>, u64)> {
     let mut records = Vec::new();
     let mut reader = BufReader::new(file);
-    let mut line = String::new();
+    let (mut line, mut complete) = (Vec::new(), 0u64);
     loop {
         line.clear();
-        let n = reader.read_line(&mut line)?;
-        if n == 0 || !line.ends_with('\n') {
+        let n = reader.read_until(b'\n', &mut line)?;
+        if n == 0 || !line.ends_with(b"\n") {
             break;
         }
-        match serde_json::from_str::<Record>(&line) {
+        complete += n as u64;
+        match serde_json::from_slice::<Record>(&line) {
             Ok(record) => records.push((record, n as u64)),
-            Err(_) => break,
+            Err(e) => warn!(error = %e, "skipping a journal line that is not an event record"),
         }
     }
-    Ok(records)
+    Ok((records, complete))
 }
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
@@ -357,18 +390,18 @@ impl Reader {
             let mut file = File::open(&segment.path)?;
             file.seek(SeekFrom::Start(offset))?;
             let mut reader = BufReader::new(file);
-            let mut line = String::new();
+            let mut line = Vec::new();
             loop {
                 line.clear();
-                let n = reader.read_line(&mut line)?;
-                if n == 0 || !line.ends_with('\n') {
+                let n = reader.read_until(b'\n', &mut line)?;
+                if n == 0 || !line.ends_with(b"\n") {
                     break; // the end, or a line still being written
                 }
-                let Ok(record) = serde_json::from_str::<Record>(&line) else {
-                    break;
-                };
                 offset += n as u64;
                 end = Some((segment.first_id, offset));
+                let Ok(record) = serde_json::from_slice::<Record>(&line) else {
+                    continue; // not a record (skipped at open too)
+                };
                 if record.id <= self.cursor {
                     continue; // delivered before a restart
                 }
@@ -398,5 +431,69 @@ impl Reader {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn journal_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("outbox-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    /// A journal line as an agent wrote it before events carried their workflow.
+    fn legacy_line(id: u64, seq: u64) -> String {
+        format!(
+            r#"{{"id":{id},"event":{{"task_id":"t","attempt":0,"seq":{seq},"phase":"Running","timestamp":"2026-01-01T00:00:00Z","node":"n"}}}}"#
+        ) + "\n"
+    }
+
+    fn event(workflow: &str) -> Event {
+        serde_json::from_value(serde_json::json!({
+            "workflow": workflow, "task_id": "t", "attempt": 0, "seq": 0, "phase": "Running",
+            "timestamp": "2026-01-01T00:00:00Z", "node": "n"
+        }))
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn an_older_agents_journal_is_delivered_and_what_follows_a_torn_line_too() {
+        let dir = journal_dir("upgrade");
+        // Two legacy records, a line that is no record at all, another record, then a line
+        // torn by a crash.
+        let segment = format!(
+            "{}not json\n{}{{\"id\":4,\"eve",
+            legacy_line(1, 1) + &legacy_line(2, 2),
+            legacy_line(3, 3)
+        );
+        fs::write(dir.join(format!("{:020}.jsonl", 1)), segment).unwrap();
+        fs::write(dir.join("seqs.json"), r#"[["gone",0,{"seq":7}]]"#).unwrap();
+        let outbox = Outbox::open(&dir, 1 << 20).unwrap();
+        let appended = outbox.append(event("wf")).await.unwrap();
+        assert_eq!(appended.seq, 1, "a new workflow's attempt counts from 1");
+        let legacy_again = outbox.append(event("")).await.unwrap();
+        assert_eq!(legacy_again.seq, 4, "the legacy attempt's seq goes on");
+        let mut reader = Reader::open(&outbox).unwrap();
+        let seen: Vec<(String, u64)> = reader
+            .peek(100)
+            .unwrap()
+            .into_iter()
+            .map(|r| (r.event.workflow, r.event.seq))
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                (String::new(), 1),
+                (String::new(), 2),
+                (String::new(), 3),
+                ("wf".into(), 1),
+                (String::new(), 4)
+            ]
+        );
+        let _ = fs::remove_dir_all(&dir);
     }
 }

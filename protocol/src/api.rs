@@ -227,6 +227,8 @@ pub struct Usage {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Event {
     /// The workflow of the task (from its token): task ids need only be unique within one.
+    /// Empty in events an older agent journaled before this field existed.
+    #[serde(default)]
     pub workflow: String,
     pub task_id: String,
     pub attempt: u32,
