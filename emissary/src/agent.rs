@@ -259,19 +259,20 @@ impl Store for Agent {
                 std::io::BufWriter::with_capacity(256 * 1024, self.client.put_stream(&path)?);
             let packed = archive::pack(source, packing, &mut upload).and_then(|_| upload.flush());
             if let Err(e) = packed {
-                let broken = matches!(
-                    e.kind(),
-                    std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
-                );
-                // A refusal (an expired token, a bad name) breaks the body off: say why, and do
-                // not retry what will be refused again.
-                if broken && let Some(refusal) = upload.into_parts().0.refusal() {
-                    return Err(refusal);
+                let (upload, _) = upload.into_parts();
+                if !upload.broken() {
+                    // Reading the output failed: the step's fault, not worth a retry.
+                    return Err(HttpError {
+                        status: Some(400),
+                        message: format!("packing {}: {e}", source.display()),
+                    });
                 }
-                return Err(HttpError {
-                    status: if broken { None } else { Some(400) },
-                    message: format!("packing {}: {e}", source.display()),
-                });
+                // A refusal (an expired token, a bad name) breaks the body off: say why, and do
+                // not retry what will be refused again. Anything else is the connection's.
+                return Err(upload.refusal().unwrap_or_else(|| HttpError {
+                    status: None,
+                    message: format!("sending {}: {e}", source.display()),
+                }));
             }
             let upload = upload.into_inner().map_err(|e| HttpError {
                 status: None,

@@ -123,6 +123,11 @@ impl Client {
     /// Starts a PUT whose body is written through the returned writer (chunked).
     pub fn put_stream(&self, path: &str) -> Result<Upload, HttpError> {
         let mut stream = self.connect(Duration::from_secs(300))?;
+        // The agent holds a body back while other uploads fill its part budget: minutes, not
+        // seconds, before a stalled write means a dead agent.
+        stream
+            .set_write_timeout(Some(Duration::from_secs(300)))
+            .map_err(|e| HttpError::io("socket", e))?;
         let head = self.head(
             "PUT",
             path,
@@ -134,6 +139,7 @@ impl Client {
         Ok(Upload {
             stream,
             path: path.to_owned(),
+            broken: false,
         })
     }
 }
@@ -142,6 +148,8 @@ impl Client {
 pub struct Upload {
     stream: TcpStream,
     path: String,
+    /// A write to the agent failed (as opposed to reading what is being sent).
+    broken: bool,
 }
 
 impl Write for Upload {
@@ -153,16 +161,23 @@ impl Write for Upload {
         let mut frame = format!("{:x}\r\n", buf.len()).into_bytes();
         frame.extend_from_slice(buf);
         frame.extend_from_slice(b"\r\n");
-        self.stream.write_all(&frame)?;
+        self.stream
+            .write_all(&frame)
+            .inspect_err(|_| self.broken = true)?;
         Ok(buf.len())
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        self.stream.flush()
+        self.stream.flush().inspect_err(|_| self.broken = true)
     }
 }
 
 impl Upload {
+    /// Whether the connection failed (not the source of the bytes).
+    pub fn broken(&self) -> bool {
+        self.broken
+    }
+
     /// The agent's answer when it broke off the body (a refusal such as 401 or 413 is sent
     /// before the body is read, then the connection closed): `None` if there is none.
     pub fn refusal(self) -> Option<HttpError> {
