@@ -289,12 +289,7 @@ async fn progress(
 ) -> Result<Response<Body>, Refusal> {
     let report: ProgressReport = json_body(app, req).await?;
     check_container(&report.container)?;
-    let well_formed = report.progress.split_once('/').is_some_and(|(n, m)| {
-        [n, m]
-            .iter()
-            .all(|part| !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit()))
-    });
-    if !well_formed {
+    if !api::valid_progress(&report.progress) {
         return Err(Refusal::new(
             StatusCode::BAD_REQUEST,
             format!("progress {:?} is not N/M", report.progress),

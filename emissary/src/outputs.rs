@@ -159,7 +159,5 @@ pub fn progress(file: &Path) -> Option<String> {
     file.read_to_end(&mut bytes).ok()?;
     let text = String::from_utf8_lossy(&bytes);
     let line = text.lines().rev().find(|l| !l.trim().is_empty())?.trim();
-    let (n, m) = line.split_once('/')?;
-    let number = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
-    (number(n) && number(m)).then(|| line.to_owned())
+    protocol::api::valid_progress(line).then(|| line.to_owned())
 }

@@ -47,6 +47,13 @@ pub fn valid_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
+/// True for a progress report as the user process writes it: `N/M`, both decimal digits.
+pub fn valid_progress(text: &str) -> bool {
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    text.split_once('/')
+        .is_some_and(|(n, m)| digits(n) && digits(m))
+}
+
 /// `POST .../start`: the command is about to run.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StartRequest {
@@ -320,6 +327,16 @@ mod tests {
             &"x".repeat(254),
         ] {
             assert!(!valid_name(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn progress_is_two_runs_of_digits() {
+        for good in ["0/0", "3/10", "100/100"] {
+            assert!(valid_progress(good), "{good}");
+        }
+        for bad in ["", "3", "3/", "/3", "+1/2", "1/2/3", "a/b", " 1/2", "1.5/2"] {
+            assert!(!valid_progress(bad), "{bad:?}");
         }
     }
 
