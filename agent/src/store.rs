@@ -6,7 +6,7 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use aws_sdk_s3::Client;
@@ -229,7 +229,7 @@ impl Store {
         self.check_key(key)?;
         match self {
             Store::Local { root } => {
-                let path = local_path(root, key)?;
+                let path = local_path(root, key);
                 match tokio::fs::metadata(&path).await {
                     // A directory (a key prefix) is not an object.
                     Ok(meta) if !meta.is_file() => Ok(None),
@@ -262,7 +262,7 @@ impl Store {
         self.check_key(key)?;
         match self {
             Store::Local { root } => {
-                let path = local_path(root, key)?;
+                let path = local_path(root, key);
                 let Some(meta) = self.head(key).await? else {
                     return Ok(None);
                 };
@@ -329,18 +329,10 @@ pub fn stream_file(mut file: tokio::fs::File) -> Body {
     body
 }
 
-fn local_path(root: &Path, key: &str) -> Result<PathBuf, StoreError> {
-    let relative = Path::new(key);
-    if key.is_empty()
-        || !relative
-            .components()
-            .all(|c| matches!(c, Component::Normal(_)))
-    {
-        return Err(StoreError::BadKey(format!(
-            "store key {key:?} must be a relative path without . or .."
-        )));
-    }
-    Ok(root.join(relative))
+/// Where `key` lives in a local store; the key has passed [`Store::check_key`] (a relative
+/// path with no empty, `.` or `..` segment), so the path stays under `root`.
+fn local_path(root: &Path, key: &str) -> PathBuf {
+    root.join(key)
 }
 
 async fn put_local(
@@ -348,7 +340,7 @@ async fn put_local(
     key: &str,
     source: &mut impl Chunks,
 ) -> Result<StoredArtifact, StoreError> {
-    let path = local_path(root, key)?;
+    let path = local_path(root, key);
     let dir = path.parent().unwrap_or(root).to_owned();
     let failed = |e: io::Error| StoreError::Failed(format!("{key}: {e}"));
     tokio::fs::create_dir_all(&dir).await.map_err(failed)?;
