@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -126,9 +126,7 @@ pub async fn serve(settings: Settings) -> Result<(), String> {
             let (app, ready) = (admin_app.clone(), admin_ready.clone());
             tokio::spawn(async move {
                 let service = service_fn(move |req| server::admin(app.clone(), ready.clone(), req));
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(server::HEADER_TIMEOUT)
+                let _ = server::http1()
                     .serve_connection(TokioIo::new(stream), service)
                     .await;
             });
@@ -166,11 +164,7 @@ pub async fn serve(settings: Settings) -> Result<(), String> {
         };
         let app = app.clone();
         let service = service_fn(move |req| server::handle(app.clone(), req));
-        let connection = hyper::server::conn::http1::Builder::new()
-            .timer(TokioTimer::new())
-            // A client that never finishes its headers is cut off.
-            .header_read_timeout(server::HEADER_TIMEOUT)
-            .serve_connection(TokioIo::new(stream), service);
+        let connection = server::http1().serve_connection(TokioIo::new(stream), service);
         let watched = graceful.watch(connection);
         tokio::spawn(async move {
             let _ = watched.await;

@@ -30,6 +30,15 @@ use crate::token::{Claims, Secret};
 const JSON_LIMIT: usize = 1 << 20;
 /// How long a client may take to send its request's headers (every listener).
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The HTTP/1 server of every listener: a client that never finishes its headers is cut off.
+pub fn http1() -> hyper::server::conn::http1::Builder {
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT);
+    builder
+}
 /// The longest a commands long-poll may wait.
 const MAX_WAIT: Duration = Duration::from_secs(60);
 

@@ -16,7 +16,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
@@ -24,7 +24,7 @@ use tokio_rustls::rustls;
 use tracing::{info, warn};
 
 use crate::inject::{self, Config, LABEL_INJECT};
-use crate::server::HEADER_TIMEOUT;
+use crate::server::{self, HEADER_TIMEOUT};
 
 #[derive(clap::Args)]
 pub struct WebhookArgs {
@@ -84,9 +84,7 @@ pub async fn serve(args: WebhookArgs) -> Result<(), String> {
                 }
             };
             let service = service_fn(move |req| handle(config.clone(), req));
-            let _ = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
+            let _ = server::http1()
                 .serve_connection(TokioIo::new(tls), service)
                 .await;
         });
