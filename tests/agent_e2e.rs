@@ -68,6 +68,11 @@ impl Cluster {
     }
 }
 
+/// A shell script that sleeps (as `sleeps(marker)` finds) until TERM, then says so and exits 3.
+fn until_term(marker: &str) -> String {
+    format!("trap 'echo got TERM; exit 3' TERM; sleep {marker} & wait")
+}
+
 #[test]
 fn an_artifact_passes_from_one_step_to_the_next_through_agent_and_s3() {
     let cluster = Cluster::start("e2e-artifacts");
@@ -148,7 +153,7 @@ fn an_artifact_passes_from_one_step_to_the_next_through_agent_and_s3() {
 fn a_terminate_from_the_controller_stops_the_step() {
     let cluster = Cluster::start("e2e-terminate");
     let marker = marker(71);
-    let spec = json!({"container": {"command": ["sh", "-c", format!("trap 'echo got TERM; exit 3' TERM; sleep {marker} & wait")]}});
+    let spec = json!({"container": {"command": ["sh", "-c", until_term(&marker)]}});
     let running = start(&mut cluster.step("long", &spec));
     assert!(
         wait_until(Duration::from_secs(10), || sleeps(&marker).len() == 1),
@@ -175,7 +180,7 @@ fn a_terminate_from_the_controller_stops_the_step() {
 fn a_terminate_for_one_workflow_leaves_the_same_task_id_of_another_running() {
     let cluster = Cluster::start("e2e-terminate-workflow");
     let marker = marker(73);
-    let spec = json!({"container": {"command": ["sh", "-c", format!("trap 'echo got TERM; exit 3' TERM; sleep {marker} & wait")]}});
+    let spec = json!({"container": {"command": ["sh", "-c", until_term(&marker)]}});
     let a = start(&mut cluster.step_of("wf-a", "step", &spec));
     let b = start(&mut cluster.step_of("wf-b", "step", &spec));
     assert!(
@@ -210,7 +215,7 @@ fn a_terminate_for_one_workflow_leaves_the_same_task_id_of_another_running() {
 fn a_terminate_reaches_every_container_of_a_container_set() {
     let cluster = Cluster::start("e2e-terminate-set");
     let marker = marker(72);
-    let script = format!("trap 'echo got TERM; exit 3' TERM; sleep {marker} & wait");
+    let script = until_term(&marker);
     let spec = json!({"containerSet": {"containers": [
         {"name": "a", "command": ["sh", "-c", script]},
         {"name": "b", "command": ["sh", "-c", script]}

@@ -16,6 +16,14 @@ fn s3_agent_with(dir: &Dir, server: &S3Server, extra: &[&str]) -> Agent {
     s3_agent_at(dir, &server.endpoint(), extra)
 }
 
+/// An agent on `server` seen through a proxy that sends its answers at `bytes_per_sec` (a slow
+/// store); the proxy lives as long as the agent needs it.
+fn slow_s3_agent(dir: &Dir, server: &S3Server, bytes_per_sec: usize) -> (SlowProxy, Agent) {
+    let slow = SlowProxy::start(server.addr, bytes_per_sec);
+    let agent = s3_agent_at(dir, &format!("http://{}", slow.addr), &[]);
+    (slow, agent)
+}
+
 /// An agent on the S3 server at `endpoint` (e.g. through a proxy).
 fn s3_agent_at(dir: &Dir, endpoint: &str, extra: &[&str]) -> Agent {
     let store = format!("s3://{}/emissary", s3::BUCKET);
@@ -181,8 +189,7 @@ fn concurrent_requests_for_one_input_download_it_once() {
 fn a_large_input_streams_while_the_node_cache_fills_and_a_reader_leaving_stops_nothing() {
     let dir = Dir::new("s3-fill");
     let server = S3Server::start(&dir.join("s3"), 0);
-    let slow = SlowProxy::start(server.addr, 2 << 20);
-    let agent = s3_agent_at(&dir, &format!("http://{}", slow.addr), &[]);
+    let (_slow, agent) = slow_s3_agent(&dir, &server, 2 << 20);
     let token = agent.token("wf", "gen", 0, "1h");
     let auth = bearer(&token);
     let payload = noise(8 << 20, 9);
@@ -249,8 +256,7 @@ fn an_upload_whose_client_leaves_mid_way_is_aborted_in_the_store() {
     let dir = Dir::new("s3-upload-left");
     let server = S3Server::start(&dir.join("s3"), 0);
     // S3's answers crawl, so the upload is still in flight when its client goes.
-    let slow = SlowProxy::start(server.addr, 400);
-    let agent = s3_agent_at(&dir, &format!("http://{}", slow.addr), &[]);
+    let (_slow, agent) = slow_s3_agent(&dir, &server, 400);
     let token = agent.token("wf", "gen", 0, "1h");
     let body = noise(9 << 20, 10);
     let mut stream = std::net::TcpStream::connect(agent.api).unwrap();
@@ -290,8 +296,7 @@ fn concurrent_uploads_share_a_bounded_part_memory() {
     let dir = Dir::new("s3-upload-budget");
     let server = S3Server::start(&dir.join("s3"), 0);
     // S3 takes seconds to answer each request: parts pile up in the agent.
-    let slow = SlowProxy::start(server.addr, 120);
-    let agent = s3_agent_at(&dir, &format!("http://{}", slow.addr), &[]);
+    let (_slow, agent) = slow_s3_agent(&dir, &server, 120);
     let payload = std::sync::Arc::new(noise(24 << 20, 11));
     let uploads: Vec<_> = (0..20)
         .map(|i| {
