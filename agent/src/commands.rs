@@ -75,10 +75,13 @@ impl Slot {
 
 impl Commands {
     fn slot<'a>(slots: &'a mut HashMap<TaskKey, Slot>, task: &str, attempt: u32) -> &'a mut Slot {
-        slots.retain(|_, s| s.touched.elapsed() < IDLE_TTL);
-        slots
-            .entry((task.to_owned(), attempt))
-            .or_insert_with(Slot::new)
+        let key = (task.to_owned(), attempt);
+        if !slots.contains_key(&key) {
+            // The map grows only here, so idle attempts are forgotten here: not on every poll,
+            // which would scan all of them twice per request.
+            slots.retain(|_, s| s.touched.elapsed() < IDLE_TTL);
+        }
+        slots.entry(key).or_insert_with(Slot::new)
     }
 
     pub fn push(&self, workflow: Option<&str>, task: &str, attempt: u32, command: Command) {
