@@ -13,12 +13,15 @@ SIZE_LIMIT := 2000000
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 # Debian packages, installed only when missing.
-TEST_PACKAGES := util-linux procps zstd gzip diffutils findutils python3 python3-venv buildah ca-certificates busybox-static
+TEST_PACKAGES := util-linux procps zstd gzip diffutils findutils python3 python3-venv buildah ca-certificates busybox-static python-is-python3
 BENCH_PACKAGES := tini hyperfine zstd
 # Offline Kubernetes schema validation (the PyPI package bundles the v1.32 schemas).
 VENV := .tools/venv
 KUBERNETES_VALIDATE := $(VENV)/bin/kubernetes-validate
 IMAGE_DIR := target/images
+# The test cluster's third-party programs (etcd, kube-apiserver, Argo), built from their Go
+# modules into a cache outside the repository and linked here (tests/cluster/build.sh).
+CLUSTER_BIN := target/cluster-bin
 
 define apt_install
 	@missing=""; for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -28,7 +31,7 @@ define apt_install
 	fi
 endef
 
-.PHONY: build static static-agent size lint test run bench image clean deps-test deps-bench deps-manifests
+.PHONY: build static static-agent size lint test run bench image clean deps-test deps-bench deps-manifests cluster-bin cluster
 
 ## build: debug builds of every binary
 build:
@@ -49,10 +52,20 @@ lint:
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-## test: lint, size, images, then every unit and black-box test against the static emissary
-test: deps-test deps-manifests lint size build image
+## test: lint, size, images, the test cluster, then every unit and black-box test against the static emissary
+test: deps-test deps-manifests lint size build image cluster-bin
 	EMISSARY_BIN=$(CURDIR)/$(STATIC_BIN) AGENT_IMAGE_BIN=$(CURDIR)/$(AGENT_STATIC_BIN) IMAGE_DIR=$(CURDIR)/$(IMAGE_DIR) \
-	KUBERNETES_VALIDATE=$(CURDIR)/$(KUBERNETES_VALIDATE) $(CARGO) test --workspace
+	CLUSTER_BIN=$(CURDIR)/$(CLUSTER_BIN) KUBERNETES_VALIDATE=$(CURDIR)/$(KUBERNETES_VALIDATE) $(CARGO) test --workspace
+
+## cluster-bin: etcd, kube-apiserver and Argo's controllers from their Go modules (cached; minutes cold, seconds warm)
+cluster-bin:
+	@command -v go >/dev/null || { echo "error: the test cluster is built with Go (1.26): install it from go.dev" >&2; exit 1; }
+	tests/cluster/build.sh $(CLUSTER_BIN) k8s argo
+
+## cluster: the test cluster, kept up to poke at by hand (prints its KUBECONFIG; Ctrl-C stops it)
+cluster: deps-test static image cluster-bin
+	$(CARGO) build -p emissary-tests --bin emissary-cluster
+	CLUSTER_BIN=$(CURDIR)/$(CLUSTER_BIN) IMAGE_DIR=$(CURDIR)/$(IMAGE_DIR) target/debug/emissary-cluster up
 
 ## run: a short demo of what the emissary does, alone and with its node agent
 run: static

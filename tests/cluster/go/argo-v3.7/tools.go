@@ -1,0 +1,10 @@
+//go:build tools
+
+// The main packages this module builds; the blank imports keep `go mod tidy` from
+// dropping their dependencies.
+package tools
+
+import (
+	_ "github.com/argoproj/argo-workflows/v3/cmd/argoexec"
+	_ "github.com/argoproj/argo-workflows/v3/cmd/workflow-controller"
+)
