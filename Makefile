@@ -23,6 +23,12 @@ IMAGE_DIR := target/images
 # modules into a cache outside the repository and linked here (tests/cluster/build.sh).
 CLUSTER_BIN := target/cluster-bin
 
+# $(call phase,NAME,COMMAND): runs COMMAND, then says how long it took (make test prints the
+# time of each phase).
+define phase
+	@echo "== $(1)"; start=$$SECONDS; $(2); rc=$$?; echo "== $(1): $$((SECONDS - start)) s"; exit $$rc
+endef
+
 define apt_install
 	@missing=""; for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
@@ -35,11 +41,11 @@ endef
 
 ## build: debug builds of every binary
 build:
-	$(CARGO) build --workspace --bins
+	$(call phase,build,$(CARGO) build --workspace --bins)
 
 ## static: the shipped emissary, statically linked and stripped
 static:
-	RUSTFLAGS="$(STATIC_RUSTFLAGS)" $(CARGO) build --profile static --target $(TARGET) -p emissary
+	$(call phase,static emissary,RUSTFLAGS="$(STATIC_RUSTFLAGS)" $(CARGO) build --profile static --target $(TARGET) -p emissary)
 
 ## size: fails when the static emissary exceeds its budget
 size: static
@@ -49,18 +55,17 @@ size: static
 
 ## lint: formatting and clippy, warnings are errors
 lint:
-	$(CARGO) fmt --all --check
-	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(call phase,lint,$(CARGO) fmt --all --check && $(CARGO) clippy --workspace --all-targets -- -D warnings)
 
 ## test: lint, size, images, the test cluster, then every unit and black-box test against the static emissary
 test: deps-test deps-manifests lint size build image cluster-bin
-	EMISSARY_BIN=$(CURDIR)/$(STATIC_BIN) AGENT_IMAGE_BIN=$(CURDIR)/$(AGENT_STATIC_BIN) IMAGE_DIR=$(CURDIR)/$(IMAGE_DIR) \
-	CLUSTER_BIN=$(CURDIR)/$(CLUSTER_BIN) KUBERNETES_VALIDATE=$(CURDIR)/$(KUBERNETES_VALIDATE) $(CARGO) test --workspace
+	$(call phase,tests,EMISSARY_BIN=$(CURDIR)/$(STATIC_BIN) AGENT_IMAGE_BIN=$(CURDIR)/$(AGENT_STATIC_BIN) IMAGE_DIR=$(CURDIR)/$(IMAGE_DIR) \
+	CLUSTER_BIN=$(CURDIR)/$(CLUSTER_BIN) KUBERNETES_VALIDATE=$(CURDIR)/$(KUBERNETES_VALIDATE) $(CARGO) test --workspace)
 
 ## cluster-bin: etcd, kube-apiserver and Argo's controllers from their Go modules (cached; minutes cold, seconds warm)
 cluster-bin:
 	@command -v go >/dev/null || { echo "error: the test cluster is built with Go (1.26): install it from go.dev" >&2; exit 1; }
-	tests/cluster/build.sh $(CLUSTER_BIN) k8s argo
+	$(call phase,cluster programs,tests/cluster/build.sh $(CLUSTER_BIN) k8s argo)
 
 ## cluster: the test cluster, kept up to poke at by hand (prints its KUBECONFIG; Ctrl-C stops it)
 cluster: deps-test static image cluster-bin
@@ -79,11 +84,11 @@ bench: deps-bench static
 
 ## static-agent: the agent, statically linked and stripped, for its FROM scratch image
 static-agent:
-	RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --profile agent-image --target $(TARGET) -p emissary-agent
+	$(call phase,static agent,RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --profile agent-image --target $(TARGET) -p emissary-agent)
 
 ## image: OCI archives of both images, built FROM scratch with buildah (no Docker daemon)
 image: static static-agent deps-test
-	tests/build-images.sh $(STATIC_BIN) $(IMAGE_DIR) $(AGENT_STATIC_BIN)
+	$(call phase,images,tests/build-images.sh $(STATIC_BIN) $(IMAGE_DIR) $(AGENT_STATIC_BIN))
 
 deps-test:
 	$(call apt_install,$(TEST_PACKAGES))

@@ -11,6 +11,8 @@ use crate::util::*;
 
 pub struct Agent {
     pub dir: PathBuf,
+    /// The node it serves (`node-1` unless started with [`Agent::start_on`]).
+    pub node: String,
     pub api: SocketAddr,
     pub admin: SocketAddr,
     args: Vec<String>,
@@ -26,9 +28,15 @@ impl Agent {
 
     /// [`Agent::start`] with extra environment variables (e.g. S3 credentials).
     pub fn start_with_env(dir: PathBuf, args: &[&str], env: &[(&str, &str)]) -> Agent {
+        Agent::start_on("node-1", dir, args, env)
+    }
+
+    /// [`Agent::start_with_env`] for node `node`.
+    pub fn start_on(node: &str, dir: PathBuf, args: &[&str], env: &[(&str, &str)]) -> Agent {
         std::fs::create_dir_all(&dir).unwrap();
         let mut agent = Agent {
             dir,
+            node: node.to_owned(),
             api: "127.0.0.1:0".parse().unwrap(),
             admin: "127.0.0.1:0".parse().unwrap(),
             args: args.iter().map(|s| s.to_string()).collect(),
@@ -50,7 +58,7 @@ impl Agent {
             .append(true)
             .open(self.dir.join("agent.log"))
             .unwrap();
-        let child = serve_command(&self.dir, listen)
+        let child = serve_command_for(&self.node, &self.dir, listen)
             .arg("--ready-file")
             .arg(&ready)
             .args(&self.args)
@@ -151,6 +159,11 @@ impl Agent {
 /// `emissary-agent serve` on 127.0.0.1 as node `node-1`, with its data and node secret (made
 /// when missing) under `dir`.
 pub fn serve_command(dir: &Path, listen: &str) -> Command {
+    serve_command_for("node-1", dir, listen)
+}
+
+/// [`serve_command`] as node `node`.
+pub fn serve_command_for(node: &str, dir: &Path, listen: &str) -> Command {
     std::fs::create_dir_all(dir).unwrap();
     let secret = dir.join("secret");
     if !secret.exists() {
@@ -158,7 +171,7 @@ pub fn serve_command(dir: &Path, listen: &str) -> Command {
     }
     let mut cmd = Command::new(agent_bin());
     cmd.args(["serve", "--listen", listen, "--admin-listen", "127.0.0.1:0"])
-        .args(["--node", "node-1"])
+        .args(["--node", node])
         .arg("--data-dir")
         .arg(dir.join("data"))
         .arg("--secret-file")

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::pod::MemoryCgroup;
+use crate::cgroup::MemoryCgroup;
 use crate::util::*;
 
 fn mode(path: &Path) -> u32 {

@@ -11,6 +11,7 @@
 use std::fs;
 use std::io::{Read, Seek, SeekFrom};
 use std::net::TcpListener;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -190,7 +191,10 @@ impl Process {
     pub fn spawn(name: &str, cmd: &mut Command, dir: &Path) -> Result<Process, String> {
         let log = dir.join(format!("{name}.log"));
         let file = fs::File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
+        // Its own process group: a Ctrl-C at the terminal stops the cluster in order, through
+        // its parent, instead of reaching etcd and the API server first.
         let child = cmd
+            .process_group(0)
             .stdin(Stdio::null())
             .stdout(file.try_clone().map_err(|e| e.to_string())?)
             .stderr(file)

@@ -6,6 +6,7 @@
 //! | `ghcr.io/emissary-executor/emissary:*` | our OCI image, `make image`'s `emissary.oci.tar`, unpacked |
 //! | `ghcr.io/emissary-executor/emissary-agent:*` | `emissary-agent.oci.tar`, unpacked |
 //! | `busybox*`, `alpine*` | Debian's static busybox with every applet linked in `/bin` |
+//! | `gcr.io/distroless/static*` | only `/bin/busybox` and `/etc/passwd`: no shell, no applets |
 //! | `debian*`, `ubuntu*`, `python*` | this machine's Debian `/usr` and `/etc`, read-only |
 //! | `argoproj/argosay*` | the Debian root plus `/argosay`, a shell rendition of Argo's test tool |
 //!
@@ -100,7 +101,7 @@ impl Images {
                     config,
                 })
             }
-            "busybox" => {
+            "busybox" | "distroless" => {
                 base_dirs(&lower)?;
                 let busybox = Path::new("/bin/busybox");
                 if !busybox.exists() {
@@ -108,7 +109,12 @@ impl Images {
                         "/bin/busybox is missing: `make test` installs busybox-static".into(),
                     );
                 }
-                for applet in applets()? {
+                let applets = if kind == "busybox" {
+                    applets()?
+                } else {
+                    vec![]
+                };
+                for applet in applets {
                     if applet != "busybox" {
                         let link = lower.join("bin").join(&applet);
                         if !link.exists() {
@@ -117,13 +123,15 @@ impl Images {
                     }
                 }
                 fs::copy(busybox, lower.join("bin/busybox")).map_err(|e| e.to_string())?;
+                let cmd = if kind == "busybox" {
+                    vec!["sh".into()]
+                } else {
+                    vec![]
+                };
                 Ok(Image {
                     lower,
                     binds: vec![],
-                    config: ImageConfig {
-                        cmd: vec!["sh".into()],
-                        ..root_config
-                    },
+                    config: ImageConfig { cmd, ..root_config },
                 })
             }
             "debian" | "argosay" => {
@@ -182,6 +190,7 @@ fn kind_of(reference: &str) -> Option<&'static str> {
         "ghcr.io/emissary-executor/emissary" => "emissary",
         "ghcr.io/emissary-executor/emissary-agent" => "emissary-agent",
         "busybox" | "alpine" => "busybox",
+        r if r.starts_with("gcr.io/distroless/") => "distroless",
         "debian" | "ubuntu" | "python" => "debian",
         "argoproj/argosay" => "argosay",
         _ => return None,

@@ -21,7 +21,7 @@ use std::time::Duration;
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{Container, Node, Pod};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams, Preconditions};
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt, watcher};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -132,7 +132,7 @@ impl Kubelet {
     pub async fn run(self: Arc<Self>) -> Result<(), String> {
         let pods: Api<Pod> = Api::all(self.client.clone());
         let config = watcher::Config::default().fields(&format!("spec.nodeName={}", self.node));
-        let mut stream = watcher(pods, config).boxed();
+        let mut stream = watcher(pods, config).default_backoff().boxed();
         let mut workers: HashMap<String, mpsc::UnboundedSender<Update>> = HashMap::new();
         let mut listed: Option<Vec<String>> = None;
         loop {
@@ -197,7 +197,7 @@ fn kernel_version() -> String {
 pub async fn schedule(client: kube::Client, nodes: Vec<String>) -> Result<(), String> {
     let pods: Api<Pod> = Api::all(client.clone());
     let config = watcher::Config::default().fields("spec.nodeName=");
-    let mut stream = watcher(pods, config).boxed();
+    let mut stream = watcher(pods, config).default_backoff().boxed();
     loop {
         let pod = match stream.try_next().await {
             Ok(Some(watcher::Event::Apply(pod) | watcher::Event::InitApply(pod))) => pod,
@@ -768,16 +768,15 @@ impl Worker {
         let id = format!("{name}-{attempt}");
         let (code, reason, mut message) = if let Some(error) = r.start_error {
             (128, "StartError", error)
-        } else if let Some(code) = r.exit {
-            let reason = if code == 0 { "Completed" } else { "Error" };
-            (code, reason, String::new())
         } else {
-            let signal = r.signal.unwrap_or(libc::SIGKILL);
-            (
-                128 + signal,
-                if oom { "OOMKilled" } else { "Error" },
-                String::new(),
-            )
+            let code = r.exit.unwrap_or(128 + r.signal.unwrap_or(libc::SIGKILL));
+            // As containerd: an OOM kill anywhere in the container's cgroup names its end.
+            let reason = match (code, oom) {
+                (0, _) => "Completed",
+                (_, true) => "OOMKilled",
+                _ => "Error",
+            };
+            (code, reason, String::new())
         };
         if message.is_empty() {
             message = read_limited(&termination_dir.join(&id), 4096);

@@ -62,7 +62,8 @@ static SHARED: OnceLock<Cluster> = OnceLock::new();
 
 impl Cluster {
     /// The cluster every test of this process shares, started on first use by running
-    /// `binary up` (the `emissary-cluster` binary). It stops when this process exits.
+    /// `binary up` (the `emissary-cluster` binary). It stops when this process exits; with
+    /// `EMISSARY_CLUSTER_KEEP` set, its directory (logs, pods) is kept.
     pub fn shared(binary: &Path) -> &'static Cluster {
         SHARED.get_or_init(|| Cluster::start(binary).unwrap_or_else(|e| panic!("{e}")))
     }
@@ -79,6 +80,7 @@ impl Cluster {
             .arg(&dir)
             .arg("--ready-file")
             .arg(&ready_file)
+            .args(std::env::var_os("EMISSARY_CLUSTER_KEEP").map(|_| "--keep"))
             .stdin(std::process::Stdio::null())
             .stdout(std::fs::File::create(&log).map_err(|e| e.to_string())?)
             .stderr(std::fs::File::create(&log).map_err(|e| e.to_string())?);
