@@ -11,9 +11,10 @@ use std::time::Duration;
 
 use protocol::exit;
 
-use crate::init::InitOptions;
-use crate::run::RunOptions;
-use crate::{control, run, signals, version};
+use crate::process::run::RunOptions;
+use crate::process::{control, run, signals};
+use crate::task::init::InitOptions;
+use crate::version;
 
 const USAGE: &str = "\
 Usage: emissary <COMMAND>
@@ -98,7 +99,7 @@ Options:
 pub fn main(args: impl IntoIterator<Item = OsString>) -> i32 {
     let mut args = Args::new(args.into_iter().skip(1).collect());
     let result = match args.next_word().as_deref() {
-        Some("run") => parse_run(&mut args).map(run::run),
+        Some("run") => parse_run(&mut args).map(run),
         Some("signal") => {
             parse_signal(&mut args).map(|(dir, signal)| match control::send(&dir, signal) {
                 Ok(()) => 0,
@@ -108,7 +109,7 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> i32 {
                 }
             })
         }
-        Some("init") => parse_init(&mut args).map(|opts| match crate::init::init(&opts) {
+        Some("init") => parse_init(&mut args).map(|opts| match crate::task::init::init(&opts) {
             Ok(()) => 0,
             Err(message) => {
                 crate::note!("emissary: init: {message}");
@@ -266,7 +267,7 @@ fn parse_run(args: &mut Args) -> Result<RunOptions, Usage> {
             _ => return Err(unexpected(&name, usage)),
         }
     }
-    let templated = opts.template.is_some() || crate::template::from_environment();
+    let templated = opts.template.is_some() || crate::task::template::from_environment();
     if opts.command.is_empty() && !templated {
         return Err(Usage::Error("no command given".into(), usage));
     }
@@ -338,7 +339,7 @@ fn parse_signal(args: &mut Args) -> Result<(PathBuf, i32), Usage> {
 fn parse_init(args: &mut Args) -> Result<InitOptions, Usage> {
     let usage = INIT_USAGE;
     let mut opts = InitOptions {
-        dest: PathBuf::from(crate::task::DEFAULT_ROOT),
+        dest: PathBuf::from(crate::task::step::DEFAULT_ROOT),
         template: None,
         store: None,
     };
@@ -389,6 +390,23 @@ fn pair(value: &OsStr) -> Result<(String, String), String> {
     match value.split_once('=') {
         Some((name, v)) if !name.is_empty() => Ok((name.to_owned(), v.to_owned())),
         _ => Err(format!("expected NAME=VALUE, got {value:?}")),
+    }
+}
+
+/// Runs what `opts` asks for and returns the emissary's exit code.
+pub fn run(opts: RunOptions) -> i32 {
+    let templated = opts.template.is_some() || crate::task::template::from_environment();
+    let result = if templated {
+        crate::task::step::run(&opts)
+    } else {
+        run::run_command(&opts)
+    };
+    match result {
+        Ok(code) => code,
+        Err(run::Fatal(message)) => {
+            crate::note!("emissary: {message}");
+            exit::EMISSARY_FAILED
+        }
     }
 }
 

@@ -1,7 +1,7 @@
 //! Files other processes read (summary, exitcode, outputs) are written whole or not at all.
 
 use std::fs;
-use std::io::{self, Write};
+use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
@@ -51,4 +51,17 @@ pub fn temp_name(path: &Path) -> PathBuf {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     path.with_file_name(format!(".{name}.tmp.{}", std::process::id()))
+}
+
+/// The last `N/M` progress the user process wrote to its progress file.
+pub fn last_progress(file: &Path) -> Option<String> {
+    // The last line is what counts, and a file appended to for hours may be large: read its tail.
+    let mut file = open_regular(file).ok()?;
+    let len = file.metadata().ok()?.len();
+    file.seek(SeekFrom::Start(len.saturating_sub(4096))).ok()?;
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes).ok()?;
+    let text = String::from_utf8_lossy(&bytes);
+    let line = text.lines().rev().find(|l| !l.trim().is_empty())?.trim();
+    protocol::api::valid_progress(line).then(|| line.to_owned())
 }

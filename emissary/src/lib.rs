@@ -1,34 +1,27 @@
 //! The emissary: a tiny static supervisor for one workflow task.
 //!
-//! One module per concern, named after what it does to the process tree:
-//! [`signals`] (block, collect, forward), [`spawn`] (fork/exec, isolation), [`reap`]
-//! (subreaper, waitpid loop, TERM→KILL escalation), [`capture`] (stdout/stderr to files and
-//! back out), [`control`] (the signal FIFO), [`supervise`] (the loop that ties them together),
-//! and [`run`] (the `emissary run` command from options to exit code). Template mode adds
-//! [`template`] (where the spec comes from), [`task`] (spec → inputs → run → outputs),
-//! [`inputs`], [`outputs`], [`archive`] (with [`tar_guard`]), [`store`], [`deps`]
-//! (containerSet ordering), [`oom`] and [`init`].
+//! Layered in folders, arrows pointing down only:
+//! - [`process`]: supervising one command as a good init does (signals, spawn, reaping,
+//!   capture, deadlines); it knows nothing of tasks.
+//! - [`transfer`]: bytes in and out (archives, the store, the node agent's HTTP API).
+//! - [`task`]: the task contract over both (spec, inputs, the supervised run, outputs,
+//!   containerSet ordering, `emissary init`).
+//!
+//! [`cli`] parses the command line and dispatches; [`fsutil`], [`stdio`] and [`env_any`] are
+//! shared by all.
 
-pub mod agent;
-pub mod archive;
-pub mod capture;
 pub mod cli;
-pub mod control;
-pub mod deps;
 pub mod fsutil;
-pub mod http;
-pub mod init;
-pub mod inputs;
-pub mod oom;
-pub mod outputs;
-pub mod reap;
-pub mod run;
-pub mod signals;
-pub mod spawn;
+pub mod process;
 pub mod stdio;
-pub mod store;
-pub mod supervise;
-pub mod tar_guard;
 pub mod task;
-pub mod template;
+pub mod transfer;
 pub mod version;
+
+/// The first of `names` set to a non-empty value: our name, then Argo's, so a migrating
+/// controller changes little.
+pub fn env_any(names: &[&str]) -> Option<String> {
+    names
+        .iter()
+        .find_map(|n| std::env::var(n).ok().filter(|v| !v.is_empty()))
+}

@@ -10,7 +10,7 @@ use std::path::Path;
 use protocol::api::{ArchiveFormat, ArtifactOutput, Outputs, ParameterOutput};
 use protocol::spec::{Archive, Template};
 
-use crate::store::Store;
+use crate::transfer::store::Store;
 
 /// Argo keeps the last 256 KiB of stdout as `outputs.result`.
 pub const RESULT_LIMIT: u64 = 256 * 1024;
@@ -147,17 +147,4 @@ pub fn result(stdout_file: &Path, from: u64) -> io::Result<(String, bool)> {
         text = text.trim_start_matches('\u{fffd}').to_owned();
     }
     Ok((text, truncated))
-}
-
-/// The last `N/M` progress the user process wrote to its progress file.
-pub fn progress(file: &Path) -> Option<String> {
-    // The last line is what counts, and a file appended to for hours may be large: read its tail.
-    let mut file = crate::fsutil::open_regular(file).ok()?;
-    let len = file.metadata().ok()?.len();
-    file.seek(SeekFrom::Start(len.saturating_sub(4096))).ok()?;
-    let mut bytes = Vec::new();
-    file.read_to_end(&mut bytes).ok()?;
-    let text = String::from_utf8_lossy(&bytes);
-    let line = text.lines().rev().find(|l| !l.trim().is_empty())?.trim();
-    protocol::api::valid_progress(line).then(|| line.to_owned())
 }

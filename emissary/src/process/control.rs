@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 use nix::sys::stat::Mode;
 
-use crate::signals;
+use crate::process::signals;
 
 /// The FIFO's name inside the control directory.
 pub const FIFO_NAME: &str = "signal";

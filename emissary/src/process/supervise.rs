@@ -9,10 +9,10 @@ use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::unistd::Pid;
 
-use crate::control::{Control, Message};
-use crate::reap::{self, Terminator};
-use crate::signals::Signals;
-use crate::spawn::ChildStatus;
+use crate::process::control::{Control, Message};
+use crate::process::reap::{self, Terminator};
+use crate::process::signals::Signals;
+use crate::process::spawn::ChildStatus;
 
 /// How the supervised tree ended.
 pub struct Ended {

@@ -14,10 +14,10 @@ use std::time::{Duration, Instant};
 use protocol::api::{self, Command, ProgressReport, StartRequest, StoredArtifact, TaskResult};
 use protocol::spec::Packing;
 
-use crate::archive;
-use crate::http::{Client, HttpError};
-use crate::store::{GetError, Store};
-use crate::template::env_any;
+use crate::env_any;
+use crate::transfer::archive;
+use crate::transfer::http::{Client, HttpError};
+use crate::transfer::store::{GetError, Store};
 
 /// The shortest time between two progress reports.
 const PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
@@ -202,7 +202,7 @@ impl Agent {
                     if let Some(at) = reported {
                         std::thread::sleep(PROGRESS_INTERVAL.saturating_sub(at.elapsed()));
                     }
-                    let progress = crate::outputs::progress(&file);
+                    let progress = crate::fsutil::last_progress(&file);
                     if progress.is_some() && progress != last {
                         let report = ProgressReport {
                             container: container.clone(),
@@ -217,7 +217,7 @@ impl Agent {
     }
 }
 
-fn read_commands(response: crate::http::Response) -> Result<Vec<Command>, HttpError> {
+fn read_commands(response: crate::transfer::http::Response) -> Result<Vec<Command>, HttpError> {
     if response.status == 204 {
         return Ok(Vec::new());
     }

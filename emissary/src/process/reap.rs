@@ -11,8 +11,8 @@ use nix::errno::Errno;
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 
-use crate::signals;
-use crate::spawn::ChildStatus;
+use crate::process::signals;
+use crate::process::spawn::ChildStatus;
 
 /// Makes orphans in the command's tree our children even when we are not PID 1.
 pub fn become_subreaper() -> std::io::Result<()> {

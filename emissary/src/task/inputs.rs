@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 
 use protocol::spec::{InputArtifact, Template};
 
-use crate::archive::{self, Digest, Limits, Unpack};
-use crate::store::{GetError, Store};
+use crate::transfer::archive::{self, Digest, Limits, Unpack};
+use crate::transfer::store::{GetError, Store};
 
 /// Where inputs may come from.
 pub struct Sources<'a> {

@@ -127,7 +127,7 @@ impl std::fmt::Display for SpawnError {
 const OOM_SCORE_ADJ_RAISE: i32 = 100;
 
 /// Starts `program` in its own process group. Signals must already be blocked
-/// ([`crate::signals::block_all`]); the child starts with an empty mask. Dispositions are
+/// ([`crate::process::signals::block_all`]); the child starts with an empty mask. Dispositions are
 /// left alone, so what the caller ignored stays ignored across exec and everything else is
 /// default (exec resets handlers).
 ///

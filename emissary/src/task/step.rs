@@ -18,16 +18,17 @@ use protocol::api::{Outputs, TaskResult};
 use protocol::spec::{Container, Template};
 use protocol::{ExitReason, TaskError, exit, time};
 
-use crate::agent::Agent;
-use crate::archive::{self, Limits};
-use crate::deps::{self, Waited};
+use crate::env_any;
 use crate::fsutil::{write_atomic, write_atomic_mode};
-use crate::inputs::{self, Sources};
-use crate::outputs;
-use crate::run::{self, Fatal, Job, LogDir, Outcome, RunOptions};
-use crate::spawn::Program;
-use crate::store::{LocalStore, Store};
-use crate::template::{self, env_any};
+use crate::process::run::{self, Fatal, Job, LogDir, Outcome, RunOptions};
+use crate::process::spawn::Program;
+use crate::task::deps::{self, Waited};
+use crate::task::inputs::{self, Sources};
+use crate::task::outputs;
+use crate::task::template;
+use crate::transfer::agent::Agent;
+use crate::transfer::archive::{self, Limits};
+use crate::transfer::store::{LocalStore, Store};
 
 /// Where the shared volume is mounted in a pod.
 pub const DEFAULT_ROOT: &str = "/var/run/emissary";
@@ -149,7 +150,10 @@ pub fn run(opts: &RunOptions) -> Result<i32, Fatal> {
         }
     };
     if let Some(agent) = &task.agent {
-        agent.relay_commands(&task.name, logs.dir.join(crate::control::FIFO_NAME));
+        agent.relay_commands(
+            &task.name,
+            logs.dir.join(crate::process::control::FIFO_NAME),
+        );
         agent.relay_progress(&task.name, progress_file(&logs.dir));
     }
     let (attempts, pause) = container_set_retries(&template);
@@ -338,7 +342,7 @@ impl Task {
                     }
                 }
             }
-            result_outputs.progress = outputs::progress(&progress_file(&logs.dir));
+            result_outputs.progress = crate::fsutil::last_progress(&progress_file(&logs.dir));
         }
         let inputs_digest = (!self.json.is_empty()).then(|| self.inputs_digest());
         let build = |outcome: &Outcome, outputs: Outputs| TaskResult {

@@ -11,7 +11,7 @@ use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
 
-use crate::signals::Signals;
+use crate::process::signals::Signals;
 
 /// How the wait ended.
 pub enum Waited {

@@ -11,12 +11,12 @@ use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use crate::agent::Agent;
-use crate::archive::Limits;
 use crate::fsutil::{temp_name, write_atomic_mode};
-use crate::inputs::{self, Sources};
-use crate::store::{LocalStore, Store};
-use crate::template;
+use crate::task::inputs::{self, Sources};
+use crate::task::template;
+use crate::transfer::agent::Agent;
+use crate::transfer::archive::Limits;
+use crate::transfer::store::{LocalStore, Store};
 
 pub struct InitOptions {
     pub dest: PathBuf,

@@ -489,7 +489,7 @@ fn resolve_within(
 /// out, device files; and more entries or bytes than `limits` allow.
 fn unpack_tar(input: &mut dyn Read, root: &Path, limits: Limits) -> Result<(), String> {
     fs::create_dir(root).map_err(|e| format!("creating {}: {e}", root.display()))?;
-    let mut archive = tar::Archive::new(crate::tar_guard::MetadataGuard::new(input));
+    let mut archive = tar::Archive::new(crate::transfer::tar_guard::MetadataGuard::new(input));
     let mut entries_seen = 0u64;
     let mut bytes = 0u64;
     for entry in archive

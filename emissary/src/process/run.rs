@@ -1,7 +1,7 @@
 //! `emissary run`: one supervised execution, from a prepared program to its [`Outcome`].
 //!
 //! [`execute`] is shared by the plain `emissary run -- CMD` ([`run_command`]) and the template
-//! mode (`crate::task`), which wraps it with input staging and output collection.
+//! mode (`crate::task::step`), which wraps it with input staging and output collection.
 
 use std::ffi::OsString;
 use std::fs::{self, File, OpenOptions};
@@ -14,14 +14,14 @@ use nix::unistd::Pid;
 
 use protocol::{ExitReason, RunSummary, TaskError, exit, time};
 
-use crate::capture::{self, Sinks};
-use crate::control::{self, Control};
 use crate::fsutil::write_atomic;
-use crate::oom;
-use crate::reap;
-use crate::signals::{self, Signals};
-use crate::spawn::{self, ChildStatus, Program, SpawnError, Stdio};
-use crate::supervise;
+use crate::process::capture::{self, Sinks};
+use crate::process::control::{self, Control};
+use crate::process::oom;
+use crate::process::reap;
+use crate::process::signals::{self, Signals};
+use crate::process::spawn::{self, ChildStatus, Program, SpawnError, Stdio};
+use crate::process::supervise;
 
 /// Everything `emissary run` was asked to do.
 #[derive(Debug, Default)]
@@ -51,23 +51,6 @@ impl<E: std::fmt::Display> From<E> for Fatal {
     }
 }
 
-/// Runs what `opts` asks for and returns the emissary's exit code.
-pub fn run(opts: RunOptions) -> i32 {
-    let templated = opts.template.is_some() || crate::template::from_environment();
-    let result = if templated {
-        crate::task::run(&opts)
-    } else {
-        run_command(&opts)
-    };
-    match result {
-        Ok(code) => code,
-        Err(Fatal(message)) => {
-            crate::note!("emissary: {message}");
-            exit::EMISSARY_FAILED
-        }
-    }
-}
-
 /// Blocks signals and becomes the tree's reaper: the first thing any run does, before any
 /// fork or thread, so that no signal is ever delivered asynchronously.
 pub fn prepare() -> Result<Signals, Fatal> {
@@ -80,7 +63,7 @@ pub fn prepare() -> Result<Signals, Fatal> {
 }
 
 /// `emissary run -- CMD`: no template, just supervision.
-fn run_command(opts: &RunOptions) -> Result<i32, Fatal> {
+pub fn run_command(opts: &RunOptions) -> Result<i32, Fatal> {
     let program = Program::new(&opts.command)?;
     let signals = prepare()?;
     let mut logs = opts.log_dir.as_deref().map(LogDir::create).transpose()?;

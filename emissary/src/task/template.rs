@@ -9,19 +9,11 @@ use std::path::Path;
 
 use protocol::spec::{self, Template};
 
-/// The first of `names` set to a non-empty value: our name, then Argo's, so a migrating
-/// controller changes little.
-pub fn env_any(names: &[&str]) -> Option<String> {
-    names
-        .iter()
-        .find_map(|n| std::env::var(n).ok().filter(|v| !v.is_empty()))
-}
-
 const TEMPLATE_VARS: [&str; 2] = ["EMISSARY_TEMPLATE", "ARGO_TEMPLATE"];
 
 /// True when the environment carries a spec (pod mode).
 pub fn from_environment() -> bool {
-    env_any(&TEMPLATE_VARS).is_some()
+    crate::env_any(&TEMPLATE_VARS).is_some()
 }
 
 /// A parsed, substituted, validated spec.
@@ -36,7 +28,7 @@ pub fn load(file: Option<&Path>, params: &[(String, String)]) -> Result<Loaded, 
     let (source, text) = match file {
         Some(path) => (path.display().to_string(), read(path)?),
         None => {
-            let value = env_any(&TEMPLATE_VARS)
+            let value = crate::env_any(&TEMPLATE_VARS)
                 .ok_or("no task spec: pass --template FILE or set EMISSARY_TEMPLATE")?;
             match value.strip_prefix('@') {
                 Some(path) => (path.to_owned(), read(Path::new(path))?),

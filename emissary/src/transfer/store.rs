@@ -1,5 +1,5 @@
 //! Where artifacts come from and go to: one trait, a local directory here; the node agent
-//! (`crate::agent`) is the other implementation.
+//! (`crate::transfer::agent`) is the other implementation.
 
 use std::fs::{self, File};
 use std::io::{BufWriter, Read, Write};
@@ -8,8 +8,8 @@ use std::path::{Component, Path, PathBuf};
 use protocol::api::StoredArtifact;
 use protocol::spec::Packing;
 
-use crate::archive;
 use crate::fsutil;
+use crate::transfer::archive;
 
 /// Why an object could not be opened.
 #[derive(Debug)]
