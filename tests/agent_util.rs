@@ -33,6 +33,17 @@ impl Agent {
 
     /// [`Agent::start_with_env`] for node `node`.
     pub fn start_on(node: &str, dir: PathBuf, args: &[&str], env: &[(&str, &str)]) -> Agent {
+        Agent::start_listening(node, dir, "127.0.0.1:0", args, env)
+    }
+
+    /// [`Agent::start_on`] with its API on `listen`.
+    pub fn start_listening(
+        node: &str,
+        dir: PathBuf,
+        listen: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Agent {
         std::fs::create_dir_all(&dir).unwrap();
         let mut agent = Agent {
             dir,
@@ -46,7 +57,7 @@ impl Agent {
                 .collect(),
             child: None,
         };
-        agent.launch("127.0.0.1:0");
+        agent.launch(listen);
         agent
     }
 

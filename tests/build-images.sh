@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Builds the images FROM scratch as OCI archives with buildah, no Docker daemon:
+# Builds the images (emissary, argoexec, emissary-agent) FROM scratch as OCI archives with
+# buildah, no Docker daemon:
 #   tests/build-images.sh EMISSARY_BIN OUT_DIR [AGENT_BIN]
 # buildah runs with --isolation chroot and the vfs driver under a throwaway root: the default
 # OCI runtime refuses this machine's hybrid cgroups (feasibility.md section 4).
@@ -24,6 +25,7 @@ build() { # name dockerfile-dir context-files...
 }
 
 build emissary images/emissary "$emissary_bin"
+build argoexec images/argoexec "$emissary_bin"
 if [ -n "$agent_bin" ]; then
     build emissary-agent images/agent "$agent_bin" /etc/ssl/certs/ca-certificates.crt
 fi

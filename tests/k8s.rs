@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use emissary_tests::cluster::Cluster;
-use emissary_tests::cluster::control_plane::Ca;
+use emissary_tests::cluster::control_plane::{Ca, free_port};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, PostParams};
 use serde::Deserialize;
@@ -36,7 +36,7 @@ pub struct Emissary {
 static AT_EXIT: std::sync::Mutex<(Vec<u32>, Vec<std::path::PathBuf>)> =
     std::sync::Mutex::new((Vec::new(), Vec::new()));
 
-fn clean_up_at_exit(pid: Option<u32>, dir: Option<&std::path::Path>) {
+pub fn clean_up_at_exit(pid: Option<u32>, dir: Option<&std::path::Path>) {
     static REGISTER: std::sync::Once = std::sync::Once::new();
     extern "C" fn clean_up() {
         if let Ok(mut what) = AT_EXIT.lock() {
@@ -64,7 +64,7 @@ pub fn cluster() -> &'static Cluster {
 }
 
 /// The emissary on the shared test cluster, installed on first use.
-pub fn emissary() -> &'static Emissary {
+pub fn installed() -> &'static Emissary {
     INSTALLED.get_or_init(install)
 }
 
@@ -114,24 +114,9 @@ fn install() -> Emissary {
     let dir = Dir::new("k8s-emissary");
     let s3 = S3Server::start(&dir.join("s3"), 0);
     let controller = Controller::start();
-    let store = format!("s3://{}/k8s", s3::BUCKET);
-    let agent = Agent::start_on(
-        emissary_tests::cluster::NODE,
-        dir.join("agent"),
-        &[
-            "--store",
-            &store,
-            "--s3-endpoint",
-            &s3.endpoint(),
-            "--s3-path-style",
-            "--controller-url",
-            &controller.url(),
-        ],
-        &[
-            ("AWS_ACCESS_KEY_ID", s3::ACCESS_KEY),
-            ("AWS_SECRET_ACCESS_KEY", s3::SECRET_KEY),
-        ],
-    );
+    // The agent starts last (with its ServiceAccount's token, once RBAC is applied), on a port
+    // chosen now for the manifests.
+    let agent_port = free_port().unwrap();
 
     // The manifests as a user installs them, with this cluster's addresses and secrets.
     let ca = Ca::new();
@@ -144,10 +129,10 @@ fn install() -> Emissary {
             object["metadata"]["name"].as_str().unwrap(),
         ) {
             ("ConfigMap", "emissary-config") => {
-                let text = object["data"]["inject.yaml"].as_str().unwrap().replace(
-                    "agentPort: 7946",
-                    &format!("agentPort: {}", agent.api.port()),
-                );
+                let text = object["data"]["inject.yaml"]
+                    .as_str()
+                    .unwrap()
+                    .replace("agentPort: 7946", &format!("agentPort: {agent_port}"));
                 object["data"]["inject.yaml"] = json!(text);
                 inject_config = Some(text);
             }
@@ -182,7 +167,6 @@ fn install() -> Emissary {
         .spawn()
         .unwrap();
     clean_up_at_exit(Some(webhook.id()), None);
-    clean_up_at_exit(Some(agent.pid()), Some(dir.path()));
     assert!(
         wait_until(Duration::from_secs(10), || ready.exists()),
         "the webhook did not start"
@@ -203,6 +187,31 @@ fn install() -> Emissary {
         }
     }
     apply(cluster, &objects).unwrap_or_else(|e| panic!("images/deploy does not apply:\n{e}"));
+
+    // The agent speaks to the API server as its ServiceAccount, so our RBAC is what it may do.
+    let kubeconfig = service_account_kubeconfig(cluster, &dir, "emissary-system", "emissary-agent");
+    let store = format!("s3://{}/k8s", s3::BUCKET);
+    let agent = Agent::start_listening(
+        emissary_tests::cluster::NODE,
+        dir.join("agent"),
+        &format!("127.0.0.1:{agent_port}"),
+        &[
+            "--store",
+            &store,
+            "--s3-endpoint",
+            &s3.endpoint(),
+            "--s3-path-style",
+            "--controller-url",
+            &controller.url(),
+            "--kubeconfig",
+            kubeconfig.to_str().unwrap(),
+        ],
+        &[
+            ("AWS_ACCESS_KEY_ID", s3::ACCESS_KEY),
+            ("AWS_SECRET_ACCESS_KEY", s3::SECRET_KEY),
+        ],
+    );
+    clean_up_at_exit(Some(agent.pid()), Some(dir.path()));
     Emissary {
         cluster,
         s3,
@@ -212,6 +221,35 @@ fn install() -> Emissary {
         _webhook: webhook,
         _dir: dir,
     }
+}
+
+/// A kubeconfig with a token of ServiceAccount `ns/name` (from the API server's TokenRequest).
+pub fn service_account_kubeconfig(
+    cluster: &Cluster,
+    dir: &Dir,
+    ns: &str,
+    name: &str,
+) -> std::path::PathBuf {
+    let out = cluster.kubectl(["-n", ns, "create", "token", name, "--duration=24h"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token = String::from_utf8(out.stdout).unwrap();
+    let ca = dir.write(&format!("{name}-ca.crt"), &cluster.ready.ca_pem);
+    dir.write(
+        &format!("{name}.kubeconfig"),
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: {}\n    \
+             certificate-authority: {}\nusers:\n- name: {name}\n  user:\n    token: {}\n\
+             contexts:\n- name: test\n  context:\n    cluster: test\n    user: {name}\n\
+             current-context: test\n",
+            cluster.ready.server,
+            ca.display(),
+            token.trim()
+        ),
+    )
 }
 
 /// A webhook `clientConfig` for the API server to call `addr` trusting `ca`.

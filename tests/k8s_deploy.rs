@@ -10,7 +10,7 @@ use crate::k8s::*;
 
 #[test]
 fn images_deploy_applies_and_the_api_server_holds_every_object() {
-    let e = emissary();
+    let e = installed();
     for object in rendered_manifests() {
         let kind = object["kind"].as_str().unwrap();
         let name = object["metadata"]["name"].as_str().unwrap();
@@ -38,7 +38,7 @@ fn images_deploy_applies_and_the_api_server_holds_every_object() {
 
 #[test]
 fn a_manifest_the_api_server_rejects_fails_with_its_message() {
-    let e = emissary();
+    let e = installed();
     let mut broken = rendered_manifests()
         .into_iter()
         .find(|o| o["kind"] == "DaemonSet")
@@ -54,7 +54,7 @@ fn a_manifest_the_api_server_rejects_fails_with_its_message() {
 
 #[test]
 fn the_api_server_refuses_a_pod_our_webhook_refuses_with_our_message() {
-    let e = emissary();
+    let e = installed();
     let ns = e.cluster.namespace("deploy-refused");
     let mut pod = e.task_pod("no-token", &ns, &json!({}), "busybox", &["true"]);
     pod["metadata"]["annotations"]
@@ -80,7 +80,7 @@ fn the_api_server_refuses_a_pod_our_webhook_refuses_with_our_message() {
 
 #[test]
 fn with_the_webhook_down_a_labelled_pod_is_not_admitted() {
-    let e = emissary();
+    let e = installed();
     let ns = e.cluster.namespace("deploy-down");
     // Our webhook configuration, called for pods that also carry a test label, at an address
     // where nothing listens: the webhook is down for them and only them.

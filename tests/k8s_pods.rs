@@ -30,7 +30,7 @@ fn finished(events: &[Value]) -> bool {
 
 #[test]
 fn two_pods_pass_an_artifact_through_the_agent_and_s3() {
-    let e = emissary();
+    let e = installed();
     let ns = e.cluster.namespace("pods-artifacts");
     let producer = json!({
         "outputs": {"artifacts": [{"name": "numbers", "path": "/tmp/out", "archive": {"zstd": {}}}]}
@@ -94,7 +94,7 @@ fn two_pods_pass_an_artifact_through_the_agent_and_s3() {
 
 #[test]
 fn a_failing_step_fails_its_pod_and_kubectl_shows_the_exit_code() {
-    let e = emissary();
+    let e = installed();
     let ns = e.cluster.namespace("pods-fail");
     let pod = e.task_pod(
         "fails",
@@ -134,7 +134,7 @@ fn a_failing_step_fails_its_pod_and_kubectl_shows_the_exit_code() {
 
 #[test]
 fn a_step_past_its_deadline_is_stopped_and_reported_timed_out() {
-    let e = emissary();
+    let e = installed();
     let ns = e.cluster.namespace("pods-deadline");
     let pod = e.task_pod(
         "slow",
@@ -152,7 +152,7 @@ fn a_step_past_its_deadline_is_stopped_and_reported_timed_out() {
 
 #[test]
 fn a_pod_past_its_active_deadline_is_stopped_by_the_kubelet_and_still_reports() {
-    let e = emissary();
+    let e = installed();
     let ns = e.cluster.namespace("pods-active-deadline");
     let mut pod = e.task_pod(
         "overdue",
@@ -178,7 +178,7 @@ fn a_pod_past_its_active_deadline_is_stopped_by_the_kubelet_and_still_reports() 
 
 #[test]
 fn an_oom_killed_step_is_reported_and_its_pod_says_so() {
-    let e = emissary();
+    let e = installed();
     let ns = e.cluster.namespace("pods-oom");
     let mut pod = e.task_pod(
         "hog",
@@ -205,7 +205,7 @@ fn an_oom_killed_step_is_reported_and_its_pod_says_so() {
 
 #[test]
 fn a_pod_deleted_mid_run_stops_gracefully_and_its_final_report_arrives() {
-    let e = emissary();
+    let e = installed();
     let ns = e.cluster.namespace("pods-delete");
     let pod = e.task_pod(
         "deleted",
@@ -237,7 +237,7 @@ fn a_pod_deleted_mid_run_stops_gracefully_and_its_final_report_arrives() {
 
 #[test]
 fn a_native_sidecar_is_stopped_after_main() {
-    let e = emissary();
+    let e = installed();
     let ns = e.cluster.namespace("pods-sidecar");
     let mut pod = e.task_pod(
         "with-sidecar",
@@ -278,7 +278,7 @@ fn a_native_sidecar_is_stopped_after_main() {
 
 #[test]
 fn a_script_step_runs_as_pid_1_non_root_on_a_read_only_root() {
-    let e = emissary();
+    let e = installed();
     let ns = e.cluster.namespace("pods-script");
     let spec = json!({
         "inputs": {"artifacts": [{"name": "greeting", "path": "/tmp/greeting.txt", "raw": {"data": "hello from init"}}]},
@@ -316,7 +316,7 @@ fn a_script_step_runs_as_pid_1_non_root_on_a_read_only_root() {
 
 #[test]
 fn a_container_set_runs_in_order_in_one_pod() {
-    let e = emissary();
+    let e = installed();
     let ns = e.cluster.namespace("pods-containerset");
     let spec = json!({"containerSet": {"containers": [
         {"name": "a", "command": ["sh", "-c", "sleep 0.2; echo from-a > /var/run/emissary/handoff"]},
@@ -351,7 +351,7 @@ fn a_container_set_runs_in_order_in_one_pod() {
 
 #[test]
 fn a_step_whose_image_has_no_shell_runs() {
-    let e = emissary();
+    let e = installed();
     let ns = e.cluster.namespace("pods-noshell");
     let pod = e.task_pod(
         "noshell",
@@ -372,7 +372,7 @@ fn a_step_whose_image_has_no_shell_runs() {
 
 #[test]
 fn a_terminate_from_the_controller_reaches_the_process_in_its_pod() {
-    let e = emissary();
+    let e = installed();
     let ns = e.cluster.namespace("pods-terminate");
     let pod = e.task_pod(
         "stop-me",

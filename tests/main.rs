@@ -17,6 +17,7 @@ mod corpus;
 mod deploy;
 mod inject;
 mod k8s;
+mod k8s_argo;
 mod k8s_deploy;
 mod k8s_kubelet;
 mod k8s_pods;

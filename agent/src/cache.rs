@@ -109,10 +109,11 @@ impl Cache {
         key: &str,
         meta: &ObjectMeta,
     ) -> Result<Lookup, StoreError> {
-        let name = hex(&Sha256::digest(format!("{key}\0{}", meta.etag).as_bytes()));
+        let id = identity(store, key);
+        let name = hex(&Sha256::digest(format!("{id}\0{}", meta.etag).as_bytes()));
         let path = self.dir.join(&name);
         if touch(&path) {
-            self.remember(key, &name);
+            self.remember(&id, &name);
             return Ok(Lookup::Hit(path));
         }
         let (fill, started) = {
@@ -162,9 +163,9 @@ impl Cache {
         }
     }
 
-    /// The entry last served for `key`, if it is still cached (see the module docs).
-    pub fn last_served(&self, key: &str) -> Option<PathBuf> {
-        let name = std::fs::read_to_string(self.latest(key)).ok()?;
+    /// The entry last served for `key` of `store`, if it is still cached (see the module docs).
+    pub fn last_served(&self, store: &Store, key: &str) -> Option<PathBuf> {
+        let name = std::fs::read_to_string(self.latest(&identity(store, key))).ok()?;
         let path = self.dir.join(name.trim());
         touch(&path).then_some(path)
     }
@@ -202,7 +203,7 @@ impl Cache {
             Ok(size) => {
                 *self.total.lock().unwrap() += size;
                 self.evict(&self.dir.join(&d.name));
-                self.remember(&d.key, &d.name);
+                self.remember(&identity(&d.store, &d.key), &d.name);
                 d.progress.send_replace(FillState::Done(size));
             }
             Err(e) => {
@@ -363,4 +364,10 @@ impl Fill {
         });
         body
     }
+}
+
+/// What an entry is the version of: a key within one store (several Argo repositories may
+/// hold the same key).
+fn identity(store: &Store, key: &str) -> String {
+    format!("{}\0{key}", store.identity())
 }

@@ -74,6 +74,10 @@ pub struct ServeArgs {
     /// Written (atomically) once listening: {"api": ADDR, "admin": ADDR}.
     #[arg(long, value_name = "FILE", env = "EMISSARY_AGENT_READY_FILE")]
     pub ready_file: Option<PathBuf>,
+    /// The Kubernetes API for the Argo adapter [default: in-cluster when the agent runs in a
+    /// pod; none otherwise, and Argo pods are refused].
+    #[arg(long, value_name = "FILE", env = "EMISSARY_AGENT_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
 }
 
 /// Resolved settings.
@@ -96,6 +100,7 @@ pub struct Settings {
     pub shutdown_timeout: Duration,
     pub body_idle_timeout: Duration,
     pub ready_file: Option<PathBuf>,
+    pub kubeconfig: Option<PathBuf>,
 }
 
 impl ServeArgs {
@@ -121,6 +126,7 @@ impl ServeArgs {
             &mut self.secret_file,
             &mut self.controller_ca,
             &mut self.ready_file,
+            &mut self.kubeconfig,
         ] {
             if path.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
                 *path = None;
@@ -157,6 +163,7 @@ impl ServeArgs {
             "shutdown-timeout",
             "body-idle-timeout",
             "ready-file",
+            "kubeconfig",
         ];
         if let Some(unknown) = file.keys().find(|k| !KNOWN.contains(&k.as_str())) {
             return Err(format!(
@@ -264,6 +271,7 @@ impl ServeArgs {
             body_idle_timeout: protocol::duration::parse(&body_idle)
                 .map_err(|e| format!("body-idle-timeout: {e}"))?,
             ready_file: self.ready_file.or(text("ready-file")?.map(PathBuf::from)),
+            kubeconfig: self.kubeconfig.or(text("kubeconfig")?.map(PathBuf::from)),
             data_dir,
         };
         if !protocol::api::valid_name(&settings.node) {

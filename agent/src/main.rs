@@ -1,6 +1,7 @@
 //! emissary-agent: the per-node daemon. `main` only parses and wires.
 #![deny(unsafe_code)]
 
+mod argo;
 mod body;
 mod cache;
 mod commands;
@@ -143,6 +144,7 @@ fn run(cli: Cli) -> Result<(), String> {
                 task,
                 attempt,
                 exp,
+                pod: None,
             };
             println!("{}", secret.sign(&claims));
             Ok(())

@@ -14,6 +14,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
+use crate::argo::Argo;
 use crate::cache::Cache;
 use crate::commands::Commands;
 use crate::config::Settings;
@@ -54,12 +55,22 @@ pub async fn serve(settings: Settings) -> Result<(), String> {
             data.join("cache").display()
         )
     })?;
+    let argo = kubernetes(&settings).await?.map(|client| {
+        let budget = store
+            .part_buffers()
+            .unwrap_or_else(|| Arc::new(tokio::sync::Semaphore::new(crate::store::PARTS_BUDGET)));
+        Arc::new(Argo::new(client, &settings.node, budget))
+    });
+    if let Some(argo) = &argo {
+        tokio::spawn(crate::argo::reconcile::run(argo.clone()));
+    }
     let metrics = Arc::new(Metrics::new(outbox.bytes.clone()));
     let undelivered = outbox.bytes.clone();
     let commands = Arc::new(Commands::default());
     let app = Arc::new(App {
         secret: secret.clone(),
         store,
+        argo,
         cache: Some(Arc::new(cache)),
         outbox: outbox.clone(),
         commands: commands.clone(),
@@ -194,4 +205,30 @@ pub async fn serve(settings: Settings) -> Result<(), String> {
     }
     info!("stopped");
     Ok(())
+}
+
+/// The Kubernetes API client of the Argo adapter: from `--kubeconfig`, else in-cluster when
+/// the agent runs in a pod, else none (the adapter is off; Argo pods are refused with why).
+async fn kubernetes(settings: &Settings) -> Result<Option<kube::Client>, String> {
+    // kube's TLS takes the process's default provider; the AWS SDK links a second one.
+    let _ = tokio_rustls::rustls::crypto::ring::default_provider().install_default();
+    let config = match &settings.kubeconfig {
+        Some(path) => {
+            let file = kube::config::Kubeconfig::read_from(path)
+                .map_err(|e| format!("--kubeconfig {}: {e}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default())
+                .await
+                .map_err(|e| format!("--kubeconfig {}: {e}", path.display()))?
+        }
+        None if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() => {
+            kube::Config::incluster().map_err(|e| format!("in-cluster Kubernetes config: {e}"))?
+        }
+        None => {
+            info!("no Kubernetes API (no --kubeconfig, not in a pod): Argo pods are refused");
+            return Ok(None);
+        }
+    };
+    kube::Client::try_from(config)
+        .map(Some)
+        .map_err(|e| format!("Kubernetes client: {e}"))
 }

@@ -19,6 +19,7 @@ use protocol::api::{
 use serde::de::DeserializeOwned;
 use tracing::{Instrument, info, info_span, warn};
 
+use crate::argo::{Argo, ArgoError, ArgoPod};
 use crate::body::{Body, InMemory, ReadError, Upload, empty, full, read_limited};
 use crate::cache::{Cache, Lookup};
 use crate::commands::Commands;
@@ -28,6 +29,8 @@ use crate::store::{Store, StoreError, stream_file};
 use crate::token::{Claims, Secret};
 
 const JSON_LIMIT: usize = 1 << 20;
+/// The most files of one unarchived directory an input may have.
+const DIRECTORY_FILES: usize = 100_000;
 /// How long a client may take to send its request's headers (every listener).
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -46,6 +49,8 @@ const MAX_WAIT: Duration = Duration::from_secs(60);
 pub struct App {
     pub secret: Secret,
     pub store: Store,
+    /// The Argo adapter, when the agent can reach the Kubernetes API.
+    pub argo: Option<Arc<Argo>>,
     pub cache: Option<Arc<Cache>>,
     pub outbox: Outbox,
     pub commands: Arc<Commands>,
@@ -74,6 +79,12 @@ impl From<StoreError> for Refusal {
             StoreError::Failed(_) => StatusCode::BAD_GATEWAY,
         };
         Refusal(status, e.to_string())
+    }
+}
+
+impl From<ArgoError> for Refusal {
+    fn from(e: ArgoError) -> Refusal {
+        Refusal(e.0, e.1)
     }
 }
 
@@ -137,6 +148,13 @@ async fn route(
     req: Request<Incoming>,
 ) -> (&'static str, Result<Response<Body>, Refusal>) {
     let path = req.uri().path().to_owned();
+    if path == api::ARGO_LOGIN_PATH {
+        if req.method() != Method::POST {
+            let refusal = Refusal::new(StatusCode::METHOD_NOT_ALLOWED, "POST only");
+            return ("argo-login", Err(refusal));
+        }
+        return ("argo-login", argo_login(app, &req).await);
+    }
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     let ["v1", "tasks", task, attempt, rest @ ..] = segments.as_slice() else {
         return (
@@ -152,7 +170,7 @@ async fn route(
         (&Method::POST, ["progress"]) => "progress",
         (&Method::POST, ["result"]) => "result",
         (&Method::GET, ["inputs", _]) => "inputs",
-        (&Method::PUT, ["outputs", _]) => "outputs",
+        (&Method::PUT, ["outputs", _, ..]) => "outputs",
         (&Method::GET, ["commands"]) => "commands",
         _ => {
             return (
@@ -178,12 +196,21 @@ async fn route(
             )
         })?;
         let claims = authorize(app, &req, task, attempt)?;
-        match route {
-            "start" => start(app, &claims, req).await,
-            "progress" => progress(app, &claims, req).await,
-            "result" => result(app, &claims, req).await,
-            "inputs" => input(app, &req, rest[1]).await,
-            "outputs" => output(app, &claims, req, rest[1]).await,
+        let argo = match &claims.pod {
+            Some(pod) => Some(argo_of(app)?.pod(pod).await?),
+            None => None,
+        };
+        match (route, argo) {
+            ("start", None) => start(app, &claims, req).await,
+            ("start", Some(_)) => Ok(json_response(StatusCode::OK, &serde_json::json!({}))),
+            ("progress", None) => progress(app, &claims, req).await,
+            ("progress", Some(pod)) => argo_progress(app, &pod, req).await,
+            ("result", None) => result(app, &claims, req).await,
+            ("result", Some(pod)) => argo_result(app, &pod, req).await,
+            ("inputs", None) => input(app, &req, rest[1]).await,
+            ("inputs", Some(pod)) => argo_input(app, &pod, rest[1]).await,
+            ("outputs", None) => output(app, &claims, req, &rest[1..].join("/")).await,
+            ("outputs", Some(pod)) => argo_output(app, &pod, req, &rest[1..].join("/")).await,
             _ => commands(app, &claims, &req).await,
         }
     }
@@ -444,6 +471,12 @@ async fn input(app: &App, req: &Request<Incoming>, name: &str) -> Result<Respons
     }
     let key = query(req, "key")
         .ok_or_else(|| Refusal::new(StatusCode::BAD_REQUEST, "missing ?key= of the input"))?;
+    serve_object(app, &app.store, &key).await
+}
+
+/// Streams object `key` of `store`, through the node cache when the store is remote.
+async fn serve_object(app: &App, store: &Store, key: &str) -> Result<Response<Body>, Refusal> {
+    let key = key.to_owned();
     let not_found = || {
         Refusal::new(
             StatusCode::NOT_FOUND,
@@ -451,11 +484,11 @@ async fn input(app: &App, req: &Request<Incoming>, name: &str) -> Result<Respons
         )
     };
     let (size, body) = match &app.cache {
-        Some(cache) if !app.store.is_local() => {
-            let path = match app.store.head(&key).await {
+        Some(cache) if !store.is_local() => {
+            let path = match store.head(&key).await {
                 Ok(meta) => {
                     let meta = meta.ok_or_else(not_found)?;
-                    match cache.get(&app.store, &key, &meta).await? {
+                    match cache.get(store, &key, &meta).await? {
                         Lookup::Hit(path) => {
                             app.metrics.cache_hits.inc();
                             path
@@ -473,7 +506,7 @@ async fn input(app: &App, req: &Request<Incoming>, name: &str) -> Result<Respons
                     }
                 }
                 Err(StoreError::Unavailable(e)) => {
-                    let Some(path) = cache.last_served(&key) else {
+                    let Some(path) = cache.last_served(store, &key) else {
                         return Err(StoreError::Unavailable(e).into());
                     };
                     warn!(%key, error = %e, "store unreachable: serving the cached copy unverified");
@@ -497,7 +530,7 @@ async fn input(app: &App, req: &Request<Incoming>, name: &str) -> Result<Respons
             (size, stream_file(file))
         }
         _ => {
-            let (meta, body) = app.store.get(&key).await?.ok_or_else(not_found)?;
+            let (meta, body) = store.get(&key).await?.ok_or_else(not_found)?;
             app.metrics.store_downloads.inc();
             (meta.size, body)
         }
@@ -528,14 +561,181 @@ async fn output(
         ));
     }
     let key = object_key(app, claims, file);
+    store_upload(app, &app.store, &key, req).await
+}
+
+/// Streams the request's body to `key` of `store`; answers with what was stored.
+async fn store_upload(
+    app: &App,
+    store: &Store,
+    key: &str,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Refusal> {
     let mut upload = Upload {
         body: req.into_body(),
         idle: app.body_idle,
     };
-    let stored = app.store.put(&key, &mut upload).await?;
+    let stored = store.put(key, &mut upload).await?;
     app.metrics.upload_bytes.inc_by(stored.size);
     info!(key = %stored.key, size = stored.size, "stored");
     Ok(json_response(StatusCode::OK, &stored))
+}
+
+fn argo_of(app: &App) -> Result<&Arc<Argo>, Refusal> {
+    app.argo.as_ref().ok_or_else(|| {
+        Refusal::new(
+            StatusCode::NOT_IMPLEMENTED,
+            "this agent has no access to the Kubernetes API, so it serves no Argo pods \
+             (run it in the cluster, or give it --kubeconfig)",
+        )
+    })
+}
+
+/// `POST /v1/argo/login`: the pod's ServiceAccount token for a task token (`crate::argo`).
+async fn argo_login(app: &App, req: &Request<Incoming>) -> Result<Response<Body>, Refusal> {
+    let argo = argo_of(app)?;
+    let token = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|h| h.strip_prefix("Bearer "))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| {
+            Refusal::new(
+                StatusCode::UNAUTHORIZED,
+                "missing Authorization: Bearer with the pod's ServiceAccount token",
+            )
+        })?;
+    let (pod, token, exp) = argo.login(&app.secret, token).await?;
+    info!(pod = %format!("{}/{}", pod.pod.ns, pod.pod.name), node_id = %pod.node_id, "argo pod logged in");
+    Ok(json_response(
+        StatusCode::OK,
+        &api::ArgoLogin {
+            token,
+            task: pod.node_id.clone(),
+            attempt: 0,
+            workflow: pod.workflow.clone(),
+            namespace: pod.pod.ns.clone(),
+            expires: exp,
+        },
+    ))
+}
+
+async fn argo_progress(
+    app: &App,
+    pod: &ArgoPod,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Refusal> {
+    let report: ProgressReport = json_body(app, req).await?;
+    if !api::valid_progress(&report.progress) {
+        return Err(Refusal::new(
+            StatusCode::BAD_REQUEST,
+            format!("progress {:?} is not N/M", report.progress),
+        ));
+    }
+    crate::argo::results::progress(&argo_of(app)?.client, pod, &report.progress).await?;
+    Ok(json_response(StatusCode::OK, &serde_json::json!({})))
+}
+
+/// An Argo pod's result: its outputs into its `WorkflowTaskResult`, marked complete, before the
+/// answer (the emissary exits only after it, so Argo never waits for a result that is gone).
+async fn argo_result(
+    app: &App,
+    pod: &ArgoPod,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Refusal> {
+    let result: TaskResult = json_body(app, req).await?;
+    check_container(&result.container)?;
+    for (i, a) in result.outputs.artifacts.iter().enumerate() {
+        let allowed = pod
+            .template
+            .output_artifacts()
+            .iter()
+            .any(|s| s["name"] == a.name)
+            || pod
+                .main_containers
+                .iter()
+                .any(|c| a.name == format!("{c}-logs"));
+        if !allowed {
+            return Err(Refusal::new(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "outputs.artifacts[{i}]: the template has no output artifact {:?}",
+                    a.name
+                ),
+            ));
+        }
+    }
+    crate::argo::results::complete(&argo_of(app)?.client, pod, &result).await?;
+    info!(node_id = %pod.node_id, exit_code = result.exit_code, "argo task result complete");
+    Ok(json_response(StatusCode::OK, &serde_json::json!({})))
+}
+
+/// An Argo pod's input, by name: its location is the one in the pod's template.
+async fn argo_input(app: &App, pod: &ArgoPod, name: &str) -> Result<Response<Body>, Refusal> {
+    let location = pod
+        .template
+        .input_location(name)
+        .map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, e))?;
+    match location {
+        crate::argo::template::Location::S3(s3) => {
+            let store = argo_of(app)?.store(pod, &s3).await?;
+            let key = s3.key.as_deref().unwrap_or_default();
+            // A directory Argo stored without an archive (one object per file under the key),
+            // as Argo's S3 driver tells one: by listing first.
+            let files = store.list(&format!("{key}/"), DIRECTORY_FILES).await?;
+            if files.is_empty() {
+                return serve_object(app, &store, key).await;
+            }
+            Ok(Response::builder()
+                .status(StatusCode::OK)
+                .header("content-type", "application/x-tar")
+                .header("x-emissary-directory", "tar")
+                .body(crate::argo::directory::as_tar(store, key, files))
+                .expect("valid response"))
+        }
+        crate::argo::template::Location::Http { .. } => Err(Refusal::new(
+            StatusCode::NOT_IMPLEMENTED,
+            format!("input artifact {name:?}: HTTP artifacts are not supported yet"),
+        )),
+    }
+}
+
+/// An Argo pod's output, by file name: only the template's own outputs, at the template's
+/// archive location.
+async fn argo_output(
+    app: &App,
+    pod: &ArgoPod,
+    req: Request<Incoming>,
+    file: &str,
+) -> Result<Response<Body>, Refusal> {
+    if file.split('/').any(|segment| !api::valid_name(segment))
+        || pod
+            .template
+            .allows_output(file, &pod.main_containers)
+            .is_none()
+    {
+        return Err(Refusal::new(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "{file:?} is none of the template's outputs (NAME.tgz, NAME.tar.zst, for \
+                 archive none the path's base name or a file under it, CONTAINER.log)"
+            ),
+        ));
+    }
+    let location = pod
+        .template
+        .output_location(file)
+        .map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, e))?;
+    let store = argo_of(app)?.store(pod, &location).await?;
+    store_upload(
+        app,
+        &store,
+        location.key.as_deref().unwrap_or_default(),
+        req,
+    )
+    .await
 }
 
 async fn commands(

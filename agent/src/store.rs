@@ -33,7 +33,7 @@ const PARTS_IN_FLIGHT: usize = 2;
 /// Part buffers of all uploads together, in `PART_SIZE` units (128 MiB): ten tasks uploading
 /// at once would otherwise hold 240 MiB, near the DaemonSet's 256 MiB limit. An upload waits
 /// for room before it reads more of its body.
-const PARTS_BUDGET: usize = 16;
+pub const PARTS_BUDGET: usize = 16;
 
 /// How a store operation failed.
 #[derive(Debug, Clone)]
@@ -73,6 +73,8 @@ pub enum Store {
     },
     S3 {
         client: Client,
+        /// The endpoint URL, or `aws` for AWS's own (the store's identity, with the bucket).
+        endpoint: String,
         bucket: String,
         prefix: String,
         /// Shared by every upload: see [`PARTS_BUDGET`].
@@ -129,10 +131,63 @@ impl Store {
             .build();
         Ok(Store::S3 {
             client: Client::from_conf(config),
+            endpoint: s3.endpoint.clone().unwrap_or_else(|| "aws".into()),
             bucket: bucket.to_owned(),
             prefix: prefix.trim_matches('/').to_owned(),
             part_buffers: Arc::new(Semaphore::new(PARTS_BUDGET)),
         })
+    }
+
+    /// An Argo artifact repository: one bucket of an S3 endpoint with static credentials (or the
+    /// usual AWS chain when `credentials` is `None`). Keys are whole (no prefix), derived by
+    /// the agent from the task's own template; uploads share `part_buffers` with the node's.
+    pub fn s3_repository(
+        endpoint: &str,
+        region: &str,
+        credentials: Option<aws_sdk_s3::config::Credentials>,
+        bucket: &str,
+        part_buffers: Arc<Semaphore>,
+    ) -> Store {
+        let mut config = aws_sdk_s3::Config::builder()
+            .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
+            .region(aws_sdk_s3::config::Region::new(region.to_owned()))
+            .endpoint_url(endpoint)
+            // S3-compatible servers (MinIO...) address buckets by path; AWS takes both.
+            .force_path_style(!endpoint.contains("amazonaws.com"))
+            .request_checksum_calculation(
+                aws_sdk_s3::config::RequestChecksumCalculation::WhenRequired,
+            )
+            .response_checksum_validation(
+                aws_sdk_s3::config::ResponseChecksumValidation::WhenRequired,
+            );
+        if let Some(credentials) = credentials {
+            config = config.credentials_provider(credentials);
+        }
+        Store::S3 {
+            client: Client::from_conf(config.build()),
+            endpoint: endpoint.to_owned(),
+            bucket: bucket.to_owned(),
+            prefix: String::new(),
+            part_buffers,
+        }
+    }
+
+    /// The budget of part buffers this store's uploads draw from (S3 only).
+    pub fn part_buffers(&self) -> Option<Arc<Semaphore>> {
+        match self {
+            Store::Local { .. } => None,
+            Store::S3 { part_buffers, .. } => Some(part_buffers.clone()),
+        }
+    }
+
+    /// Names the store for the node cache: a key means one object only within one store.
+    pub fn identity(&self) -> String {
+        match self {
+            Store::Local { root } => format!("file://{}", root.display()),
+            Store::S3 {
+                endpoint, bucket, ..
+            } => format!("s3://{endpoint}/{bucket}"),
+        }
     }
 
     /// The key prefix every object of this agent goes under (empty for a local store).
@@ -255,6 +310,62 @@ impl Store {
                 }
             }
         }
+    }
+
+    /// The objects under `prefix` (a key and `/`): their keys and sizes, in key order, at most
+    /// `limit` of them. (Argo stores a directory without an archive as one object per file.)
+    pub async fn list(&self, prefix: &str, limit: usize) -> Result<Vec<(String, u64)>, StoreError> {
+        self.check_key(prefix.trim_end_matches('/'))?;
+        let mut objects = Vec::new();
+        match self {
+            Store::Local { root } => {
+                let mut dirs = vec![local_path(root, prefix)];
+                while let Some(dir) = dirs.pop() {
+                    let Ok(mut entries) = tokio::fs::read_dir(&dir).await else {
+                        continue;
+                    };
+                    while let Ok(Some(entry)) = entries.next_entry().await {
+                        let Ok(meta) = entry.metadata().await else {
+                            continue;
+                        };
+                        let name = entry.file_name().to_string_lossy().into_owned();
+                        if meta.is_dir() {
+                            dirs.push(entry.path());
+                        } else if meta.is_file() && !name.starts_with(TEMP_PREFIX) {
+                            let relative = entry.path();
+                            let key = relative.strip_prefix(root).unwrap_or(&relative);
+                            objects.push((key.to_string_lossy().into_owned(), meta.len()));
+                        }
+                    }
+                }
+            }
+            Store::S3 { client, bucket, .. } => {
+                let mut token = None;
+                loop {
+                    let page = client
+                        .list_objects_v2()
+                        .bucket(bucket)
+                        .prefix(prefix)
+                        .set_continuation_token(token.take())
+                        .send()
+                        .await
+                        .map_err(|e| s3_error("list", prefix, e))?;
+                    for object in page.contents() {
+                        if let Some(key) = object.key() {
+                            objects
+                                .push((key.to_owned(), object.size().unwrap_or(0).max(0) as u64));
+                        }
+                    }
+                    match page.next_continuation_token() {
+                        Some(next) if objects.len() < limit => token = Some(next.to_owned()),
+                        _ => break,
+                    }
+                }
+            }
+        }
+        objects.sort();
+        objects.truncate(limit);
+        Ok(objects)
     }
 
     /// Opens `key` as a streamed body; `None` when there is no such object.

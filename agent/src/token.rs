@@ -27,6 +27,17 @@ pub struct Claims {
     pub attempt: u32,
     /// Expiry, seconds since the epoch.
     pub exp: u64,
+    /// The pod of an Argo task, for which this agent minted the token (`crate::argo`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<PodRef>,
+}
+
+/// A pod, exactly: a pod re-created under the same name is another pod.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodRef {
+    pub ns: String,
+    pub name: String,
+    pub uid: String,
 }
 
 /// What a node token asserts: this agent speaks for `node`.
@@ -133,6 +144,7 @@ mod tests {
             task: "t".into(),
             attempt: 2,
             exp: 1000,
+            pod: None,
         }
     }
 

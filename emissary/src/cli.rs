@@ -97,6 +97,10 @@ Options:
 
 /// Parses `args` and runs the chosen command; returns the process exit code.
 pub fn main(args: impl IntoIterator<Item = OsString>) -> i32 {
+    let args: Vec<OsString> = args.into_iter().collect();
+    if args.first().is_some_and(crate::argo::invoked_as_argoexec) {
+        return crate::argo::main(args);
+    }
     let mut args = Args::new(args.into_iter().skip(1).collect());
     let result = match args.next_word().as_deref() {
         Some("run") => parse_run(&mut args).map(run),

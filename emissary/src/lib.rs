@@ -6,10 +6,13 @@
 //! - [`transfer`]: bytes in and out (archives, the store, the node agent's HTTP API).
 //! - [`task`]: the task contract over both (spec, inputs, the supervised run, outputs,
 //!   containerSet ordering, `emissary init`).
+//! - [`argo`]: Argo's executor command line, files and environment over `task`, when the
+//!   binary runs as `argoexec`.
 //!
 //! [`cli`] parses the command line and dispatches; [`fsutil`], [`stdio`] and [`env_any`] are
 //! shared by all.
 
+pub mod argo;
 pub mod cli;
 pub mod fsutil;
 pub mod process;

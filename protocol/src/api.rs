@@ -31,6 +31,22 @@ use crate::summary::{ExitReason, RunSummary, TaskError};
 /// Prefix of every path of the emissary API.
 pub const TASKS: &str = "/v1/tasks";
 
+/// Where an Argo pod exchanges its ServiceAccount token for a task token.
+pub const ARGO_LOGIN_PATH: &str = "/v1/argo/login";
+
+/// The answer to an Argo pod's login: a task token for it, and the task it names.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArgoLogin {
+    pub token: String,
+    /// The pod's Argo node id: the task of the token's paths.
+    pub task: String,
+    pub attempt: u32,
+    pub workflow: String,
+    pub namespace: String,
+    /// When the token expires, seconds since the epoch.
+    pub expires: u64,
+}
+
 /// `/v1/tasks/{task}/{attempt}/{rest}`.
 pub fn task_path(task: &str, attempt: u32, rest: &str) -> String {
     format!("{TASKS}/{task}/{attempt}/{rest}")

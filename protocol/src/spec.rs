@@ -35,6 +35,44 @@ pub struct Template {
         skip_serializing_if = "Option::is_none"
     )]
     pub active_deadline_seconds: Option<u64>,
+    /// Argo's artifact repository for this template; the emissary reads only `archiveLogs`
+    /// (the agent holds the repository's address and credentials).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub archive_location: Option<ArchiveLocation>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ArchiveLocation {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub archive_logs: Option<bool>,
+}
+
+impl Template {
+    /// Whether the main containers' logs are kept as artifacts (Argo's `archiveLogs`).
+    pub fn archive_logs(&self) -> bool {
+        self.archive_location
+            .as_ref()
+            .and_then(|a| a.archive_logs)
+            .unwrap_or(false)
+    }
+
+    /// Where the volumes of `container` are mounted (a containerSet's are shared by all).
+    pub fn volume_mounts(&self) -> impl Iterator<Item = &str> {
+        let own = self
+            .container
+            .iter()
+            .chain(self.script.as_ref().map(|s| &s.container))
+            .flat_map(|c| &c.volume_mounts);
+        let set = self.container_set.iter().flat_map(|s| &s.volume_mounts);
+        own.chain(set).map(|m| m.mount_path.as_str())
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VolumeMount {
+    pub mount_path: String,
 }
 
 /// A container: the command to run and its environment (the image is the pod's business).
@@ -53,6 +91,8 @@ pub struct Container {
     pub env: Vec<EnvVar>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub working_dir: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volume_mounts: Vec<VolumeMount>,
 }
 
 /// `script`: a container whose `source` is written to a file and passed as the last argument.
@@ -85,6 +125,8 @@ pub struct ContainerSet {
     pub containers: Vec<ContainerNode>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_strategy: Option<ContainerSetRetry>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volume_mounts: Vec<VolumeMount>,
 }
 
 /// A container of a containerSet.

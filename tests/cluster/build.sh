@@ -5,7 +5,8 @@
 #   tests/cluster/build.sh OUT argo       Argo's workflow-controller v4.1.4, v4.0.7, v3.7.18
 #   tests/cluster/build.sh OUT argoexec   Argo's own argoexec at the same versions (benchmarks)
 #
-# OUT gets a symbolic link per program: OUT/etcd, OUT/kube-apiserver, OUT/argo-v4.1/argoexec...
+# OUT gets a symbolic link per program: OUT/etcd, OUT/kube-apiserver, OUT/argo-v4.1/argoexec...,
+# and OUT/argo-v4.1/module to the Argo module's source (its CRDs and examples).
 # Each module here pins its versions (go.mod, go.sum). Binaries go to a cache outside the
 # repository, keyed by the module's go.mod and go.sum, the Go version and the flags, so a fresh
 # clone on the same machine finds them at once; Go's own module and build caches make a rebuild
@@ -69,6 +70,8 @@ argo | argoexec)
 		base=github.com/argoproj/argo-workflows/$major
 		if [ "$what" = argo ]; then
 			build "$module" workflow-controller "$base/cmd/workflow-controller" "-X $base.version=$version"
+			# Its module's source, for the CRDs and examples the tests use.
+			ln -sfn "$(cd "$here/$module" && go list -m -f '{{.Dir}}' "$base")" "$out/$module/module"
 		else
 			build "$module" argoexec "$base/cmd/argoexec" "-X $base.version=$version"
 		fi

@@ -5,6 +5,7 @@
 //! |---|---|
 //! | `ghcr.io/emissary-executor/emissary:*` | our OCI image, `make image`'s `emissary.oci.tar`, unpacked |
 //! | `ghcr.io/emissary-executor/emissary-agent:*` | `emissary-agent.oci.tar`, unpacked |
+//! | `ghcr.io/emissary-executor/argoexec:*` | `argoexec.oci.tar` (Argo's executor, replaced), unpacked |
 //! | `busybox*`, `alpine*` | Debian's static busybox with every applet linked in `/bin` |
 //! | `gcr.io/distroless/static*` | only `/bin/busybox` and `/etc/passwd`: no shell, no applets |
 //! | `debian*`, `ubuntu*`, `python*` | this machine's Debian `/usr` and `/etc`, read-only |
@@ -92,7 +93,7 @@ impl Images {
             ..ImageConfig::default()
         };
         match kind {
-            "emissary" | "emissary-agent" => {
+            "emissary" | "emissary-agent" | "argoexec" => {
                 let archive = self.oci_dir.join(format!("{kind}.oci.tar"));
                 let config = unpack_oci(&archive, &lower)?;
                 Ok(Image {
@@ -189,6 +190,7 @@ fn kind_of(reference: &str) -> Option<&'static str> {
     Some(match repo {
         "ghcr.io/emissary-executor/emissary" => "emissary",
         "ghcr.io/emissary-executor/emissary-agent" => "emissary-agent",
+        "ghcr.io/emissary-executor/argoexec" => "argoexec",
         "busybox" | "alpine" => "busybox",
         r if r.starts_with("gcr.io/distroless/") => "distroless",
         "debian" | "ubuntu" | "python" => "debian",

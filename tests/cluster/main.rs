@@ -7,6 +7,8 @@
 //!     every container, the API server and etcd, and removes DIR (unless --keep).
 //! emissary-cluster shim SPEC
 //!     starts one container (the kubelet's runtime; see runtime.rs).
+//! emissary-cluster netns PORT -- CMD ARGS...
+//!     runs CMD in a network namespace of its own that reaches only 127.0.0.1:PORT (netns.rs).
 //! ```
 
 use std::path::PathBuf;
@@ -18,6 +20,13 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     match args.get(1).map(String::as_str) {
         Some("shim") if args.len() == 3 => cluster::runtime::shim(std::path::Path::new(&args[2])),
+        Some("netns") if args.len() > 4 && args[3] == "--" => match args[2].parse() {
+            Ok(port) => cluster::netns::run(port, &args[4..]),
+            Err(_) => {
+                eprintln!("emissary-cluster netns: {:?} is not a port", args[2]);
+                std::process::exit(2);
+            }
+        },
         Some("up") => {
             if let Err(e) = up(&args[2..]) {
                 eprintln!("emissary-cluster: {e}");
@@ -27,7 +36,8 @@ fn main() {
         _ => {
             eprintln!(
                 "usage: emissary-cluster up [--dir DIR] [--ready-file FILE] [--keep]\n       \
-                 emissary-cluster shim SPEC"
+                 emissary-cluster shim SPEC\n       \
+                 emissary-cluster netns PORT -- CMD [ARGS...]"
             );
             std::process::exit(2);
         }

@@ -6,6 +6,7 @@
 pub mod control_plane;
 pub mod images;
 pub mod kubelet;
+pub mod netns;
 pub mod podspec;
 pub mod runtime;
 

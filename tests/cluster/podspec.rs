@@ -740,14 +740,21 @@ pub fn container_spec(
             .into_iter()
             .map(|(k, v)| format!("{k}={v}"))
             .collect(),
-        hostname: pod
-            .spec
-            .as_ref()
-            .and_then(|s| s.hostname.clone())
-            .or_else(|| pod.metadata.name.clone())
-            .unwrap_or_default(),
+        hostname: hostname(pod),
         report,
     })
+}
+
+/// The pod's host name: `spec.hostname`, else its name cut to 63 bytes, as kubelet does.
+fn hostname(pod: &Pod) -> String {
+    let name = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.hostname.clone())
+        .or_else(|| pod.metadata.name.clone())
+        .unwrap_or_default();
+    let cut = &name[..name.len().min(63)];
+    cut.trim_end_matches(['-', '.']).to_owned()
 }
 
 #[cfg(test)]

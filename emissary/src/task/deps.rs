@@ -28,13 +28,34 @@ pub enum Waited {
 /// How often to look when inotify is unavailable (its per-user instances are a node-wide limit).
 const POLL_FALLBACK: Duration = Duration::from_millis(50);
 
-/// Blocks until every container in `deps` under `ctr_root` has exited, a terminating signal
-/// arrives, or `deadline` passes.
+/// Blocks until every container in `deps` under `ctr_root` has exited 0 (or one failed), a
+/// terminating signal arrives, or `deadline` passes.
 pub fn wait(
     ctr_root: &Path,
     deps: &[String],
     signals: &Signals,
     deadline: Option<Instant>,
+) -> Result<Waited, String> {
+    wait_for(ctr_root, deps, signals, deadline, false)
+}
+
+/// [`wait`] for every container of `others` to end, whatever its code: a containerSet's
+/// outputs are collected once all its containers are done, as Argo's executor does.
+pub fn wait_ended(
+    ctr_root: &Path,
+    others: &[String],
+    signals: &Signals,
+    deadline: Option<Instant>,
+) -> Result<Waited, String> {
+    wait_for(ctr_root, others, signals, deadline, true)
+}
+
+fn wait_for(
+    ctr_root: &Path,
+    deps: &[String],
+    signals: &Signals,
+    deadline: Option<Instant>,
+    any_code: bool,
 ) -> Result<Waited, String> {
     if deps.is_empty() {
         return Ok(Waited::Ready);
@@ -70,6 +91,7 @@ pub fn wait(
         for dep in deps {
             match exit_code(&ctr_root.join(dep).join("exitcode")) {
                 Some(0) => {}
+                Some(_) if any_code => {}
                 Some(code) => return Ok(Waited::Failed(dep.clone(), code)),
                 None => pending = true,
             }

@@ -78,7 +78,7 @@ fn shared_dir(dir: &Path) -> io::Result<()> {
     fs::set_permissions(dir, fs::Permissions::from_mode(0o777))
 }
 
-fn copy_self(dest: &Path) -> io::Result<()> {
+pub fn copy_self(dest: &Path) -> io::Result<()> {
     let tmp = temp_name(dest);
     let result = (|| {
         io::copy(&mut File::open("/proc/self/exe")?, &mut File::create(&tmp)?)?;

@@ -131,15 +131,22 @@ fn fetch(
             .map(Some)
             .map_err(fail(false));
     }
-    let (Some(key), Some(store)) = (artifact.store_key(), sources.store) else {
+    let Some(store) = sources.store else {
         return Ok(None);
     };
     // A store that fails is the platform's problem (retryable); a refused key or a bad archive
     // is the input's.
-    match store.get(key) {
-        Ok(Some(mut reader)) => archive::stage(&mut reader, dest, unpack, sources.limits)
-            .map(Some)
-            .map_err(fail(false)),
+    match store.get_input(artifact) {
+        Ok(Some(mut input)) => {
+            let unpack = if input.directory {
+                Unpack::Auto
+            } else {
+                unpack
+            };
+            archive::stage(&mut input.bytes, dest, unpack, sources.limits)
+                .map(Some)
+                .map_err(fail(false))
+        }
         Ok(None) => Ok(None),
         Err(GetError::BadKey(e)) => Err(fail(false)(e)),
         Err(GetError::Failed(e)) => Err(fail(true)(e)),

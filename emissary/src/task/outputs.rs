@@ -7,8 +7,8 @@ use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
 use std::path::Path;
 
-use protocol::api::{ArchiveFormat, ArtifactOutput, Outputs, ParameterOutput};
-use protocol::spec::{Archive, Template};
+use protocol::api::{ArchiveFormat, ArtifactOutput, Outputs, ParameterOutput, StoredArtifact};
+use protocol::spec::{Archive, Packing, Template};
 
 use crate::transfer::store::Store;
 
@@ -31,8 +31,20 @@ fn user(message: String) -> OutputError {
     }
 }
 
+/// How stored artifacts are named: `NAME.EXT`, with an `archive: none` file named `NAME`
+/// (ours) or after the path's base name (Argo's, whose keys controllers and users expect).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Naming {
+    Ours,
+    Argo,
+}
+
 /// Collects parameters and artifacts of `template`; returns them with the errors met.
-pub fn collect(template: &Template, store: &dyn Store) -> (Outputs, Vec<OutputError>) {
+pub fn collect(
+    template: &Template,
+    store: &dyn Store,
+    naming: Naming,
+) -> (Outputs, Vec<OutputError>) {
     let mut outputs = Outputs::default();
     let mut errors = Vec::new();
     for p in &template.outputs.parameters {
@@ -74,6 +86,24 @@ pub fn collect(template: &Template, store: &dyn Store) -> (Outputs, Vec<OutputEr
                 continue;
             }
         };
+        let is_dir = std::fs::metadata(path).is_ok_and(|m| m.is_dir());
+        if packing.format == ArchiveFormat::None && is_dir && naming == Naming::Argo {
+            let base = path
+                .file_name()
+                .map_or(a.name.clone(), |n| n.to_string_lossy().into());
+            match put_directory(store, &base, path) {
+                Ok(stored) => outputs.artifacts.push(ArtifactOutput {
+                    name: a.name.clone(),
+                    stored,
+                    archive: packing.format,
+                }),
+                Err(e) => errors.push(OutputError {
+                    message: format!("output artifact {:?}: {e}", a.name),
+                    system: true,
+                }),
+            }
+            continue;
+        }
         // Checked here so that it is reported as the step's output, not a failing store.
         if packing.format == ArchiveFormat::None
             && !std::fs::metadata(path).is_ok_and(|m| m.is_file())
@@ -86,10 +116,13 @@ pub fn collect(template: &Template, store: &dyn Store) -> (Outputs, Vec<OutputEr
             continue;
         }
         let ext = packing.format.extension();
-        let file = if ext.is_empty() {
-            a.name.clone()
-        } else {
-            format!("{}.{ext}", a.name)
+        let file = match (ext.is_empty(), naming) {
+            (false, _) => format!("{}.{ext}", a.name),
+            (true, Naming::Ours) => a.name.clone(),
+            (true, Naming::Argo) => path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| a.name.clone()),
         };
         match store.put(&file, path, packing) {
             Ok(stored) => outputs.artifacts.push(ArtifactOutput {
@@ -104,6 +137,54 @@ pub fn collect(template: &Template, store: &dyn Store) -> (Outputs, Vec<OutputEr
         }
     }
     (outputs, errors)
+}
+
+/// Argo's `archive: none` of a directory: each regular file its own object under `BASE/`, as
+/// Argo's S3 driver stores it; the artifact is that key prefix, its digest the SHA-256 of the
+/// `PATH SHA256` lines of its files.
+fn put_directory(store: &dyn Store, base: &str, dir: &Path) -> Result<StoredArtifact, String> {
+    let mut files = Vec::new();
+    list_files(dir, "", &mut files).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let mut manifest = String::new();
+    let (mut prefix, mut size) = (None, 0);
+    for relative in &files {
+        let stored = store.put(
+            &format!("{base}/{relative}"),
+            &dir.join(relative),
+            Packing {
+                format: ArchiveFormat::None,
+                level: 0,
+            },
+        )?;
+        size += stored.size;
+        manifest.push_str(&format!("{relative} {}\n", stored.sha256));
+        prefix = stored
+            .key
+            .strip_suffix(&format!("/{relative}"))
+            .map(str::to_owned);
+    }
+    let key = prefix.ok_or_else(|| format!("{} has no files to store", dir.display()))?;
+    Ok(StoredArtifact {
+        key,
+        size,
+        sha256: crate::transfer::archive::sha256(manifest.as_bytes()),
+    })
+}
+
+/// The regular files under `dir`, as relative paths, in a stable order.
+fn list_files(dir: &Path, prefix: &str, out: &mut Vec<String>) -> io::Result<()> {
+    let mut entries: Vec<_> = std::fs::read_dir(dir)?.collect::<Result<_, _>>()?;
+    entries.sort_by_key(|e| e.file_name());
+    for entry in entries {
+        let name = format!("{prefix}{}", entry.file_name().to_string_lossy());
+        let kind = entry.file_type()?;
+        if kind.is_dir() {
+            list_files(&entry.path(), &format!("{name}/"), out)?;
+        } else if kind.is_file() {
+            out.push(name);
+        }
+    }
+    Ok(())
 }
 
 /// A parameter's value: the file's text with one trailing newline removed (as Argo).

@@ -36,7 +36,36 @@ pub const DEFAULT_ROOT: &str = "/var/run/emissary";
 /// The container that owns a task's inputs and outputs (Argo's convention).
 const MAIN: &str = "main";
 
+/// How the task contract meets the pod: our injector's layout, or Argo's (`crate::argo`).
+pub struct Layout {
+    /// Inputs are staged by this container (not when an init container put them in place).
+    pub stage_inputs: bool,
+    pub naming: outputs::Naming,
+    /// The exit code of the emissary's own failures (ours 125, Argo's 64), and the file the
+    /// message goes to (Argo's `/dev/termination-log`, shown in the node's status).
+    pub failure_code: i32,
+    pub termination_log: Option<PathBuf>,
+    /// The node agent, when the caller found it; else the environment names it (or none).
+    pub agent: Option<Agent>,
+}
+
+impl Layout {
+    pub fn ours() -> Layout {
+        Layout {
+            stage_inputs: true,
+            naming: outputs::Naming::Ours,
+            failure_code: exit::EMISSARY_FAILED,
+            termination_log: None,
+            agent: None,
+        }
+    }
+}
+
 pub fn run(opts: &RunOptions) -> Result<i32, Fatal> {
+    run_as(opts, Layout::ours())
+}
+
+pub fn run_as(opts: &RunOptions, mut layout: Layout) -> Result<i32, Fatal> {
     let signals = run::prepare()?;
     let root = root_dir(opts);
     let name = opts
@@ -57,8 +86,9 @@ pub fn run(opts: &RunOptions) -> Result<i32, Fatal> {
         owns_outputs: true,
         json: Vec::new(),
         staged: Vec::new(),
-        agent: None,
+        agent: layout.agent.take(),
         result_from: 0,
+        layout,
     };
 
     let loaded = match template::load(opts.template.as_deref(), &opts.params) {
@@ -72,10 +102,14 @@ pub fn run(opts: &RunOptions) -> Result<i32, Fatal> {
         Err(message) => return task.refuse(&logs, None, TaskError::system(message, false)),
     };
     task.owns_outputs = template.container_set.is_none() || task.name == MAIN;
-    match Agent::from_env() {
-        None => {}
-        Some(Ok(agent)) => task.agent = Some(agent),
-        Some(Err(message)) => return task.refuse(&logs, None, TaskError::system(message, false)),
+    if task.agent.is_none() {
+        match Agent::from_env() {
+            None => {}
+            Some(Ok(agent)) => task.agent = Some(agent),
+            Some(Err(message)) => {
+                return task.refuse(&logs, None, TaskError::system(message, false));
+            }
+        }
     }
 
     // The deadline runs from the start, dependencies and input staging included.
@@ -118,7 +152,7 @@ pub fn run(opts: &RunOptions) -> Result<i32, Fatal> {
     {
         return task.refuse(&logs, Some(&template), TaskError::system(message, true));
     }
-    if task.owns_outputs {
+    if task.owns_outputs && task.layout.stage_inputs {
         let local = opts.store.as_deref().map(LocalStore::new);
         let store: Option<&dyn Store> = match &task.agent {
             Some(agent) => Some(agent),
@@ -190,6 +224,23 @@ pub fn run(opts: &RunOptions) -> Result<i32, Fatal> {
             }
         };
     }
+    // A containerSet's outputs may be written by any of its containers: they are collected
+    // once every one has ended (a signal or the deadline cuts the wait short).
+    if let Some(set) = template
+        .container_set
+        .as_ref()
+        .filter(|_| task.owns_outputs)
+    {
+        let others: Vec<String> = set
+            .containers
+            .iter()
+            .map(|c| c.container.name.clone())
+            .filter(|n| *n != task.name)
+            .collect();
+        if let Err(message) = deps::wait_ended(&ctr_root, &others, &signals, deadline) {
+            outcome.fail(TaskError::system(message, true));
+        }
+    }
     let local = LocalStore::new(&root);
     let store: &dyn Store = match &task.agent {
         Some(agent) => agent,
@@ -210,6 +261,7 @@ struct Task {
     agent: Option<Agent>,
     /// Where the last attempt's stdout starts in the stdout file (retries append to it).
     result_from: u64,
+    layout: Layout,
 }
 
 impl Task {
@@ -221,12 +273,20 @@ impl Task {
         error: TaskError,
     ) -> Result<i32, Fatal> {
         crate::note!("emissary: {}", error.message);
+        self.terminate_with(&error.message);
         self.report(
             logs,
-            not_started(exit::EMISSARY_FAILED, error),
+            not_started(self.layout.failure_code, error),
             template,
             None,
         )
+    }
+
+    /// The message the pod's status shows for this container's end (Argo's termination log).
+    fn terminate_with(&self, message: &str) {
+        if let Some(path) = &self.layout.termination_log {
+            let _ = std::fs::write(path, message);
+        }
     }
 
     /// The command line and environment for `container`.
@@ -310,9 +370,14 @@ impl Task {
         store: Option<&dyn Store>,
     ) -> Result<i32, Fatal> {
         let mut result_outputs = Outputs::default();
+        let command_code = outcome.exit_code;
         if self.owns_outputs {
             if let (Some(template), Some(store)) = (template, store) {
-                let (collected, errors) = outputs::collect(template, store);
+                let (mut collected, mut errors) =
+                    outputs::collect(template, store, self.layout.naming);
+                if template.archive_logs() && self.layout.naming == outputs::Naming::Argo {
+                    self.archive_logs(template, store, &mut collected, &mut errors);
+                }
                 result_outputs = collected;
                 if !errors.is_empty() {
                     let message = errors
@@ -362,6 +427,15 @@ impl Task {
             crate::note!("emissary: {message}");
             outcome.fail(TaskError::system(message, true));
         }
+        if outcome.reason == ExitReason::DeadlineExceeded {
+            self.terminate_with("Step exceeded its deadline");
+        } else if command_code == 0 && outcome.exit_code == exit::EMISSARY_FAILED {
+            // The command succeeded and the emissary did not (its outputs, its report).
+            outcome.exit_code = self.layout.failure_code;
+            if let Some(error) = &outcome.error {
+                self.terminate_with(&error.message);
+            }
+        }
         let summary = outcome.summary();
         run::write_summary(&logs.dir.join("summary.json"), &summary)?;
         if self.owns_outputs {
@@ -374,6 +448,46 @@ impl Task {
         }
         logs.write_exitcode(outcome.exit_code)?;
         Ok(outcome.exit_code)
+    }
+
+    /// Argo's `archiveLogs`: each main container's combined output as `NAME.log`, the artifact
+    /// `NAME-logs` (a containerSet's members that ran so far; this one's up to now).
+    fn archive_logs(
+        &self,
+        template: &Template,
+        store: &dyn Store,
+        collected: &mut Outputs,
+        errors: &mut Vec<outputs::OutputError>,
+    ) {
+        let names: Vec<&str> = match &template.container_set {
+            Some(set) => set
+                .containers
+                .iter()
+                .map(|c| c.container.name.as_str())
+                .collect(),
+            None => vec![self.name.as_str()],
+        };
+        let packing = protocol::spec::Packing {
+            format: protocol::api::ArchiveFormat::None,
+            level: 0,
+        };
+        for name in names {
+            let log = self.root.join("ctr").join(name).join("combined");
+            if !log.is_file() {
+                continue;
+            }
+            match store.put(&format!("{name}.log"), &log, packing) {
+                Ok(stored) => collected.artifacts.push(protocol::api::ArtifactOutput {
+                    name: format!("{name}-logs"),
+                    stored,
+                    archive: packing.format,
+                }),
+                Err(message) => errors.push(outputs::OutputError {
+                    message: format!("archiving the logs of {name}: {message}"),
+                    system: true,
+                }),
+            }
+        }
     }
 
     /// SHA-256 over the resolved spec and each staged input's digest: equal digests mean the

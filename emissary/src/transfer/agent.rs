@@ -17,7 +17,7 @@ use protocol::spec::Packing;
 use crate::env_any;
 use crate::transfer::archive;
 use crate::transfer::http::{Client, HttpError};
-use crate::transfer::store::{GetError, Store};
+use crate::transfer::store::{GetError, Input, Store};
 
 /// The shortest time between two progress reports.
 const PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
@@ -27,6 +27,8 @@ pub struct Agent {
     task: String,
     attempt: u32,
     retry_for: Duration,
+    /// Inputs are asked for by name (an Argo pod's agent locates them from the pod's template).
+    inputs_by_name: bool,
 }
 
 impl Agent {
@@ -49,22 +51,42 @@ impl Agent {
                     .map_err(|_| format!("EMISSARY_ATTEMPT {text:?} is not a number"))?,
                 None => 0,
             };
-            let retry_for = match env_any(&["EMISSARY_AGENT_RETRY"]) {
-                Some(text) => protocol::duration::parse(&text)
-                    .map_err(|e| format!("EMISSARY_AGENT_RETRY: {e}"))?,
-                None => Duration::from_secs(60),
-            };
-            // The token is in our environment: make /proc/self/environ unreadable to the
-            // command (same uid) and refuse ptrace. exec gives the command a dumpable state.
-            // SAFETY: prctl with integer arguments.
-            unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
-            Ok(Agent {
-                client: Client::new(&addr, &token)?,
-                task,
-                attempt,
-                retry_for,
-            })
+            let retry_for = Agent::retry_budget()?;
+            Agent::new(&addr, &token, &task, attempt, retry_for, false)
         })())
+    }
+
+    /// The agent at `addr` (`HOST:PORT`), for task `task`/`attempt` with `token`.
+    pub fn new(
+        addr: &str,
+        token: &str,
+        task: &str,
+        attempt: u32,
+        retry_for: Duration,
+        inputs_by_name: bool,
+    ) -> Result<Agent, String> {
+        // The token is in our memory: make /proc/self/environ and /proc/self/mem unreadable to
+        // the command (same uid) and refuse ptrace. exec gives the command a dumpable state.
+        // SAFETY: prctl with integer arguments.
+        unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
+        Ok(Agent {
+            client: Client::new(addr, token)?,
+            task: task.to_owned(),
+            attempt,
+            retry_for,
+            inputs_by_name,
+        })
+    }
+
+    /// How long calls are retried while the agent is unreachable: `EMISSARY_AGENT_RETRY`, 60 s
+    /// by default.
+    pub fn retry_budget() -> Result<Duration, String> {
+        match env_any(&["EMISSARY_AGENT_RETRY"]) {
+            Some(text) => {
+                protocol::duration::parse(&text).map_err(|e| format!("EMISSARY_AGENT_RETRY: {e}"))
+            }
+            None => Ok(Duration::from_secs(60)),
+        }
     }
 
     fn path(&self, rest: &str) -> String {
@@ -228,9 +250,10 @@ fn read_commands(response: crate::transfer::http::Response) -> Result<Vec<Comman
     })
 }
 
-impl Store for Agent {
-    fn get(&self, key: &str) -> Result<Option<Box<dyn Read + '_>>, GetError> {
-        let path = self.path(&format!("inputs/input?key={}", percent_encode(key)));
+impl Agent {
+    /// Streams `inputs/{rest}` (a name, and for ours the key).
+    fn fetch_input(&self, rest: &str) -> Result<Option<Input<'_>>, GetError> {
+        let path = self.path(&format!("inputs/{rest}"));
         let response = self
             .retry("fetching an input", || {
                 let response = self
@@ -245,7 +268,28 @@ impl Store for Agent {
         match response.status {
             404 => Ok(None),
             400 => Err(GetError::BadKey(response.into_error().to_string())),
-            _ => Ok(Some(Box::new(response.into_reader()))),
+            _ => Ok(Some(Input {
+                directory: response.directory,
+                bytes: Box::new(response.into_reader()),
+            })),
+        }
+    }
+}
+
+impl Store for Agent {
+    fn get(&self, key: &str) -> Result<Option<Box<dyn Read + '_>>, GetError> {
+        let input = self.fetch_input(&format!("input?key={}", percent_encode(key)))?;
+        Ok(input.map(|i| i.bytes))
+    }
+
+    fn get_input(
+        &self,
+        artifact: &protocol::spec::InputArtifact,
+    ) -> Result<Option<Input<'_>>, GetError> {
+        match artifact.store_key() {
+            _ if self.inputs_by_name => self.fetch_input(&percent_encode(&artifact.name)),
+            Some(key) => Ok(self.get(key)?.map(Input::object)),
+            None => Ok(None),
         }
     }
 

@@ -200,6 +200,8 @@ impl Upload {
 /// An answer whose body is still on the socket.
 pub struct Response {
     pub status: u16,
+    /// The body is a directory sent as tar (`x-emissary-directory: tar`).
+    pub directory: bool,
     body: Box<dyn Read + Send>,
     what: String,
 }
@@ -219,7 +221,7 @@ impl Response {
                 status: None,
                 message: format!("{what}: bad status line {:?}", line.trim()),
             })?;
-        let (mut length, mut chunked) = (None, false);
+        let (mut length, mut chunked, mut directory) = (None, false, false);
         loop {
             line.clear();
             if reader.read_line(&mut line).map_err(fail)? == 0 {
@@ -240,6 +242,8 @@ impl Response {
                     && value.eq_ignore_ascii_case("chunked")
                 {
                     chunked = true;
+                } else if name.eq_ignore_ascii_case("x-emissary-directory") {
+                    directory = value == "tar";
                 }
             }
         }
@@ -257,7 +261,12 @@ impl Response {
         } else {
             Box::new(reader)
         };
-        Ok(Response { status, body, what })
+        Ok(Response {
+            status,
+            directory,
+            body,
+            what,
+        })
     }
 
     /// The body, if the status is 2xx; else an error carrying the agent's message.

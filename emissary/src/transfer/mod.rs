@@ -1,10 +1,12 @@
 //! Bytes in and out: archives packed and unpacked in one streaming pass ([`archive`], with
 //! [`tar_guard`] bounding what the tar reader buffers), the store they go to ([`store`]: a
 //! local directory, or the node agent), and the node agent's API ([`agent`], over the small
-//! blocking HTTP/1.1 client of [`http`]). It knows nothing of templates or processes.
+//! blocking HTTP/1.1 client of [`http`], which finds it with the one-query resolver of
+//! [`dns`]). It knows nothing of templates or processes.
 
 pub mod agent;
 pub mod archive;
+pub mod dns;
 pub mod http;
 pub mod store;
 pub mod tar_guard;

@@ -20,10 +20,38 @@ pub enum GetError {
     Failed(String),
 }
 
+/// An input's bytes.
+pub struct Input<'a> {
+    pub bytes: Box<dyn Read + 'a>,
+    /// A directory stored file by file (Argo's `archive: none`), sent as tar: unpacked whatever
+    /// the input's `archive` says.
+    pub directory: bool,
+}
+
+impl<'a> Input<'a> {
+    pub fn object(bytes: Box<dyn Read + 'a>) -> Input<'a> {
+        Input {
+            bytes,
+            directory: false,
+        }
+    }
+}
+
 /// An artifact store as the emissary sees it.
 pub trait Store {
     /// Opens the object at `key`; `Ok(None)` when there is none.
     fn get(&self, key: &str) -> Result<Option<Box<dyn Read + '_>>, GetError>;
+    /// Opens input `artifact`: by its key, unless the store locates inputs itself (the agent
+    /// of an Argo pod, by name from the pod's template).
+    fn get_input(
+        &self,
+        artifact: &protocol::spec::InputArtifact,
+    ) -> Result<Option<Input<'_>>, GetError> {
+        match artifact.store_key() {
+            Some(key) => Ok(self.get(key)?.map(Input::object)),
+            None => Ok(None),
+        }
+    }
     /// Packs `source` and stores it as `file` (`{artifact}.{ext}`); the store picks the key.
     fn put(&self, file: &str, source: &Path, packing: Packing) -> Result<StoredArtifact, String>;
 }
