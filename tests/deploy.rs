@@ -113,6 +113,34 @@ fn the_emissary_image_is_the_static_binary_alone() {
 }
 
 #[test]
+fn the_argo_executor_image_is_the_same_binary_as_argoexec() {
+    let archive = image_dir().join("argoexec.oci.tar");
+    let (config, entries) = single_layer_image(&archive);
+    // As Argo's own image: `argoexec` on PATH, the entrypoint (artifact GC pods pass only
+    // arguments), root unless the executor's securityContext says otherwise.
+    assert_eq!(
+        config["config"]["Entrypoint"],
+        serde_json::json!(["argoexec"])
+    );
+    assert!(config["config"]["User"].as_str().unwrap_or("").is_empty());
+    let env = config["config"]["Env"].as_array().unwrap();
+    assert!(env.iter().any(|e| e == "PATH=/bin"), "{env:?}");
+    let files: Vec<&(String, u32, Vec<u8>)> = entries
+        .iter()
+        .filter(|(_, _, bytes)| !bytes.is_empty())
+        .collect();
+    assert_eq!(files.len(), 1, "only the binary");
+    assert_eq!(files[0].0, "bin/argoexec");
+    assert!(files[0].2 == std::fs::read(emissary_bin()).unwrap());
+    assert_eq!(files[0].1 & 0o111, 0o111, "executable");
+    let size = std::fs::metadata(&archive).unwrap().len();
+    assert!(
+        size <= 8_000_000,
+        "the executor image is {size} bytes, over 8 MB"
+    );
+}
+
+#[test]
 fn the_agent_image_is_the_static_agent_and_ca_certificates() {
     let archive = image_dir().join("emissary-agent.oci.tar");
     let (config, entries) = single_layer_image(&archive);

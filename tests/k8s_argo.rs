@@ -37,10 +37,22 @@ pub fn argo(version: &'static str) -> &'static Argo {
         .iter()
         .position(|v| *v == version)
         .expect("a tested version");
-    INSTALLED[i].get_or_init(|| install(version))
+    INSTALLED[i].get_or_init(|| install(version, &Setup::default()))
 }
 
-fn install(version: &'static str) -> Argo {
+/// How a controller differs from the shared ones of [`argo`].
+#[derive(Default)]
+pub struct Setup {
+    /// The agent's address for the executor (`EMISSARY_AGENT_ADDR`) [default: the shared one].
+    pub agent: Option<String>,
+    /// More of the executor's environment.
+    pub executor_env: Vec<(String, String)>,
+    /// Keys added to (or replacing) the configmap's `config`.
+    pub config: Value,
+}
+
+/// A controller of `version` with a namespace and a configmap of its own.
+pub fn install(version: &'static str, setup: &Setup) -> Argo {
     let e = installed();
     let cluster = e.cluster;
     let module = emissary_tests::cluster::cluster_bin()
@@ -88,11 +100,19 @@ fn install(version: &'static str) -> Argo {
     });
     let ns = cluster.namespace(&format!("argo-{}", version.replace('.', "")));
     let dir = Dir::new(&format!("argo-{version}"));
-    let config = json!({
-        "executor": {
-            "image": EXECUTOR_IMAGE,
-            "env": [{"name": "EMISSARY_AGENT_ADDR", "value": e.agent.api.to_string()}],
-        },
+    let agent = setup
+        .agent
+        .clone()
+        .unwrap_or_else(|| e.agent.api.to_string());
+    let mut env = vec![json!({"name": "EMISSARY_AGENT_ADDR", "value": agent})];
+    env.extend(
+        setup
+            .executor_env
+            .iter()
+            .map(|(k, v)| json!({"name": k, "value": v})),
+    );
+    let mut config = json!({
+        "executor": {"image": EXECUTOR_IMAGE, "env": env},
         "artifactRepository": {"s3": {
             "bucket": s3::BUCKET,
             "endpoint": e.s3.addr.to_string(),
@@ -106,6 +126,9 @@ fn install(version: &'static str) -> Argo {
         "metricsConfig": {"enabled": false},
         "telemetryConfig": {"enabled": false},
     });
+    for (key, value) in setup.config.as_object().into_iter().flatten() {
+        config[key] = value.clone();
+    }
     let objects = [
         json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3-creds", "namespace": ns},
                "stringData": {"accesskey": s3::ACCESS_KEY, "secretkey": s3::SECRET_KEY}}),
@@ -157,6 +180,12 @@ fn install(version: &'static str) -> Argo {
 impl Argo {
     pub fn example(&self, name: &str) -> PathBuf {
         self.module.join("examples").join(name)
+    }
+
+    /// Submits the workflow `yaml`; returns its name.
+    pub fn submit_text(&self, yaml: &str) -> String {
+        let dir = Dir::new("argo-workflow");
+        self.submit(&dir.write("workflow.yaml", yaml))
     }
 
     /// Submits workflow file `file`; returns its name.
@@ -283,6 +312,26 @@ fn hello_world_runs_on_every_argo_version() {
             summary(&wf)
         );
         assert!(argo.incomplete_results(&name).is_empty());
+        // No resident wait sidecar: it ends as soon as it starts, exit 0.
+        let selector = format!("workflows.argoproj.io/workflow={name}");
+        let out = installed()
+            .cluster
+            .kubectl(["-n", &argo.ns, "get", "pods", "-l", &selector, "-o", "json"]);
+        let pods: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let statuses = pods["items"][0]["status"]["containerStatuses"]
+            .as_array()
+            .unwrap();
+        let wait = statuses.iter().find(|c| c["name"] == "wait").unwrap();
+        let ended = &wait["state"]["terminated"];
+        assert_eq!(ended["exitCode"], 0, "{wait}");
+        let at = |t: &Value| {
+            t.as_str()
+                .unwrap()
+                .parse::<k8s_openapi::jiff::Timestamp>()
+                .unwrap()
+        };
+        let ran = at(&ended["finishedAt"]).duration_since(at(&ended["startedAt"]));
+        assert!(ran.as_secs() <= 1, "{version}: wait ran {ran:?}");
     }
 }
 

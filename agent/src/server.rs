@@ -488,6 +488,17 @@ async fn serve_object(app: &App, store: &Store, key: &str) -> Result<Response<Bo
             let path = match store.head(&key).await {
                 Ok(meta) => {
                     let meta = meta.ok_or_else(not_found)?;
+                    if meta.etag.is_empty() {
+                        // Nothing would tell a changed object from the cached one: streamed
+                        // through, its length unknown (chunked).
+                        let (_, body) = store.get(&key).await?.ok_or_else(not_found)?;
+                        app.metrics.store_downloads.inc();
+                        return Ok(Response::builder()
+                            .status(StatusCode::OK)
+                            .header("content-type", "application/octet-stream")
+                            .body(body)
+                            .expect("valid response"));
+                    }
                     match cache.get(store, &key, &meta).await? {
                         Lookup::Hit(path) => {
                             app.metrics.cache_hits.inc();
@@ -695,10 +706,13 @@ async fn argo_input(app: &App, pod: &ArgoPod, name: &str) -> Result<Response<Bod
                 .body(crate::argo::directory::as_tar(store, key, files))
                 .expect("valid response"))
         }
-        crate::argo::template::Location::Http { .. } => Err(Refusal::new(
-            StatusCode::NOT_IMPLEMENTED,
-            format!("input artifact {name:?}: HTTP artifacts are not supported yet"),
-        )),
+        crate::argo::template::Location::Http { url, headers } => {
+            let store = Store::Http {
+                client: Box::new(argo_of(app)?.http.clone()),
+                headers: Arc::new(headers),
+            };
+            serve_object(app, &store, &url).await
+        }
     }
 }
 

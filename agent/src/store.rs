@@ -80,6 +80,41 @@ pub enum Store {
         /// Shared by every upload: see [`PARTS_BUDGET`].
         part_buffers: Arc<Semaphore>,
     },
+    /// Read-only: the key is an `http(s)://` URL (Argo's `http` input artifacts), fetched with
+    /// these request headers.
+    Http {
+        client: Box<HttpClient>,
+        headers: Arc<Vec<(String, String)>>,
+    },
+}
+
+/// The agent's HTTP(S) client for `http` artifacts (system roots).
+pub type HttpClient = hyper_util::client::legacy::Client<
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    http_body_util::Empty<Bytes>,
+>;
+
+/// A client for [`Store::Http`]: five seconds to connect, the system's roots for https.
+pub fn http_client() -> HttpClient {
+    let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+    http.set_connect_timeout(Some(std::time::Duration::from_secs(5)));
+    http.enforce_http(false);
+    let mut roots = tokio_rustls::rustls::RootCertStore::empty();
+    roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+    let tls = tokio_rustls::rustls::ClientConfig::builder_with_provider(Arc::new(
+        tokio_rustls::rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("TLS versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http);
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build(connector)
 }
 
 /// S3 settings from the agent's configuration.
@@ -177,6 +212,7 @@ impl Store {
         match self {
             Store::Local { .. } => None,
             Store::S3 { part_buffers, .. } => Some(part_buffers.clone()),
+            Store::Http { .. } => None,
         }
     }
 
@@ -187,13 +223,14 @@ impl Store {
             Store::S3 {
                 endpoint, bucket, ..
             } => format!("s3://{endpoint}/{bucket}"),
+            Store::Http { .. } => "http".to_owned(),
         }
     }
 
     /// The key prefix every object of this agent goes under (empty for a local store).
     pub fn prefix(&self) -> &str {
         match self {
-            Store::Local { .. } => "",
+            Store::Local { .. } | Store::Http { .. } => "",
             Store::S3 { prefix, .. } => prefix,
         }
     }
@@ -202,6 +239,9 @@ impl Store {
     /// must not reach other prefixes of the bucket, nor odd keys a proxy might normalise.
     fn check_key(&self, key: &str) -> Result<(), StoreError> {
         let bad = |why: &str| Err(StoreError::BadKey(format!("store key {key:?} {why}")));
+        if let Store::Http { .. } = self {
+            return check_url(key).map_err(StoreError::BadKey);
+        }
         if key.is_empty() || key.len() > 1024 {
             return bad("must be 1 to 1024 bytes");
         }
@@ -254,6 +294,7 @@ impl Store {
         match self {
             Store::Local { root } => sweep(root, started),
             Store::S3 { .. } => 0, // a bucket lifecycle rule aborts what a crash left there
+            Store::Http { .. } => 0,
         }
     }
 
@@ -277,6 +318,7 @@ impl Store {
                 part_buffers,
                 ..
             } => put_s3(client, bucket, key, source, part_buffers).await,
+            Store::Http { .. } => Err(StoreError::Failed("an http location is read-only".into())),
         }
     }
 
@@ -309,6 +351,47 @@ impl Store {
                     Err(e) => Err(s3_error("head", key, e)),
                 }
             }
+            Store::Http { .. } => {
+                let Some(response) = self.http("HEAD", key).await? else {
+                    return Ok(None);
+                };
+                Ok(Some(http_meta(&response)))
+            }
+        }
+    }
+
+    /// An HTTP request of [`Store::Http`]: `None` on 404, an error on any other failure.
+    async fn http(
+        &self,
+        method: &str,
+        url: &str,
+    ) -> Result<Option<hyper::Response<hyper::body::Incoming>>, StoreError> {
+        let Store::Http { client, headers } = self else {
+            unreachable!("only for http stores")
+        };
+        let mut request = hyper::Request::builder().method(method).uri(url);
+        for (name, value) in headers.iter() {
+            request = request.header(name, value);
+        }
+        let request = request
+            .body(http_body_util::Empty::new())
+            .map_err(|e| StoreError::BadKey(format!("{url}: {e}")))?;
+        let response =
+            tokio::time::timeout(std::time::Duration::from_secs(60), client.request(request))
+                .await
+                .map_err(|_| StoreError::Unavailable(format!("{method} {url}: no answer in 60 s")))?
+                .map_err(|e| StoreError::Unavailable(format!("{method} {url}: {e}")))?;
+        match response.status().as_u16() {
+            200..=299 => Ok(Some(response)),
+            404 | 410 => Ok(None),
+            500..=599 | 429 => Err(StoreError::Unavailable(format!(
+                "{method} {url}: {}",
+                response.status()
+            ))),
+            _ => Err(StoreError::Failed(format!(
+                "{method} {url}: {}",
+                response.status()
+            ))),
         }
     }
 
@@ -339,6 +422,7 @@ impl Store {
                     }
                 }
             }
+            Store::Http { .. } => {}
             Store::S3 { client, bucket, .. } => {
                 let mut token = None;
                 loop {
@@ -413,8 +497,64 @@ impl Store {
                 });
                 Ok(Some((meta, body)))
             }
+            Store::Http { .. } => {
+                let Some(response) = self.http("GET", key).await? else {
+                    return Ok(None);
+                };
+                let meta = http_meta(&response);
+                let body = http_body_util::BodyExt::map_err(response.into_body(), io::Error::other);
+                Ok(Some((meta, http_body_util::BodyExt::boxed(body))))
+            }
         }
     }
+}
+
+/// Size and validator of an HTTP answer: its ETag, else its Last-Modified; empty when it has
+/// neither, or no length (such an object is not cached: nothing would tell a changed one, or
+/// a cut one).
+fn http_meta(response: &hyper::Response<hyper::body::Incoming>) -> ObjectMeta {
+    let header = |name: &str| {
+        response
+            .headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let size = header("content-length").parse().ok();
+    let etag = match header("etag") {
+        _ if size.is_none() => String::new(),
+        tag if !tag.is_empty() => tag,
+        _ => header("last-modified"),
+    };
+    ObjectMeta {
+        size: size.unwrap_or(0),
+        etag,
+    }
+}
+
+/// An `http` artifact's URL: http or https, and not in the link-local range (a cloud's instance
+/// metadata service, which a pod's Argo executor could reach too, but the agent's identity there
+/// may be worth more than the pod's).
+fn check_url(url: &str) -> Result<(), String> {
+    let uri: hyper::Uri = url.parse().map_err(|e| format!("URL {url:?}: {e}"))?;
+    if !matches!(uri.scheme_str(), Some("http" | "https")) {
+        return Err(format!("URL {url:?}: only http and https are fetched"));
+    }
+    let host = uri.host().unwrap_or_default().trim_matches(['[', ']']);
+    let refused = match host.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V4(ip)) => ip.is_link_local() || ip.is_unspecified(),
+        Ok(std::net::IpAddr::V6(ip)) => {
+            ip.is_unspecified() || (ip.segments()[0] & 0xffc0) == 0xfe80
+        }
+        Err(_) => host.is_empty(),
+    };
+    if refused {
+        return Err(format!(
+            "URL {url:?}: the agent does not fetch from link-local or unspecified addresses"
+        ));
+    }
+    Ok(())
 }
 
 /// A file as a body, read on a task in 256 KiB chunks.

@@ -85,6 +85,8 @@ pub struct Argo {
     pods: Mutex<HashMap<String, Arc<ArgoPod>>>,
     stores: Mutex<HashMap<S3, Store>>,
     part_buffers: Arc<Semaphore>,
+    /// For `http` input artifacts.
+    pub http: crate::store::HttpClient,
 }
 
 impl Argo {
@@ -95,6 +97,7 @@ impl Argo {
             pods: Mutex::default(),
             stores: Mutex::default(),
             part_buffers,
+            http: crate::store::http_client(),
         }
     }
 

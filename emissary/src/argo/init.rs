@@ -22,7 +22,9 @@ const MAIN_FILESYSTEM: &str = "/mainctrfs";
 const SCRIPT: &str = "/argo/staging/script";
 
 pub fn init() -> Result<i32, String> {
-    let loaded = template::load(super::template_file()?.as_deref(), &[])?;
+    let file = super::template_file()?;
+    refuse_other_kinds(file.as_deref())?;
+    let loaded = template::load(file.as_deref(), &[])?;
     let root = Path::new(VAR_RUN_ARGO);
     crate::task::init::copy_self(&root.join("argoexec"))
         .map_err(|e| format!("cannot install {VAR_RUN_ARGO}/argoexec: {e}"))?;
@@ -51,6 +53,29 @@ pub fn init() -> Result<i32, String> {
         }
     }
     Ok(0)
+}
+
+/// A resource, data, HTTP or plugin template runs no container the emissary could run (its pod's
+/// `main` is argoexec's own subcommand): say so before anything else.
+fn refuse_other_kinds(file: Option<&Path>) -> Result<(), String> {
+    let text = match file {
+        Some(path) => std::fs::read_to_string(path).unwrap_or_default(),
+        None => crate::env_any(&["ARGO_TEMPLATE"]).unwrap_or_default(),
+    };
+    let Ok(json) = serde_json::from_str::<serde_json::Value>(&text) else {
+        return Ok(()); // the loader says what is wrong with it
+    };
+    for (kind, subcommand) in [
+        ("resource", "resource"),
+        ("data", "data"),
+        ("http", "agent"),
+        ("plugin", "agent"),
+    ] {
+        if json.get(kind).is_some_and(|v| !v.is_null()) {
+            return Err(super::unsupported(subcommand));
+        }
+    }
+    Ok(())
 }
 
 /// Where Argo's pod expects input `name`: its own emptyDir, unless `path` is in one of main's

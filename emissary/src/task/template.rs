@@ -28,11 +28,13 @@ pub fn load(file: Option<&Path>, params: &[(String, String)]) -> Result<Loaded, 
     let (source, text) = match file {
         Some(path) => (path.display().to_string(), read(path)?),
         None => {
-            let value = crate::env_any(&TEMPLATE_VARS)
+            let (var, value) = TEMPLATE_VARS
+                .iter()
+                .find_map(|var| Some((*var, crate::env_any(&[var])?)))
                 .ok_or("no task spec: pass --template FILE or set EMISSARY_TEMPLATE")?;
             match value.strip_prefix('@') {
                 Some(path) => (path.to_owned(), read(Path::new(path))?),
-                None => ("EMISSARY_TEMPLATE".to_owned(), value),
+                None => (var.to_owned(), value),
             }
         }
     };
