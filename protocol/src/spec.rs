@@ -194,6 +194,10 @@ pub struct InputArtifact {
     /// credentials).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub s3: Option<S3Location>,
+    /// The SHA-256 (hex) the producer reported for the object: staging verifies the bytes
+    /// against it, so an object rewritten after its producer's result is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
 }
 
 impl InputArtifact {
