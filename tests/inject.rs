@@ -129,6 +129,37 @@ fn a_container_without_command_or_index_entry_is_refused_with_what_to_add() {
         .assert_stderr_contains("images:");
 }
 
+/// Security review, finding 2c: kubelet expands `$(EMISSARY_TOKEN)` in command, args and env,
+/// which would hand the command the token the emissary keeps from it.
+#[test]
+fn a_pod_that_asks_kubelet_for_the_token_is_refused() {
+    let dir = Dir::new("inject-token-reference");
+    for (pod, place) in [
+        (
+            POD.replace("echo hello", "echo $(EMISSARY_TOKEN)"),
+            "spec.containers[0].args[0] refers to $(EMISSARY_TOKEN)",
+        ),
+        (
+            POD.replace("value: \"1\"", "value: \"x$$$(EMISSARY_TOKEN)\""),
+            "spec.containers[0].env[0].value refers to $(EMISSARY_TOKEN)",
+        ),
+        (
+            POD.replace(
+                "value: \"1\"",
+                "valueFrom: {fieldRef: {fieldPath: \"metadata.annotations['emissary.io/token']\"}}",
+            ),
+            "spec.containers[0].env[0] reads the emissary.io/token annotation",
+        ),
+    ] {
+        inject(&dir, &pod, "pod.yaml")
+            .assert_code(1)
+            .assert_stderr_contains(place);
+    }
+    // Escaped, it is the literal text, left alone.
+    let escaped = POD.replace("echo hello", "echo $$(EMISSARY_TOKEN)");
+    inject(&dir, &escaped, "pod.yaml").assert_code(0);
+}
+
 #[test]
 fn a_workflow_gets_its_emissary_templates_labelled() {
     let dir = Dir::new("inject-workflow");
@@ -173,6 +204,10 @@ struct Webhook {
 
 impl Webhook {
     fn start(dir: &Dir) -> Webhook {
+        Webhook::start_with(dir, &[])
+    }
+
+    fn start_with(dir: &Dir, extra: &[&str]) -> Webhook {
         let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()])
             .unwrap();
         let cert_file = dir.write("tls.crt", cert.cert.pem());
@@ -189,6 +224,7 @@ impl Webhook {
             .arg(&config)
             .arg("--ready-file")
             .arg(&ready)
+            .args(extra)
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
@@ -204,8 +240,8 @@ impl Webhook {
         }
     }
 
-    /// POSTs `body` to `/inject` over TLS, trusting only the generated certificate.
-    fn post(&self, body: &[u8]) -> (u16, Value) {
+    /// A TLS connection that trusts only the generated certificate.
+    fn connect(&self) -> rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream> {
         let mut roots = rustls::RootCertStore::empty();
         roots.add(self.cert.cert.der().clone()).unwrap();
         let config = rustls::ClientConfig::builder_with_provider(Arc::new(
@@ -218,7 +254,12 @@ impl Webhook {
         let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
         let connection = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
         let socket = std::net::TcpStream::connect(self.addr).unwrap();
-        let mut tls = rustls::StreamOwned::new(connection, socket);
+        rustls::StreamOwned::new(connection, socket)
+    }
+
+    /// POSTs `body` to `/inject` over TLS.
+    fn post(&self, body: &[u8]) -> (u16, Value) {
+        let mut tls = self.connect();
         write!(tls, "POST /inject HTTP/1.1\r\nHost: webhook\r\nContent-Type: application/json\r\nConnection: close\r\nContent-Length: {}\r\n\r\n", body.len()).unwrap();
         tls.write_all(body).unwrap();
         let (status, body) = read_response(tls);
@@ -335,4 +376,76 @@ fn a_client_that_never_finishes_its_handshake_or_headers_is_cut_off() {
         handshake.join().unwrap(),
         "the webhook kept a silent TLS client"
     );
+}
+
+/// Security review, finding 9: anyone who reaches the webhook can send it bytes. A body over
+/// 1 MiB is refused before it is read, only 16 are read at once, and one that takes longer
+/// than the request timeout is cut off.
+#[test]
+fn the_webhook_bounds_what_any_client_makes_it_hold() {
+    let dir = Dir::new("webhook-bounds");
+    let webhook = Webhook::start_with(&dir, &["--request-timeout", "8s"]);
+    let status_of =
+        |tls: &mut rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>| {
+            tls.sock
+                .set_read_timeout(Some(Duration::from_secs(2)))
+                .unwrap();
+            let mut line = [0u8; 12];
+            match std::io::Read::read(tls, &mut line) {
+                Ok(12) => String::from_utf8_lossy(&line[9..12]).parse::<u16>().ok(),
+                _ => None,
+            }
+        };
+    let mut large = webhook.connect();
+    write!(
+        large,
+        "POST /inject HTTP/1.1\r\nHost: webhook\r\nContent-Length: 3145728\r\n\r\n"
+    )
+    .unwrap();
+    large.write_all(&[b' '; 1000]).unwrap();
+    assert_eq!(
+        status_of(&mut large),
+        Some(413),
+        "a 3 MiB body was not refused at once"
+    );
+
+    // 40 clients each sending all but the last byte of 1 MiB.
+    let mut held = Vec::new();
+    let mut busy = 0;
+    for _ in 0..40 {
+        let mut tls = webhook.connect();
+        write!(
+            tls,
+            "POST /inject HTTP/1.1\r\nHost: webhook\r\nContent-Length: 1048576\r\n\r\n"
+        )
+        .unwrap();
+        tls.flush().unwrap();
+        tls.sock
+            .set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        let mut line = [0u8; 12];
+        match std::io::Read::read(&mut tls, &mut line) {
+            Ok(12) => {
+                assert_eq!(&line[9..12], b"503", "{}", String::from_utf8_lossy(&line));
+                busy += 1;
+            }
+            _ => {
+                tls.write_all(&vec![b' '; (1 << 20) - 1]).unwrap();
+                held.push(tls);
+            }
+        }
+    }
+    assert_eq!((held.len(), busy), (16, 24));
+    // Past the request timeout each held client is answered 408 and let go.
+    for tls in &mut held {
+        tls.sock
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut line = [0u8; 12];
+        std::io::Read::read_exact(tls, &mut line).unwrap();
+        assert_eq!(&line[9..12], b"408", "{}", String::from_utf8_lossy(&line));
+    }
+    // And the webhook still answers.
+    let (status, _) = webhook.post(b"not json");
+    assert_eq!(status, 400);
 }

@@ -250,6 +250,7 @@ fn rewrite_container(
         }
     };
     let (command, args) = (strings("command")?, strings("args")?);
+    refuse_token_references(container, &at)?;
     let (command, args) = match command {
         Some(command) if !command.is_empty() => (command, args.unwrap_or_default()),
         _ => {
@@ -309,6 +310,70 @@ fn rewrite_container(
         mounts.push(json!({"name": SPEC_VOLUME, "mountPath": SPEC_DIR, "readOnly": true}));
     }
     Ok(())
+}
+
+/// The emissary keeps its token from the command; kubelet would hand it over anyway through
+/// `$(EMISSARY_TOKEN)` in command, args or env values, or an env var reading the token's
+/// annotation. A pod that asks for it is refused, naming where.
+fn refuse_token_references(container: &Value, at: &str) -> Result<(), InjectError> {
+    let mut texts: Vec<(String, &str)> = Vec::new();
+    for field in ["command", "args"] {
+        for (i, text) in container[field]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .enumerate()
+        {
+            if let Some(text) = text.as_str() {
+                texts.push((format!("{at}.{field}[{i}]"), text));
+            }
+        }
+    }
+    for (i, var) in container["env"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        if let Some(text) = var["value"].as_str() {
+            texts.push((format!("{at}.env[{i}].value"), text));
+        }
+        let path = var
+            .pointer("/valueFrom/fieldRef/fieldPath")
+            .and_then(Value::as_str);
+        if path.is_some_and(|p| p.contains(ANNOTATION_TOKEN)) {
+            return fail(format!(
+                "{at}.env[{i}] reads the {ANNOTATION_TOKEN} annotation: the task token is the \
+                 emissary's, not the command's"
+            ));
+        }
+    }
+    for (place, text) in texts {
+        if expands(text, "EMISSARY_TOKEN") {
+            return fail(format!(
+                "{place} refers to $(EMISSARY_TOKEN): the task token is the emissary's, not the \
+                 command's (write $$(EMISSARY_TOKEN) for the literal text)"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// True when kubelet would expand `$(name)` in `text`: `$$` is an escaped `$`.
+fn expands(text: &str, name: &str) -> bool {
+    let reference = format!("({name})");
+    let mut rest = text;
+    while let Some(at) = rest.find('$') {
+        let after = &rest[at + 1..];
+        if let Some(escaped) = after.strip_prefix('$') {
+            rest = escaped;
+        } else if after.starts_with(&reference) {
+            return true;
+        } else {
+            rest = after;
+        }
+    }
+    false
 }
 
 /// Which executor runs `template` of `workflow`: the template's `executor`, else the
@@ -399,6 +464,17 @@ pub fn patch(before: &Value, after: &Value) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn token_references_follow_kubelets_escaping() {
+        assert!(expands("echo $(EMISSARY_TOKEN)", "EMISSARY_TOKEN"));
+        assert!(expands("$$$(EMISSARY_TOKEN)", "EMISSARY_TOKEN"));
+        assert!(!expands("$$(EMISSARY_TOKEN)", "EMISSARY_TOKEN"));
+        assert!(!expands(
+            "$(EMISSARY_TOKENS) $EMISSARY_TOKEN",
+            "EMISSARY_TOKEN"
+        ));
+    }
 
     fn config() -> Config {
         serde_json::from_value(json!({

@@ -5,6 +5,10 @@
 //! MutatingWebhookConfiguration's objectSelector sends only those; others are allowed
 //! untouched). It fails closed: a review it cannot read is a 400 with the reason, and a pod it
 //! cannot inject is denied with the reason, never admitted uninjected.
+//!
+//! Anyone who reaches its Service can send it bytes, so what it holds is bounded: a review of
+//! at most 1 MiB (a pod is far smaller: annotations are capped at 256 KiB), read within
+//! `--request-timeout`, 16 MiB of bodies at once, 256 connections.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -43,10 +47,32 @@ pub struct WebhookArgs {
     /// Written once listening: {"addr": ADDR}.
     #[arg(long, value_name = "FILE")]
     pub ready_file: Option<PathBuf>,
+    /// How long a client may take to send a request's body (the API server's own webhook
+    /// timeout is 10 s by default).
+    #[arg(long, value_name = "DURATION", default_value = "10s")]
+    pub request_timeout: String,
+}
+
+/// The largest AdmissionReview read.
+const BODY_LIMIT: usize = 1 << 20;
+/// Bodies being read at once, of up to `BODY_LIMIT` each: what the webhook's memory limit
+/// (64 Mi) can hold beside itself.
+const BODIES: usize = 16;
+const CONNECTIONS: usize = 256;
+
+struct Limits {
+    request_timeout: std::time::Duration,
+    bodies: tokio::sync::Semaphore,
 }
 
 pub async fn serve(args: WebhookArgs) -> Result<(), String> {
     let config = Arc::new(inject::load_config(&args.inject_config)?);
+    let limits = Arc::new(Limits {
+        request_timeout: protocol::duration::parse(&args.request_timeout)
+            .map_err(|e| format!("--request-timeout: {e}"))?,
+        bodies: tokio::sync::Semaphore::new(BODIES),
+    });
+    let connections = Arc::new(tokio::sync::Semaphore::new(CONNECTIONS));
     let acceptor = TlsAcceptor::from(Arc::new(tls_config(&args)?));
     let listener = TcpListener::bind(args.listen)
         .await
@@ -69,8 +95,13 @@ pub async fn serve(args: WebhookArgs) -> Result<(), String> {
             },
             _ = terminate.recv() => return Ok(()),
         };
-        let (acceptor, config) = (acceptor.clone(), config.clone());
+        let Ok(slot) = connections.clone().try_acquire_owned() else {
+            warn!(peer = %peer, limit = CONNECTIONS, "too many connections: closing a new one");
+            continue;
+        };
+        let (acceptor, config, limits) = (acceptor.clone(), config.clone(), limits.clone());
         tokio::spawn(async move {
+            let _slot = slot;
             // A peer that never finishes its handshake or headers must not hold a socket.
             let tls = match tokio::time::timeout(HEADER_TIMEOUT, acceptor.accept(stream)).await {
                 Ok(Ok(tls)) => tls,
@@ -83,7 +114,7 @@ pub async fn serve(args: WebhookArgs) -> Result<(), String> {
                     return;
                 }
             };
-            let service = service_fn(move |req| handle(config.clone(), req));
+            let service = service_fn(move |req| handle(config.clone(), limits.clone(), req));
             let _ = server::http1()
                 .serve_connection(TokioIo::new(tls), service)
                 .await;
@@ -114,6 +145,7 @@ fn tls_config(args: &WebhookArgs) -> Result<rustls::ServerConfig, String> {
 
 async fn handle(
     config: Arc<Config>,
+    limits: Arc<Limits>,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, std::convert::Infallible> {
     let reply = |status: StatusCode, body: Value| {
@@ -126,15 +158,35 @@ async fn handle(
     if req.method() != Method::POST || req.uri().path() != "/inject" {
         return reply(StatusCode::NOT_FOUND, json!({"error": "POST /inject only"}));
     }
-    let bytes = match http_body_util::Limited::new(req.into_body(), 3 << 20)
-        .collect()
-        .await
-    {
-        Ok(collected) => collected.to_bytes(),
-        Err(e) => {
+    let declared = req
+        .headers()
+        .get("content-length")
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > BODY_LIMIT as u64) {
+        return reply(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            json!({"error": format!("an AdmissionReview of {BODY_LIMIT} bytes at most")}),
+        );
+    }
+    let Ok(_memory) = limits.bodies.try_acquire() else {
+        return reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({"error": "reading as many reviews as it may at once; try again"}),
+        );
+    };
+    let body = http_body_util::Limited::new(req.into_body(), BODY_LIMIT).collect();
+    let bytes = match tokio::time::timeout(limits.request_timeout, body).await {
+        Ok(Ok(collected)) => collected.to_bytes(),
+        Ok(Err(e)) => {
             return reply(
                 StatusCode::BAD_REQUEST,
-                json!({"error": format!("reading the request (3 MiB at most): {e}")}),
+                json!({"error": format!("reading the request ({BODY_LIMIT} bytes at most): {e}")}),
+            );
+        }
+        Err(_) => {
+            return reply(
+                StatusCode::REQUEST_TIMEOUT,
+                json!({"error": format!("the request's body took over {:?}", limits.request_timeout)}),
             );
         }
     };
