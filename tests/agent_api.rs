@@ -147,7 +147,7 @@ fn bad_input_is_refused_with_a_message_that_names_it() {
     let (status, _) = http(
         agent.api,
         "GET",
-        "/v1/tasks/t/0/inputs/x?key=no/such/object",
+        "/v1/tasks/t/0/inputs/x?key=default/wf/no/such/object",
         &auth,
         b"",
     );
@@ -198,7 +198,7 @@ fn bad_input_is_refused_with_a_message_that_names_it() {
     let (status, body) = http(
         agent.api,
         "GET",
-        "/v1/tasks/t/0/inputs/x?key=wf/t/0",
+        "/v1/tasks/t/0/inputs/x?key=default/wf/t/0",
         &auth,
         b"",
     );
@@ -207,7 +207,7 @@ fn bad_input_is_refused_with_a_message_that_names_it() {
     // A result names only what its own task may: no parameter name that is a path, no
     // artifact of another task, no digest that is not one.
     let own = format!(
-        "{{\"name\": \"a\", \"key\": \"wf/t/0/a.txt\", \"size\": 1, \"sha256\": \"{}\", \"archive\": \"none\"}}",
+        "{{\"name\": \"a\", \"key\": \"default/wf/t/0/a.txt\", \"size\": 1, \"sha256\": \"{}\", \"archive\": \"none\"}}",
         "ab".repeat(32)
     );
     for (outputs, field) in [
@@ -300,10 +300,10 @@ fn artifacts_stream_through_byte_exact_and_events_are_journaled_in_order() {
     );
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
     let stored: serde_json::Value = serde_json::from_slice(&body).unwrap();
-    assert_eq!(stored["key"], "wf-9/step/2/out.tar.zst");
+    assert_eq!(stored["key"], "default/wf-9/step/2/out.tar.zst");
     assert_eq!(stored["size"], payload.len());
     let sha = std::process::Command::new("sha256sum")
-        .arg(agent.dir.join("data/store/wf-9/step/2/out.tar.zst"))
+        .arg(agent.dir.join("data/store/default/wf-9/step/2/out.tar.zst"))
         .output()
         .unwrap();
     assert_eq!(
@@ -317,7 +317,7 @@ fn artifacts_stream_through_byte_exact_and_events_are_journaled_in_order() {
     let (status, body) = http(
         agent.api,
         "GET",
-        "/v1/tasks/step/2/inputs/in?key=wf-9/step/2/out.tar.zst",
+        "/v1/tasks/step/2/inputs/in?key=default/wf-9/step/2/out.tar.zst",
         &auth,
         b"",
     );
@@ -377,8 +377,11 @@ fn artifacts_stream_through_byte_exact_and_events_are_journaled_in_order() {
     let params = &events[2]["outputs"]["parameters"];
     assert_eq!(params[0]["value"]["inline"], "v");
     let offloaded = &params[1]["value"]["offloaded"];
-    assert_eq!(offloaded["key"], "wf-9/step/2/~values/parameters/big");
-    let stored = agent.dir.join("data/store/wf-9/step/2");
+    assert_eq!(
+        offloaded["key"],
+        "default/wf-9/step/2/~values/parameters/big"
+    );
+    let stored = agent.dir.join("data/store/default/wf-9/step/2");
     assert_eq!(
         std::fs::read_to_string(stored.join("~values/parameters/big")).unwrap(),
         big
@@ -495,7 +498,7 @@ fn sigterm_finishes_in_flight_uploads_then_exits() {
     assert_eq!(status, 200, "the in-flight upload was cut off");
     assert!(agent.terminate(Duration::from_secs(10)).success());
     assert_eq!(
-        std::fs::read(agent.dir.join("data/store/wf/t/0/slow")).unwrap(),
+        std::fs::read(agent.dir.join("data/store/default/wf/t/0/slow")).unwrap(),
         payload
     );
 }

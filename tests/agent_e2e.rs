@@ -104,7 +104,7 @@ fn an_artifact_passes_from_one_step_to_the_next_through_agent_and_s3() {
     assert_eq!(last["outputs"]["result"]["inline"], "done");
     let artifact = &last["outputs"]["artifacts"][0];
     let key = artifact["key"].as_str().unwrap().to_owned();
-    assert_eq!(key, "wf-store/wf-e2e/generate/0/out.tar.zst");
+    assert_eq!(key, "wf-store/default/wf-e2e/generate/0/out.tar.zst");
     let object = cluster.s3.object(&key).expect("the artifact is in S3");
     assert_eq!(artifact["size"], object.len());
 
@@ -273,7 +273,7 @@ fn an_agent_killed_mid_upload_is_retried_and_the_object_lands_once() {
     );
     let out = running.finish(Duration::from_secs(120));
     out.assert_code(0);
-    let key = "wf-store/wf-e2e/crashy/0/big";
+    let key = "wf-store/default/wf-e2e/crashy/0/big";
     assert!(
         cluster.s3.object(key).unwrap() == std::fs::read(work.join("big")).unwrap(),
         "the object is not the whole file"

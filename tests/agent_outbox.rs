@@ -143,7 +143,7 @@ fn a_kill_9_loses_no_event_duplicates_no_seq_and_leaves_no_partial_object() {
     std::thread::sleep(Duration::from_millis(200));
     agent.crash_and_restart();
     drop(stream);
-    let key = agent.dir.join("data/store/wf/t/0/big");
+    let key = agent.dir.join("data/store/default/wf/t/0/big");
     assert!(!key.exists(), "a partial object became visible");
     let names = || -> Vec<String> {
         std::fs::read_dir(key.parent().unwrap())

@@ -73,14 +73,14 @@ fn artifacts_go_to_s3_in_parts_and_come_back_through_the_node_cache() {
         agent.log()
     );
     let stored: serde_json::Value = serde_json::from_slice(&body).unwrap();
-    assert_eq!(stored["key"], "emissary/wf/gen/0/data.tgz");
+    assert_eq!(stored["key"], "emissary/default/wf/gen/0/data.tgz");
     assert!(
-        server.object("emissary/wf/gen/0/data.tgz").unwrap() == payload,
+        server.object("emissary/default/wf/gen/0/data.tgz").unwrap() == payload,
         "S3 holds different bytes"
     );
 
     let consumer = agent.token("wf", "use", 0, "1h");
-    let path = "/v1/tasks/use/0/inputs/data?key=emissary/wf/gen/0/data.tgz";
+    let path = "/v1/tasks/use/0/inputs/data?key=emissary/default/wf/gen/0/data.tgz";
     for round in 0..3 {
         let (status, body) = http(
             agent.api,
@@ -166,7 +166,8 @@ fn concurrent_requests_for_one_input_download_it_once() {
         .map(|i| {
             let (api, token) = (agent.api, agent.token("wf", &format!("r{i}"), 0, "1h"));
             std::thread::spawn(move || {
-                let path = format!("/v1/tasks/r{i}/0/inputs/shared?key=emissary/wf/gen/0/shared");
+                let path =
+                    format!("/v1/tasks/r{i}/0/inputs/shared?key=emissary/default/wf/gen/0/shared");
                 http(
                     api,
                     "GET",
@@ -207,7 +208,7 @@ fn a_large_input_streams_while_the_node_cache_fills_and_a_reader_leaving_stops_n
     let mut stream = std::net::TcpStream::connect(agent.api).unwrap();
     write!(
         stream,
-        "GET /v1/tasks/gen/0/inputs/big?key=emissary/wf/gen/0/big HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\n\r\n"
+        "GET /v1/tasks/gen/0/inputs/big?key=emissary/default/wf/gen/0/big HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\n\r\n"
     )
     .unwrap();
     let mut first = [0u8; 12];
@@ -242,7 +243,7 @@ fn a_large_input_streams_while_the_node_cache_fills_and_a_reader_leaving_stops_n
     let (status, body) = http(
         agent.api,
         "GET",
-        "/v1/tasks/gen/0/inputs/big?key=emissary/wf/gen/0/big",
+        "/v1/tasks/gen/0/inputs/big?key=emissary/default/wf/gen/0/big",
         &[("Authorization", &auth)],
         b"",
     );
@@ -288,7 +289,7 @@ fn an_upload_whose_client_leaves_mid_way_is_aborted_in_the_store() {
         wait_until(Duration::from_secs(20), || uploads() == 0),
         "the abandoned multipart upload was never aborted"
     );
-    assert!(server.object("emissary/wf/gen/0/big").is_none());
+    assert!(server.object("emissary/default/wf/gen/0/big").is_none());
 }
 
 #[test]
@@ -311,7 +312,7 @@ fn concurrent_uploads_share_a_bounded_part_memory() {
     for upload in uploads {
         assert_eq!(upload.join().unwrap(), 200);
     }
-    assert!(server.object("emissary/wf/u19/0/big").unwrap() == *payload);
+    assert!(server.object("emissary/default/wf/u19/0/big").unwrap() == *payload);
     let status = std::fs::read_to_string(format!("/proc/{}/status", agent.pid())).unwrap();
     let peak_kb: u64 = status
         .lines()
@@ -380,7 +381,7 @@ fn during_an_s3_outage_inputs_already_on_the_node_are_still_served() {
         &payload,
     );
     assert_eq!(status, 200);
-    let input = "/v1/tasks/gen/0/inputs/data?key=emissary/wf/gen/0/data.bin";
+    let input = "/v1/tasks/gen/0/inputs/data?key=emissary/default/wf/gen/0/data.bin";
     let (status, body) = http(agent.api, "GET", input, &auth, b"");
     assert_eq!((status, body.len()), (200, payload.len()));
 
@@ -393,7 +394,7 @@ fn during_an_s3_outage_inputs_already_on_the_node_are_still_served() {
     let (status, body) = http(
         agent.api,
         "GET",
-        "/v1/tasks/gen/0/inputs/other?key=emissary/wf/gen/0/other.bin",
+        "/v1/tasks/gen/0/inputs/other?key=emissary/default/wf/gen/0/other.bin",
         &auth,
         b"",
     );
@@ -416,7 +417,7 @@ fn the_node_cache_evicts_the_least_recently_used_past_its_bound() {
         assert_eq!(http(agent.api, "PUT", &path, &auth, &object(n)).0, 200);
     }
     let read = |n: u8| {
-        let path = format!("/v1/tasks/gen/0/inputs/i?key=emissary/wf/gen/0/o{n}.bin");
+        let path = format!("/v1/tasks/gen/0/inputs/i?key=emissary/default/wf/gen/0/o{n}.bin");
         let (status, body) = http(agent.api, "GET", &path, &auth, b"");
         assert!(status == 200 && body == object(n), "o{n}: {status}");
     };

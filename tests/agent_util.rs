@@ -149,6 +149,19 @@ impl Agent {
         out.stdout().trim().to_owned()
     }
 
+    /// A token from `emissary-agent token ARGS` with this agent's key.
+    pub fn token_with(&self, args: &[&str]) -> String {
+        let out = run_quick(
+            Command::new(agent_bin())
+                .arg("token")
+                .args(args)
+                .arg("--secret-file")
+                .arg(self.dir.join("secret")),
+        );
+        out.assert_code(0);
+        out.stdout().trim().to_owned()
+    }
+
     pub fn metric(&self, name: &str) -> f64 {
         let (_, body) = http(self.admin, "GET", "/metrics", &[], b"");
         let text = String::from_utf8_lossy(&body).into_owned();

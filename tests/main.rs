@@ -11,6 +11,7 @@ mod agent_api;
 mod agent_e2e;
 mod agent_outbox;
 mod agent_s3;
+mod agent_security;
 mod agent_util;
 mod cgroup;
 mod corpus;

@@ -144,6 +144,7 @@ fn samples() -> Vec<(&'static str, Json)> {
         archive: ArchiveFormat::Zstd,
     };
     let event = Event {
+        namespace: "ns".into(),
         workflow: "wf".into(),
         task_id: "t".into(),
         attempt: 0,
@@ -262,6 +263,17 @@ fn samples() -> Vec<(&'static str, Json)> {
             }),
         ),
         ("StoredArtifact", to(&stored())),
+        (
+            "ArgoLogin",
+            to(&protocol::api::ArgoLogin {
+                token: "t".into(),
+                task: "wf-123".into(),
+                attempt: 0,
+                workflow: "wf".into(),
+                namespace: "ns".into(),
+                expires: 1,
+            }),
+        ),
         ("Command", to(&Command::Signal { signal: 15 })),
         ("Command", to(&Command::Terminate)),
     ]

@@ -55,10 +55,29 @@ pub trait Chunks {
     fn next_chunk(&mut self) -> impl Future<Output = Option<io::Result<Bytes>>> + Send;
 }
 
-/// A request body, with a limit on how long the client may stay silent.
+/// A request body, with a limit on how long the client may stay silent, and on how slowly it
+/// may send: a client that trickles a byte now and then would otherwise hold its upload's
+/// resources (a share of the S3 part budget) for ever.
 pub struct Upload {
-    pub body: Incoming,
-    pub idle: Duration,
+    body: Incoming,
+    idle: Duration,
+    /// Bytes received in the current window of [`RATE_WINDOW`], and when it started.
+    window: (u64, tokio::time::Instant),
+}
+
+/// Every window of this length must bring at least [`RATE_FLOOR`] bytes (the last, partial
+/// window excepted): 64 KiB a minute is far below any emissary's packing speed.
+const RATE_WINDOW: Duration = Duration::from_secs(60);
+const RATE_FLOOR: u64 = 64 << 10;
+
+impl Upload {
+    pub fn new(body: Incoming, idle: Duration) -> Upload {
+        Upload {
+            body,
+            idle,
+            window: (0, tokio::time::Instant::now()),
+        }
+    }
 }
 
 impl Chunks for Upload {
@@ -76,6 +95,20 @@ impl Chunks for Upload {
                 Ok(Some(Ok(frame))) => frame,
             };
             if let Ok(data) = frame.into_data() {
+                let (bytes, started) = &mut self.window;
+                *bytes += data.len() as u64;
+                if started.elapsed() >= RATE_WINDOW {
+                    if *bytes < RATE_FLOOR {
+                        return Some(Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            format!(
+                                "the client sent {bytes} bytes in {RATE_WINDOW:?}, under the \
+                                 floor of {RATE_FLOOR}"
+                            ),
+                        )));
+                    }
+                    self.window = (0, tokio::time::Instant::now());
+                }
                 return Some(Ok(data));
             }
         }
@@ -116,7 +149,7 @@ pub async fn read_limited(
     limit: usize,
     idle: Duration,
 ) -> Result<Vec<u8>, ReadError> {
-    let mut upload = Upload { body, idle };
+    let mut upload = Upload::new(body, idle);
     let mut out = Vec::new();
     while let Some(chunk) = upload.next_chunk().await {
         let chunk = chunk.map_err(|e| match e.kind() {

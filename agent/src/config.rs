@@ -24,7 +24,7 @@ pub struct ServeArgs {
     /// Journal, node cache and the default local store [default: /var/lib/emissary-agent].
     #[arg(long, value_name = "DIR", env = "EMISSARY_AGENT_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
-    /// The node secret that signs task tokens (shared with the controller; ≥ 16 bytes).
+    /// The node key that signs task tokens (from the controller: `emissary-agent node-key`; ≥ 32 random bytes).
     #[arg(long, value_name = "FILE", env = "EMISSARY_AGENT_SECRET_FILE")]
     pub secret_file: Option<PathBuf>,
     /// The workflow controller; without it, events go to DATA_DIR/events.jsonl.
@@ -60,6 +60,28 @@ pub struct ServeArgs {
     /// emissaries retry [default: 268435456, 256 MiB].
     #[arg(long, value_name = "BYTES", env = "EMISSARY_AGENT_JOURNAL_MAX_BYTES")]
     pub journal_max_bytes: Option<u64>,
+    /// Undelivered events of one task attempt kept at most, so that one task cannot fill the
+    /// journal for the node's others (429 beyond) [default: 8388608, 8 MiB].
+    #[arg(
+        long,
+        value_name = "BYTES",
+        env = "EMISSARY_AGENT_TASK_JOURNAL_MAX_BYTES"
+    )]
+    pub task_journal_max_bytes: Option<u64>,
+    /// Bytes one task attempt may upload in all (413 beyond) [default: 68719476736, 64 GiB].
+    #[arg(
+        long,
+        value_name = "BYTES",
+        env = "EMISSARY_AGENT_TASK_MAX_OUTPUT_BYTES"
+    )]
+    pub task_max_output_bytes: Option<u64>,
+    /// Objects one task attempt may upload (429 beyond) [default: 10000].
+    #[arg(long, value_name = "N", env = "EMISSARY_AGENT_TASK_MAX_OUTPUTS")]
+    pub task_max_outputs: Option<u64>,
+    /// Free space a local store leaves on its filesystem (the journal and the cache share it):
+    /// an upload that would eat into it is refused (507) [default: 1073741824, 1 GiB].
+    #[arg(long, value_name = "BYTES", env = "EMISSARY_AGENT_STORE_RESERVE_BYTES")]
+    pub store_reserve_bytes: Option<u64>,
     /// On SIGTERM, how long in-flight requests and the outbox flush may take [default: 30s].
     #[arg(long, value_name = "DURATION", env = "EMISSARY_AGENT_SHUTDOWN_TIMEOUT")]
     pub shutdown_timeout: Option<String>,
@@ -97,10 +119,20 @@ pub struct Settings {
     pub inline_limit: usize,
     pub cache_max_bytes: u64,
     pub journal_max_bytes: u64,
+    pub quotas: Quotas,
     pub shutdown_timeout: Duration,
     pub body_idle_timeout: Duration,
     pub ready_file: Option<PathBuf>,
     pub kubeconfig: Option<PathBuf>,
+}
+
+/// What one task attempt may consume of its node's agent.
+#[derive(Debug, Clone)]
+pub struct Quotas {
+    pub journal_bytes: u64,
+    pub output_bytes: u64,
+    pub outputs: u64,
+    pub store_reserve: u64,
 }
 
 impl ServeArgs {
@@ -160,6 +192,10 @@ impl ServeArgs {
             "inline-limit",
             "cache-max-bytes",
             "journal-max-bytes",
+            "task-journal-max-bytes",
+            "task-max-output-bytes",
+            "task-max-outputs",
+            "store-reserve-bytes",
             "shutdown-timeout",
             "body-idle-timeout",
             "ready-file",
@@ -266,6 +302,24 @@ impl ServeArgs {
                 .journal_max_bytes
                 .or(number("journal-max-bytes")?)
                 .unwrap_or(256 << 20),
+            quotas: Quotas {
+                journal_bytes: self
+                    .task_journal_max_bytes
+                    .or(number("task-journal-max-bytes")?)
+                    .unwrap_or(8 << 20),
+                output_bytes: self
+                    .task_max_output_bytes
+                    .or(number("task-max-output-bytes")?)
+                    .unwrap_or(64 << 30),
+                outputs: self
+                    .task_max_outputs
+                    .or(number("task-max-outputs")?)
+                    .unwrap_or(10_000),
+                store_reserve: self
+                    .store_reserve_bytes
+                    .or(number("store-reserve-bytes")?)
+                    .unwrap_or(1 << 30),
+            },
             shutdown_timeout: protocol::duration::parse(&timeout)
                 .map_err(|e| format!("shutdown-timeout: {e}"))?,
             body_idle_timeout: protocol::duration::parse(&body_idle)

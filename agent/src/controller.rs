@@ -1,8 +1,10 @@
 //! The controller side: delivering the outbox, relaying commands, heartbeats.
 //!
-//! Delivery is in journal order, in batches of up to 500 events; a batch is acknowledged by any
-//! 2xx, and only then removed. Failures back off exponentially with full jitter, 100 ms to
-//! 30 s. Without a controller, events are appended (and fsynced) to `DATA_DIR/events.jsonl`
+//! Delivery is in journal order, in batches of up to 500 events and 4 MiB; a batch is
+//! acknowledged by any 2xx, and only then removed. Failures back off exponentially with full
+//! jitter, 100 ms to 30 s. A batch whose content the controller refuses (400, 413, 422) is sent
+//! again one event at a time, and an event refused alone is set aside in
+//! `DATA_DIR/refused-events.jsonl`, logged and counted, so that it holds up no other task's. Without a controller, events are appended (and fsynced) to `DATA_DIR/events.jsonl`
 //! instead, through the same journal.
 
 use std::io::Write;
@@ -27,6 +29,8 @@ use crate::outbox::{Outbox, Reader};
 use crate::token::{self, NodeClaims, Secret};
 
 const BATCH: usize = 500;
+/// What one delivery holds in memory, about twice over (records, then the body).
+const BATCH_BYTES: u64 = 4 << 20;
 const HEARTBEAT: Duration = Duration::from_secs(10);
 
 /// Where events go.
@@ -86,7 +90,7 @@ impl Controller {
         path: &str,
         body: Option<Vec<u8>>,
         limit: Duration,
-    ) -> Result<hyper::Response<hyper::body::Incoming>, String> {
+    ) -> Result<hyper::Response<hyper::body::Incoming>, SendError> {
         let token = self.secret.sign(&NodeClaims {
             node: self.node.clone(),
             exp: token::now() + NODE_TOKEN_TTL,
@@ -100,17 +104,54 @@ impl Controller {
         }
         let request = request
             .body(Full::new(Bytes::from(body.unwrap_or_default())))
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| SendError::new(e.to_string()))?;
         let url = format!("{method} {}{path}", self.url);
         let response = tokio::time::timeout(limit, self.client.request(request))
             .await
-            .map_err(|_| format!("{url}: no answer in {limit:?}"))?
-            .map_err(|e| format!("{url}: {}", causes(&e)))?;
+            .map_err(|_| SendError::new(format!("{url}: no answer in {limit:?}")))?
+            .map_err(|e| SendError::new(format!("{url}: {}", causes(&e))))?;
         if response.status().is_success() {
             Ok(response)
         } else {
-            Err(format!("{url}: {}", response.status()))
+            Err(SendError {
+                status: Some(response.status()),
+                message: format!("{url}: {}", response.status()),
+            })
         }
+    }
+}
+
+/// A request the controller did not take: its answer's status, if it answered.
+#[derive(Debug)]
+pub struct SendError {
+    status: Option<hyper::StatusCode>,
+    message: String,
+}
+
+impl SendError {
+    fn new(message: String) -> SendError {
+        SendError {
+            status: None,
+            message,
+        }
+    }
+
+    /// The controller will not take this content however often it is sent.
+    fn refused_content(&self) -> bool {
+        self.status
+            .is_some_and(|s| matches!(s.as_u16(), 400 | 413 | 422))
+    }
+}
+
+impl std::fmt::Display for SendError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl From<SendError> for String {
+    fn from(e: SendError) -> String {
+        e.message
     }
 }
 
@@ -189,8 +230,12 @@ pub async fn deliver(
         }
     };
     let mut backoff = Backoff::new();
+    // After a refused batch: one event at a time, until past the one refused.
+    let mut singly = 0usize;
+    let refused_file = outbox.dir.with_file_name("refused-events.jsonl");
     loop {
-        let batch = match tokio::task::block_in_place(|| reader.peek(BATCH)) {
+        let max = if singly > 0 { 1 } else { BATCH };
+        let batch = match tokio::task::block_in_place(|| reader.peek(max, BATCH_BYTES)) {
             Ok(batch) => batch,
             Err(e) => {
                 warn!(error = %e, "reading the journal");
@@ -198,6 +243,7 @@ pub async fn deliver(
             }
         };
         if batch.is_empty() {
+            singly = 0;
             if *stop.borrow() {
                 return;
             }
@@ -208,14 +254,39 @@ pub async fn deliver(
             }
             continue;
         }
-        let last = batch.last().expect("not empty").id;
-        let events = batch.into_iter().map(|r| r.event).collect();
-        match send(&sink, &node, events).await {
-            Ok(count) => {
-                metrics.events_delivered.inc_by(count);
+        let (last, count) = (batch.last().expect("not empty").id, batch.len());
+        let events: Vec<_> = batch.into_iter().map(|r| r.event).collect();
+        let sent = match send(&sink, &node, events.clone()).await {
+            Err(e) if e.refused_content() && count == 1 => {
+                let event = &events[0];
+                warn!(
+                    error = %e, task = %event.task_id, attempt = event.attempt, seq = event.seq,
+                    file = %refused_file.display(),
+                    "the controller refuses this event: set aside, so the others go on"
+                );
+                metrics.events_refused.inc();
+                let path = refused_file.clone();
+                tokio::task::spawn_blocking(move || append_lines(&path, &events))
+                    .await
+                    .map_err(|e| e.to_string())
+                    .and_then(|r| r)
+                    .map(|()| 0)
+                    .map_err(|e| SendError::new(format!("setting aside a refused event: {e}")))
+            }
+            Err(e) if e.refused_content() => {
+                info!(error = %e, events = count, "the controller refuses a batch: sending it one event at a time");
+                singly = count;
+                continue;
+            }
+            other => other,
+        };
+        match sent {
+            Ok(delivered) => {
+                metrics.events_delivered.inc_by(delivered);
                 if let Err(e) = tokio::task::block_in_place(|| reader.ack(last)) {
                     warn!(error = %e, "recording delivery in the journal");
                 }
+                singly = singly.saturating_sub(1);
                 backoff.reset();
             }
             Err(e) => {
@@ -233,28 +304,36 @@ pub async fn deliver(
     }
 }
 
-async fn send(sink: &Sink, node: &str, events: Vec<protocol::api::Event>) -> Result<u64, String> {
+/// Appends `events` to `path` as JSON lines, fsynced.
+fn append_lines(path: &Path, events: &[protocol::api::Event]) -> Result<(), String> {
+    let mut lines = Vec::new();
+    for event in events {
+        serde_json::to_writer(&mut lines, event).map_err(|e| e.to_string())?;
+        lines.push(b'\n');
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    file.write_all(&lines)
+        .and_then(|()| file.sync_data())
+        .map_err(|e| format!("{}: {e}", path.display()))
+}
+
+async fn send(
+    sink: &Sink,
+    node: &str,
+    events: Vec<protocol::api::Event>,
+) -> Result<u64, SendError> {
     let count = events.len() as u64;
     match sink {
         Sink::File(path) => {
             let path = path.clone();
-            tokio::task::spawn_blocking(move || {
-                let mut lines = Vec::new();
-                for event in &events {
-                    serde_json::to_writer(&mut lines, event).map_err(|e| e.to_string())?;
-                    lines.push(b'\n');
-                }
-                let mut file = std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&path)
-                    .map_err(|e| e.to_string())?;
-                file.write_all(&lines)
-                    .and_then(|()| file.sync_data())
-                    .map_err(|e| format!("{}: {e}", path.display()))
-            })
-            .await
-            .map_err(|e| e.to_string())??;
+            tokio::task::spawn_blocking(move || append_lines(&path, &events))
+                .await
+                .map_err(|e| SendError::new(e.to_string()))?
+                .map_err(SendError::new)?;
             Ok(count)
         }
         Sink::Controller(controller) => {
@@ -262,7 +341,7 @@ async fn send(sink: &Sink, node: &str, events: Vec<protocol::api::Event>) -> Res
                 node: node.to_owned(),
                 events,
             })
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| SendError::new(e.to_string()))?;
             controller
                 .send(
                     hyper::Method::POST,

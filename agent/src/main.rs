@@ -2,6 +2,7 @@
 #![deny(unsafe_code)]
 
 mod argo;
+mod attempts;
 mod body;
 mod cache;
 mod commands;
@@ -42,6 +43,9 @@ enum Command {
     Serve(Box<config::ServeArgs>),
     /// Print a task token (for controllers in other languages, and for debugging).
     Token(TokenArgs),
+    /// Print the key of one node, derived from the controller's master key: each agent holds
+    /// only its own, so one node's key cannot mint tokens for another node.
+    NodeKey(NodeKeyArgs),
     /// Inject the emissary into a Pod (YAML or JSON) and print it in the same format.
     Inject(InjectArgs),
     /// Serve the Kubernetes mutating admission webhook (HTTPS) that injects labelled pods.
@@ -55,22 +59,46 @@ enum Command {
 
 #[derive(clap::Args)]
 struct TokenArgs {
-    /// The node secret file.
-    #[arg(long, value_name = "FILE")]
-    secret_file: PathBuf,
+    /// The node key file (the agent's --secret-file).
+    #[arg(long, value_name = "FILE", required_unless_present = "master_key_file")]
+    secret_file: Option<PathBuf>,
+    /// The controller's master key instead: the token is signed with the key of `--on` (or of
+    /// `--node`), derived as `emissary-agent node-key` derives it.
+    #[arg(long, value_name = "FILE", conflicts_with = "secret_file")]
+    master_key_file: Option<PathBuf>,
     #[arg(long, value_name = "ID", required_unless_present = "node")]
     task: Option<String>,
     #[arg(long, value_name = "N", required_unless_present = "node")]
     attempt: Option<u32>,
     /// Mint a node token instead (what the agent sends the controller), to test a controller.
-    #[arg(long, value_name = "NAME", conflicts_with_all = ["task", "attempt"])]
+    #[arg(long, value_name = "NAME", conflicts_with_all = ["task", "attempt", "on"])]
     node: Option<String>,
+    /// The workflow's namespace (the store key's first level).
+    #[arg(long, value_name = "NAME", default_value = "default")]
+    namespace: String,
     /// The workflow the task belongs to (the store key's second level).
     #[arg(long, value_name = "NAME", default_value = "default")]
     workflow: String,
-    /// How long the token is valid (e.g. 30m, 12h).
-    #[arg(long, value_name = "DURATION", default_value = "24h")]
+    /// The node whose agent alone takes the token.
+    #[arg(long, value_name = "NODE")]
+    on: Option<String>,
+    /// A store key outside its own workflow the task may read: an input passed to it (repeat;
+    /// `PREFIX/` grants everything under it).
+    #[arg(long = "read", value_name = "KEY")]
+    reads: Vec<String>,
+    /// How long the token is valid (e.g. 30m, 12h): the task's deadline and a margin.
+    #[arg(long, value_name = "DURATION", default_value = "1h")]
     ttl: String,
+}
+
+#[derive(clap::Args)]
+struct NodeKeyArgs {
+    /// The controller's master key (at least 32 random bytes).
+    #[arg(long, value_name = "FILE")]
+    master_key_file: PathBuf,
+    /// The node whose key to print (its agent's --secret-file).
+    #[arg(long, value_name = "NAME")]
+    node: String,
 }
 
 #[derive(clap::Args)]
@@ -125,28 +153,13 @@ fn run(cli: Cli) -> Result<(), String> {
             init_logging();
             runtime()?.block_on(serve::serve(settings))
         }
-        Command::Token(args) => {
-            let secret = token::Secret::from_file(&args.secret_file)?;
-            let ttl = protocol::duration::parse(&args.ttl).map_err(|e| format!("--ttl: {e}"))?;
-            let exp = token::now() + ttl.as_secs();
-            if let Some(node) = args.node {
-                println!("{}", secret.sign(&token::NodeClaims { node, exp }));
-                return Ok(());
+        Command::Token(args) => token_command(args),
+        Command::NodeKey(args) => {
+            let master = token::Secret::from_file(&args.master_key_file)?;
+            if !protocol::api::valid_name(&args.node) {
+                return Err("--node must be a name of [A-Za-z0-9._-]".into());
             }
-            let (Some(task), Some(attempt)) = (args.task, args.attempt) else {
-                return Err("--task and --attempt are required (or --node)".into());
-            };
-            if !protocol::api::valid_name(&task) || !protocol::api::valid_name(&args.workflow) {
-                return Err("--task and --workflow must be names of [A-Za-z0-9._-]".into());
-            }
-            let claims = token::Claims {
-                wf: args.workflow,
-                task,
-                attempt,
-                exp,
-                pod: None,
-            };
-            println!("{}", secret.sign(&claims));
+            println!("{}", master.node_key(&args.node).text());
             Ok(())
         }
         Command::Inject(args) => {
@@ -174,6 +187,48 @@ fn run(cli: Cli) -> Result<(), String> {
             Ok(())
         }
     }
+}
+
+fn token_command(args: TokenArgs) -> Result<(), String> {
+    let signer = args.on.as_deref().or(args.node.as_deref());
+    let secret = match (&args.secret_file, &args.master_key_file, signer) {
+        (Some(file), _, _) => token::Secret::from_file(file)?,
+        (None, Some(file), Some(node)) => token::Secret::from_file(file)?.node_key(node),
+        _ => return Err("--master-key-file needs --on NODE (or --node)".into()),
+    };
+    let ttl = protocol::duration::parse(&args.ttl).map_err(|e| format!("--ttl: {e}"))?;
+    let exp = token::now() + ttl.as_secs();
+    if let Some(node) = args.node {
+        println!("{}", secret.sign(&token::NodeClaims { node, exp }));
+        return Ok(());
+    }
+    let (Some(task), Some(attempt)) = (args.task, args.attempt) else {
+        return Err("--task and --attempt are required (or --node)".into());
+    };
+    for (flag, name) in [
+        ("--task", &task),
+        ("--workflow", &args.workflow),
+        ("--namespace", &args.namespace),
+    ]
+    .into_iter()
+    .chain(args.on.iter().map(|on| ("--on", on)))
+    {
+        if !protocol::api::valid_name(name) {
+            return Err(format!("{flag} {name:?} is not a name of [A-Za-z0-9._-]"));
+        }
+    }
+    let claims = token::Claims {
+        ns: args.namespace,
+        wf: args.workflow,
+        task,
+        attempt,
+        exp,
+        on: args.on,
+        reads: args.reads,
+        pod: None,
+    };
+    println!("{}", secret.sign(&claims));
+    Ok(())
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, String> {

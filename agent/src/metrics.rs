@@ -23,6 +23,7 @@ pub struct Metrics {
     pub events_appended: Counter,
     pub events_delivered: Counter,
     pub delivery_failures: Counter,
+    pub events_refused: Counter,
     pub cache_hits: Counter,
     pub cache_misses: Counter,
     pub cache_stale_hits: Counter,
@@ -41,6 +42,7 @@ impl Metrics {
             events_appended: Counter::default(),
             events_delivered: Counter::default(),
             delivery_failures: Counter::default(),
+            events_refused: Counter::default(),
             cache_hits: Counter::default(),
             cache_misses: Counter::default(),
             cache_stale_hits: Counter::default(),
@@ -78,6 +80,11 @@ impl Metrics {
             "delivery_failures",
             "Failed event batch deliveries",
             m.delivery_failures.clone(),
+        );
+        registry.register(
+            "events_refused",
+            "Events the controller refused alone, set aside in refused-events.jsonl",
+            m.events_refused.clone(),
         );
         registry.register(
             "cache_hits",

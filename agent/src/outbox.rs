@@ -8,7 +8,10 @@
 //! controller deduplicates by `(workflow, task_id, attempt, seq)`), and `seq` never repeats.
 //!
 //! Full journal (`--journal-max-bytes`): new events are refused with 503 and the emissary
-//! retries with backoff; nothing is ever dropped to make room.
+//! retries with backoff; nothing is ever dropped to make room. One task cannot fill it for the
+//! others: an attempt's undelivered events are bounded (`--task-journal-max-bytes`, 429 beyond),
+//! and the last quarter is kept for final events, so results still land while starts and
+//! progress wait.
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
@@ -38,6 +41,8 @@ pub struct Record {
 #[derive(Debug)]
 pub enum AppendError {
     Full,
+    /// This attempt's undelivered events reached their quota.
+    Quota(u64),
     Io(String),
 }
 
@@ -47,6 +52,10 @@ impl std::fmt::Display for AppendError {
             AppendError::Full => {
                 f.write_str("the event journal is full (the controller is not taking events)")
             }
+            AppendError::Quota(limit) => write!(
+                f,
+                "this task attempt has {limit} bytes of events waiting for the controller already"
+            ),
             AppendError::Io(e) => write!(f, "journal write failed: {e}"),
         }
     }
@@ -65,16 +74,22 @@ pub struct Outbox {
     pub appended: Arc<Notify>,
     /// Bytes of undelivered records (the writer adds, delivery subtracts).
     pub bytes: Arc<AtomicU64>,
+    /// The same, per attempt.
+    live: Live,
     pub dir: PathBuf,
 }
 
+/// Undelivered bytes per attempt.
+type Live = Arc<std::sync::Mutex<HashMap<SeqKey, u64>>>;
+
 impl Outbox {
     /// Opens (or recovers) the journal in `dir` and starts its writer thread.
-    pub fn open(dir: &Path, max_bytes: u64) -> io::Result<Outbox> {
+    pub fn open(dir: &Path, max_bytes: u64, attempt_max_bytes: u64) -> io::Result<Outbox> {
         fs::create_dir_all(dir)?;
         let mut seqs: HashMap<SeqKey, SeqState> = read_seqs(dir)?;
         let cursor = read_cursor(dir)?;
         let (mut next_id, mut live_bytes) = (cursor + 1, 0u64);
+        let mut live = HashMap::new();
         let segments = segments(dir)?;
         for (i, segment) in segments.iter().enumerate() {
             let file = File::open(&segment.path)?;
@@ -90,6 +105,7 @@ impl Outbox {
             for (record, len) in records {
                 if record.id > cursor {
                     live_bytes += len;
+                    *live.entry(seq_key(&record.event)).or_default() += len;
                 }
                 next_id = next_id.max(record.id + 1);
                 let state = seqs.entry(seq_key(&record.event)).or_default();
@@ -97,6 +113,7 @@ impl Outbox {
             }
         }
         let bytes = Arc::new(AtomicU64::new(live_bytes));
+        let live = Arc::new(std::sync::Mutex::new(live));
         let appended = Arc::new(Notify::new());
         let (tx, rx) = mpsc::channel(1024);
         let writer = Writer {
@@ -105,7 +122,9 @@ impl Outbox {
             next_id,
             current: None,
             bytes: bytes.clone(),
+            live: live.clone(),
             max_bytes,
+            attempt_max_bytes,
             appended: appended.clone(),
         };
         std::thread::Builder::new()
@@ -115,6 +134,7 @@ impl Outbox {
             tx,
             appended,
             bytes,
+            live,
             dir: dir.to_owned(),
         })
     }
@@ -131,11 +151,27 @@ impl Outbox {
     }
 }
 
-/// `seq` counts per (workflow, task id, attempt).
-type SeqKey = (String, String, u32);
+/// `seq` counts per (namespace, workflow, task id, attempt).
+type SeqKey = (String, String, String, u32);
 
 fn seq_key(event: &Event) -> SeqKey {
-    (event.workflow.clone(), event.task_id.clone(), event.attempt)
+    (
+        event.namespace.clone(),
+        event.workflow.clone(),
+        event.task_id.clone(),
+        event.attempt,
+    )
+}
+
+fn is_final(phase: Phase) -> bool {
+    matches!(
+        phase,
+        Phase::Succeeded
+            | Phase::Failed
+            | Phase::TimedOut
+            | Phase::Aborted
+            | Phase::RetryableFailure
+    )
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -156,7 +192,9 @@ struct Writer {
     next_id: u64,
     current: Option<(File, u64)>,
     bytes: Arc<AtomicU64>,
+    live: Live,
     max_bytes: u64,
+    attempt_max_bytes: u64,
     appended: Arc<Notify>,
 }
 
@@ -170,14 +208,21 @@ impl Writer {
             }
             let mut written = Vec::with_capacity(batch.len());
             for append in batch {
-                if self.bytes.load(Ordering::Relaxed) >= self.max_bytes {
+                // The last quarter is for final events: results land while a flood waits.
+                let total = self.bytes.load(Ordering::Relaxed);
+                let limit = if is_final(append.event.phase) {
+                    self.max_bytes
+                } else {
+                    self.max_bytes / 4 * 3
+                };
+                if total >= limit {
                     let _ = append.done.send(Err(AppendError::Full));
                     continue;
                 }
                 match self.write(append.event) {
                     Ok(event) => written.push((append.done, event)),
                     Err(e) => {
-                        let _ = append.done.send(Err(AppendError::Io(e.to_string())));
+                        let _ = append.done.send(Err(e));
                     }
                 }
             }
@@ -197,36 +242,36 @@ impl Writer {
         let _ = self.save_seqs();
     }
 
-    fn write(&mut self, mut event: Event) -> io::Result<Event> {
-        let state = self.seqs.entry(seq_key(&event)).or_default();
-        state.seq += 1;
-        event.seq = state.seq;
-        if matches!(
-            event.phase,
-            Phase::Succeeded
-                | Phase::Failed
-                | Phase::TimedOut
-                | Phase::Aborted
-                | Phase::RetryableFailure
-        ) {
-            state.final_at = Some(crate::token::now());
-        }
+    fn write(&mut self, mut event: Event) -> Result<Event, AppendError> {
+        let key = seq_key(&event);
+        let state = self.seqs.entry(key.clone()).or_default();
+        event.seq = state.seq + 1;
         let record = Record {
             id: self.next_id,
             event,
         };
-        let mut line = serde_json::to_vec(&record).map_err(io::Error::other)?;
+        let io = |e: io::Error| AppendError::Io(e.to_string());
+        let mut line = serde_json::to_vec(&record).map_err(|e| AppendError::Io(e.to_string()))?;
         line.push(b'\n');
+        let len = line.len() as u64;
+        let waiting = self.live.lock().unwrap().get(&key).copied().unwrap_or(0);
+        if waiting + len > self.attempt_max_bytes {
+            return Err(AppendError::Quota(self.attempt_max_bytes));
+        }
         let rotate = self
             .current
             .as_ref()
             .is_none_or(|(_, size)| *size >= SEGMENT_BYTES);
         if rotate {
             // The snapshot covers every record of the segments delivery may now delete.
-            self.save_seqs()?;
+            self.save_seqs().map_err(io)?;
             let path = self.dir.join(format!("{:020}.jsonl", record.id));
-            let file = OpenOptions::new().create(true).append(true).open(path)?;
-            let size = file.metadata()?.len();
+            let file = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(io)?;
+            let size = file.metadata().map_err(io)?.len();
             self.current = Some((file, size));
         }
         let (file, size) = self.current.as_mut().expect("opened above");
@@ -238,11 +283,17 @@ impl Writer {
                 self.current = None;
                 self.next_id += 1; // the new segment's name must differ from the torn one's
             }
-            return Err(e);
+            return Err(io(e));
         }
-        *size += line.len() as u64;
-        self.bytes.fetch_add(line.len() as u64, Ordering::Relaxed);
+        *size += len;
+        self.bytes.fetch_add(len, Ordering::Relaxed);
+        *self.live.lock().unwrap().entry(key.clone()).or_default() += len;
         self.next_id += 1;
+        let state = self.seqs.get_mut(&key).expect("entered above");
+        state.seq = record.event.seq;
+        if is_final(record.event.phase) {
+            state.final_at = Some(crate::token::now());
+        }
         Ok(record.event)
     }
 
@@ -252,10 +303,10 @@ impl Writer {
             s.final_at
                 .is_none_or(|t| now.saturating_sub(t) < SEQ_RETENTION_SECS)
         });
-        let list: Vec<(&String, &String, u32, &SeqState)> = self
+        let list: Vec<(&String, &String, &String, u32, &SeqState)> = self
             .seqs
             .iter()
-            .map(|((w, t, a), s)| (w, t, *a, s))
+            .map(|((n, w, t, a), s)| (n, w, t, *a, s))
             .collect();
         write_atomic(
             &self.dir.join("seqs.json"),
@@ -264,12 +315,13 @@ impl Writer {
     }
 }
 
-/// A `seqs.json` entry: `[workflow, task, attempt, state]`, or `[task, attempt, state]` as
-/// agents wrote it before events carried their workflow (read as the empty workflow).
+/// A `seqs.json` entry: `[namespace, workflow, task, attempt, state]`; as older agents wrote
+/// it, without the namespace, or without the workflow too (read as empty).
 #[derive(Deserialize)]
 #[serde(untagged)]
 enum SeqEntry {
-    Current(String, String, u32, SeqState),
+    Current(String, String, String, u32, SeqState),
+    WithoutNamespace(String, String, u32, SeqState),
     Legacy(String, u32, SeqState),
 }
 
@@ -280,8 +332,9 @@ fn read_seqs(dir: &Path) -> io::Result<HashMap<SeqKey, SeqState>> {
             Ok(list
                 .into_iter()
                 .map(|entry| match entry {
-                    SeqEntry::Current(w, t, a, s) => ((w, t, a), s),
-                    SeqEntry::Legacy(t, a, s) => ((String::new(), t, a), s),
+                    SeqEntry::Current(n, w, t, a, s) => ((n, w, t, a), s),
+                    SeqEntry::WithoutNamespace(w, t, a, s) => ((String::new(), w, t, a), s),
+                    SeqEntry::Legacy(t, a, s) => ((String::new(), String::new(), t, a), s),
                 })
                 .collect())
         }
@@ -355,7 +408,10 @@ pub struct Reader {
     position: Option<(u64, u64)>,
     /// Where the position moves once the last peeked batch is acknowledged, and its bytes.
     pending: Option<(u64, u64, u64)>,
+    /// The last peeked batch's bytes per attempt.
+    pending_live: HashMap<SeqKey, u64>,
     bytes: Arc<AtomicU64>,
+    live: Live,
 }
 
 impl Reader {
@@ -365,14 +421,18 @@ impl Reader {
             cursor: read_cursor(&outbox.dir)?,
             position: None,
             pending: None,
+            pending_live: HashMap::new(),
             bytes: outbox.bytes.clone(),
+            live: outbox.live.clone(),
         })
     }
 
-    /// Up to `max` records after the cursor (without consuming them).
-    pub fn peek(&mut self, max: usize) -> io::Result<Vec<Record>> {
+    /// Up to `max` records after the cursor, and no more than `max_bytes` of them unless one
+    /// alone is larger (without consuming them).
+    pub fn peek(&mut self, max: usize, max_bytes: u64) -> io::Result<Vec<Record>> {
         let mut records = Vec::new();
         let mut bytes = 0u64;
+        self.pending_live.clear();
         let mut end = self.position;
         let segments = segments(&self.dir)?;
         let start = match self.position {
@@ -397,15 +457,19 @@ impl Reader {
                 if n == 0 || !line.ends_with(b"\n") {
                     break; // the end, or a line still being written
                 }
+                let record = serde_json::from_slice::<Record>(&line)
+                    .ok() // not a record: skipped (at open too)
+                    .filter(|r| r.id > self.cursor); // or delivered before a restart
+                if record.is_some() && !records.is_empty() && bytes + n as u64 > max_bytes {
+                    break 'segments;
+                }
                 offset += n as u64;
                 end = Some((segment.first_id, offset));
-                let Ok(record) = serde_json::from_slice::<Record>(&line) else {
-                    continue; // not a record (skipped at open too)
+                let Some(record) = record else {
+                    continue;
                 };
-                if record.id <= self.cursor {
-                    continue; // delivered before a restart
-                }
                 bytes += n as u64;
+                *self.pending_live.entry(seq_key(&record.event)).or_default() += n as u64;
                 records.push(record);
                 if records.len() >= max {
                     break 'segments;
@@ -423,6 +487,15 @@ impl Reader {
         if let Some((first, offset, bytes)) = self.pending.take() {
             self.position = Some((first, offset));
             self.bytes.fetch_sub(bytes, Ordering::Relaxed);
+            let mut live = self.live.lock().unwrap();
+            for (key, bytes) in self.pending_live.drain() {
+                if let Some(waiting) = live.get_mut(&key) {
+                    *waiting = waiting.saturating_sub(bytes);
+                    if *waiting == 0 {
+                        live.remove(&key);
+                    }
+                }
+            }
         }
         let segments = segments(&self.dir)?;
         for pair in segments.windows(2) {
@@ -472,14 +545,14 @@ mod tests {
         );
         fs::write(dir.join(format!("{:020}.jsonl", 1)), segment).unwrap();
         fs::write(dir.join("seqs.json"), r#"[["gone",0,{"seq":7}]]"#).unwrap();
-        let outbox = Outbox::open(&dir, 1 << 20).unwrap();
+        let outbox = Outbox::open(&dir, 1 << 20, 1 << 20).unwrap();
         let appended = outbox.append(event("wf")).await.unwrap();
         assert_eq!(appended.seq, 1, "a new workflow's attempt counts from 1");
         let legacy_again = outbox.append(event("")).await.unwrap();
         assert_eq!(legacy_again.seq, 4, "the legacy attempt's seq goes on");
         let mut reader = Reader::open(&outbox).unwrap();
         let seen: Vec<(String, u64)> = reader
-            .peek(100)
+            .peek(100, 1 << 20)
             .unwrap()
             .into_iter()
             .map(|r| (r.event.workflow, r.event.seq))

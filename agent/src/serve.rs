@@ -15,6 +15,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::argo::Argo;
+use crate::attempts::Attempts;
 use crate::cache::Cache;
 use crate::commands::Commands;
 use crate::config::Settings;
@@ -24,6 +25,10 @@ use crate::outbox::Outbox;
 use crate::server::{self, App};
 use crate::store::{S3Settings, Store};
 use crate::token::Secret;
+
+/// Open API connections at most: far above a node's emissaries (a few each), far below what
+/// exhausts the agent's memory or descriptors.
+const CONNECTIONS: usize = 4096;
 
 pub async fn serve(settings: Settings) -> Result<(), String> {
     let secret = Secret::from_file(&settings.secret_file)?;
@@ -43,12 +48,19 @@ pub async fn serve(settings: Settings) -> Result<(), String> {
         });
     }
     let data = &settings.data_dir;
-    let outbox = Outbox::open(&data.join("journal"), settings.journal_max_bytes).map_err(|e| {
+    let outbox = Outbox::open(
+        &data.join("journal"),
+        settings.journal_max_bytes,
+        settings.quotas.journal_bytes,
+    )
+    .map_err(|e| {
         format!(
             "cannot open the journal in {}: {e}",
             data.join("journal").display()
         )
     })?;
+    let attempts = Attempts::open(data, settings.quotas.clone())
+        .map_err(|e| format!("cannot open {}: {e}", data.join("closed").display()))?;
     let cache = Cache::open(&data.join("cache"), settings.cache_max_bytes).map_err(|e| {
         format!(
             "cannot open the node cache in {}: {e}",
@@ -75,6 +87,9 @@ pub async fn serve(settings: Settings) -> Result<(), String> {
         outbox: outbox.clone(),
         commands: commands.clone(),
         metrics: metrics.clone(),
+        attempts,
+        store_reserve: settings.quotas.store_reserve,
+        json_budget: tokio::sync::Semaphore::new(server::JSON_BODIES),
         node: settings.node.clone(),
         inline_limit: settings.inline_limit,
         body_idle: settings.body_idle_timeout,
@@ -155,6 +170,7 @@ pub async fn serve(settings: Settings) -> Result<(), String> {
     ready.store(true, std::sync::atomic::Ordering::Relaxed);
     info!(api = %api_addr, admin = %admin_addr, store = %settings.store, node = %settings.node, "listening");
 
+    let connections = Arc::new(tokio::sync::Semaphore::new(CONNECTIONS));
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| e.to_string())?;
     let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
@@ -173,12 +189,21 @@ pub async fn serve(settings: Settings) -> Result<(), String> {
                 continue;
             }
         };
+        // Past the bound a connection is closed at once: each costs buffers and a task.
+        let Ok(slot) = connections.clone().try_acquire_owned() else {
+            warn!(
+                limit = CONNECTIONS,
+                "too many connections: closing a new one"
+            );
+            continue;
+        };
         let app = app.clone();
         let service = service_fn(move |req| server::handle(app.clone(), req));
         let connection = server::http1().serve_connection(TokioIo::new(stream), service);
         let watched = graceful.watch(connection);
         tokio::spawn(async move {
             let _ = watched.await;
+            drop(slot);
         });
     }
 

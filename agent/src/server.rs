@@ -1,9 +1,12 @@
 //! The emissary API (`/v1/tasks/{task}/{attempt}/...`) and the admin endpoints.
 //!
 //! Every task request carries `Authorization: Bearer TOKEN`; a token opens only its own task
-//! attempt's paths (401 for a bad or expired token, 403 for another task's). JSON bodies are
-//! capped at 1 MiB and a malformed one is a 400 naming the field; names must be single safe
-//! path segments; a client silent mid-body for `--body-idle-timeout` (60 s) is cut off.
+//! attempt's paths (401 for a bad or expired token, 403 for another task's or another node's),
+//! until the attempt's result is recorded (409 after: see `crate::attempts`, which also keeps
+//! the per-attempt quotas). It reads only its own workflow's keys and those its token grants.
+//! JSON bodies are capped at 1 MiB (and their memory node-wide) and a malformed one is a 400
+//! naming the field; names must be single safe path segments; a client silent mid-body for
+//! `--body-idle-timeout` (60 s), or sending an upload slower than 64 KiB a minute, is cut off.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,7 +23,8 @@ use serde::de::DeserializeOwned;
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::argo::{Argo, ArgoError, ArgoPod};
-use crate::body::{Body, InMemory, ReadError, Upload, empty, full, read_limited};
+use crate::attempts::{Attempts, Denied, Entered};
+use crate::body::{Body, Chunks, InMemory, ReadError, Upload, empty, full, read_limited};
 use crate::cache::{Cache, Lookup};
 use crate::commands::Commands;
 use crate::metrics::{Metrics, RequestLabels};
@@ -29,6 +33,8 @@ use crate::store::{Store, StoreError, stream_file};
 use crate::token::{Claims, Secret};
 
 const JSON_LIMIT: usize = 1 << 20;
+/// JSON bodies being read at once, node-wide: their memory is `JSON_LIMIT` each at most.
+pub const JSON_BODIES: usize = 64;
 /// The most files of one unarchived directory an input may have.
 const DIRECTORY_FILES: usize = 100_000;
 /// How long a client may take to send its request's headers (every listener).
@@ -55,6 +61,11 @@ pub struct App {
     pub outbox: Outbox,
     pub commands: Arc<Commands>,
     pub metrics: Arc<Metrics>,
+    pub attempts: Arc<Attempts>,
+    /// Free bytes a local store leaves on its filesystem.
+    pub store_reserve: u64,
+    /// Permits to buffer a JSON body.
+    pub json_budget: tokio::sync::Semaphore,
     pub node: String,
     pub inline_limit: usize,
     /// How long a client may stay silent in the middle of a request body.
@@ -88,10 +99,17 @@ impl From<ArgoError> for Refusal {
     }
 }
 
+impl From<Denied> for Refusal {
+    fn from(e: Denied) -> Refusal {
+        Refusal(e.0, e.1)
+    }
+}
+
 impl From<AppendError> for Refusal {
     fn from(e: AppendError) -> Refusal {
         let status = match e {
             AppendError::Full => StatusCode::SERVICE_UNAVAILABLE,
+            AppendError::Quota(_) => StatusCode::TOO_MANY_REQUESTS,
             AppendError::Io(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         Refusal(status, e.to_string())
@@ -172,6 +190,7 @@ async fn route(
         (&Method::GET, ["inputs", _]) => "inputs",
         (&Method::PUT, ["outputs", _, ..]) => "outputs",
         (&Method::GET, ["commands"]) => "commands",
+        (&Method::GET, ["containers", _]) => "containers",
         _ => {
             return (
                 "unknown",
@@ -196,22 +215,27 @@ async fn route(
             )
         })?;
         let claims = authorize(app, &req, task, attempt)?;
+        let mut entered = app.attempts.enter(&claims)?;
         let argo = match &claims.pod {
             Some(pod) => Some(argo_of(app)?.pod(pod).await?),
             None => None,
         };
+        let entered = &mut entered;
         match (route, argo) {
-            ("start", None) => start(app, &claims, req).await,
+            ("start", None) => start(app, &claims, entered, req).await,
             ("start", Some(_)) => Ok(json_response(StatusCode::OK, &serde_json::json!({}))),
-            ("progress", None) => progress(app, &claims, req).await,
-            ("progress", Some(pod)) => argo_progress(app, &pod, req).await,
-            ("result", None) => result(app, &claims, req).await,
-            ("result", Some(pod)) => argo_result(app, &pod, req).await,
-            ("inputs", None) => input(app, &req, rest[1]).await,
+            ("progress", None) => progress(app, &claims, entered, req).await,
+            ("progress", Some(pod)) => argo_progress(app, &pod, entered, req).await,
+            ("result", None) => result(app, &claims, entered, req).await,
+            ("result", Some(pod)) => argo_result(app, &claims, &pod, entered, req).await,
+            ("inputs", None) => input(app, &claims, &req, rest[1]).await,
             ("inputs", Some(pod)) => argo_input(app, &pod, rest[1]).await,
-            ("outputs", None) => output(app, &claims, req, &rest[1..].join("/")).await,
-            ("outputs", Some(pod)) => argo_output(app, &pod, req, &rest[1..].join("/")).await,
-            _ => commands(app, &claims, &req).await,
+            ("outputs", None) => output(app, &claims, entered, req, &rest[1..].join("/")).await,
+            ("outputs", Some(pod)) => {
+                argo_output(app, &pod, entered, req, &rest[1..].join("/")).await
+            }
+            ("containers", _) => container_exit(app, &claims, &req, rest[1]).await,
+            _ => commands(app, &claims, entered, &req).await,
         }
     }
     .await;
@@ -239,6 +263,15 @@ fn authorize(
         .secret
         .verify(token.trim(), crate::token::now())
         .map_err(|e| Refusal::new(StatusCode::UNAUTHORIZED, e.to_string()))?;
+    if let Some(node) = claims.on.as_deref().filter(|&on| on != app.node) {
+        return Err(Refusal::new(
+            StatusCode::FORBIDDEN,
+            format!(
+                "this token is for node {node:?}, not this agent's {:?}",
+                app.node
+            ),
+        ));
+    }
     if claims.task != task || claims.attempt != attempt {
         return Err(Refusal::new(
             StatusCode::FORBIDDEN,
@@ -253,6 +286,12 @@ fn authorize(
 
 /// A JSON body, with the path of the field at fault when it does not parse.
 async fn json_body<T: DeserializeOwned>(app: &App, req: Request<Incoming>) -> Result<T, Refusal> {
+    let _memory = app.json_budget.try_acquire().map_err(|_| {
+        Refusal::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the agent is reading as many request bodies as it may at once; try again",
+        )
+    })?;
     let bytes = read_limited(req.into_body(), JSON_LIMIT, app.body_idle)
         .await
         .map_err(|e| {
@@ -280,6 +319,7 @@ async fn json_body<T: DeserializeOwned>(app: &App, req: Request<Incoming>) -> Re
 
 fn event(app: &App, claims: &Claims, phase: Phase) -> Event {
     Event {
+        namespace: claims.ns.clone(),
         workflow: claims.wf.clone(),
         task_id: claims.task.clone(),
         attempt: claims.attempt,
@@ -309,10 +349,12 @@ async fn journal(app: &App, event: Event) -> Result<Response<Body>, Refusal> {
 async fn start(
     app: &App,
     claims: &Claims,
+    entered: &Entered,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Refusal> {
     let start: StartRequest = json_body(app, req).await?;
     check_container(&start.container)?;
+    entered.container(&start.container)?;
     let mut e = event(app, claims, Phase::Running);
     e.container = Some(start.container);
     journal(app, e).await
@@ -321,10 +363,12 @@ async fn start(
 async fn progress(
     app: &App,
     claims: &Claims,
+    entered: &Entered,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Refusal> {
     let report: ProgressReport = json_body(app, req).await?;
     check_container(&report.container)?;
+    entered.container(&report.container)?;
     if !api::valid_progress(&report.progress) {
         return Err(Refusal::new(
             StatusCode::BAD_REQUEST,
@@ -340,10 +384,14 @@ async fn progress(
 async fn result(
     app: &App,
     claims: &Claims,
+    entered: &Entered,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Refusal> {
     let result: TaskResult = json_body(app, req).await?;
     check_container(&result.container)?;
+    entered.container(&result.container)?;
+    // One result per attempt: a second, concurrent or later, is refused rather than raced.
+    let closing = entered.close(claims.exp)?;
     let phase = if app
         .commands
         .was_terminated(&claims.wf, &claims.task, claims.attempt)
@@ -384,7 +432,9 @@ async fn result(
         outputs.result = Some(inline_or_offload(app, claims, "result", text).await?);
     }
     e.outputs = Some(outputs);
-    journal(app, e).await
+    let answer = journal(app, e).await?;
+    closing.commit();
+    Ok(answer)
 }
 
 /// The `container` of a start, progress or result: a name, as in the pod.
@@ -451,10 +501,20 @@ async fn inline_or_offload(
     Ok(Value::Offloaded(stored))
 }
 
-/// `{prefix}/{workflow}/{task}/{attempt}/{name}`.
+/// `{prefix}/{namespace}/{workflow}/{task}/{attempt}/{name}`.
 fn object_key(app: &App, claims: &Claims, name: &str) -> String {
+    format!(
+        "{}{}/{}/{name}",
+        workflow_prefix(app, claims),
+        claims.task,
+        claims.attempt
+    )
+}
+
+/// `{prefix}/{namespace}/{workflow}/`: what a task reads without being granted it.
+fn workflow_prefix(app: &App, claims: &Claims) -> String {
     let prefix = app.store.prefix();
-    let base = format!("{}/{}/{}/{name}", claims.wf, claims.task, claims.attempt);
+    let base = format!("{}/{}/", claims.ns, claims.wf);
     if prefix.is_empty() {
         base
     } else {
@@ -462,7 +522,12 @@ fn object_key(app: &App, claims: &Claims, name: &str) -> String {
     }
 }
 
-async fn input(app: &App, req: &Request<Incoming>, name: &str) -> Result<Response<Body>, Refusal> {
+async fn input(
+    app: &App,
+    claims: &Claims,
+    req: &Request<Incoming>,
+    name: &str,
+) -> Result<Response<Body>, Refusal> {
     if !api::valid_name(name) {
         return Err(Refusal::new(
             StatusCode::BAD_REQUEST,
@@ -471,6 +536,26 @@ async fn input(app: &App, req: &Request<Incoming>, name: &str) -> Result<Respons
     }
     let key = query(req, "key")
         .ok_or_else(|| Refusal::new(StatusCode::BAD_REQUEST, "missing ?key= of the input"))?;
+    app.store.check_key(&key)?;
+    // Reads are capabilities: the task's own workflow, and what the controller passed it.
+    let granted = key.starts_with(&workflow_prefix(app, claims))
+        || claims
+            .reads
+            .iter()
+            .any(|read| match read.strip_suffix('/') {
+                Some(prefix) => key.starts_with(read.as_str()) && !prefix.is_empty(),
+                None => key == *read,
+            });
+    if !granted {
+        return Err(Refusal::new(
+            StatusCode::FORBIDDEN,
+            format!(
+                "input {name:?}: key {key:?} is neither under this task's workflow ({}) nor \
+                 granted to it by its token",
+                workflow_prefix(app, claims)
+            ),
+        ));
+    }
     serve_object(app, &app.store, &key).await
 }
 
@@ -562,6 +647,7 @@ fn octet_stream(size: u64, body: Body) -> Response<Body> {
 async fn output(
     app: &App,
     claims: &Claims,
+    entered: &mut Entered,
     req: Request<Incoming>,
     file: &str,
 ) -> Result<Response<Body>, Refusal> {
@@ -572,24 +658,75 @@ async fn output(
         ));
     }
     let key = object_key(app, claims, file);
-    store_upload(app, &app.store, &key, req).await
+    store_upload(app, &app.store, entered, &key, req).await
 }
 
-/// Streams the request's body to `key` of `store`; answers with what was stored.
+/// Streams the request's body to `key` of `store`, within the attempt's quotas; answers with
+/// what was stored.
 async fn store_upload(
     app: &App,
     store: &Store,
+    entered: &mut Entered,
     key: &str,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Refusal> {
-    let mut upload = Upload {
-        body: req.into_body(),
-        idle: app.body_idle,
+    entered.upload()?;
+    let mut upload = Metered {
+        upload: Upload::new(req.into_body(), app.body_idle),
+        entered,
+        local_root: store.local_root().map(|root| (root, app.store_reserve)),
+        checked: 0,
+        denied: None,
     };
-    let stored = store.put(key, &mut upload).await?;
+    let stored = store.put(key, &mut upload).await;
+    if let Some(denied) = upload.denied.take() {
+        return Err(denied.into());
+    }
+    let stored = stored?;
     app.metrics.upload_bytes.inc_by(stored.size);
     info!(key = %stored.key, size = stored.size, "stored");
     Ok(json_response(StatusCode::OK, &stored))
+}
+
+/// An upload's body, counted against its attempt's quota and, for a local store, the free
+/// space its filesystem must keep.
+struct Metered<'a> {
+    upload: Upload,
+    entered: &'a Entered,
+    local_root: Option<(&'a std::path::Path, u64)>,
+    /// Bytes since the free space was last looked at.
+    checked: u64,
+    denied: Option<Denied>,
+}
+
+/// How often an upload to a local store looks at the free space.
+const SPACE_CHECK_BYTES: u64 = 16 << 20;
+
+impl Chunks for Metered<'_> {
+    async fn next_chunk(&mut self) -> Option<std::io::Result<Bytes>> {
+        let chunk = self.upload.next_chunk().await?;
+        let Ok(bytes) = &chunk else {
+            return Some(chunk);
+        };
+        let len = bytes.len() as u64;
+        let mut denied = self.entered.uploaded(len).err();
+        self.checked += len;
+        if let Some((root, reserve)) = self.local_root
+            && denied.is_none()
+            && (self.checked >= SPACE_CHECK_BYTES || self.checked == len)
+        {
+            self.checked = 0;
+            denied = crate::store::check_free_space(root, reserve)
+                .err()
+                .map(|e| Denied(StatusCode::INSUFFICIENT_STORAGE, e));
+        }
+        if let Some(denied) = denied {
+            let message = denied.1.clone();
+            self.denied = Some(denied);
+            return Some(Err(std::io::Error::other(message)));
+        }
+        Some(chunk)
+    }
 }
 
 fn argo_of(app: &App) -> Result<&Arc<Argo>, Refusal> {
@@ -636,9 +773,11 @@ async fn argo_login(app: &App, req: &Request<Incoming>) -> Result<Response<Body>
 async fn argo_progress(
     app: &App,
     pod: &ArgoPod,
+    entered: &Entered,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Refusal> {
     let report: ProgressReport = json_body(app, req).await?;
+    entered.progress()?;
     if !api::valid_progress(&report.progress) {
         return Err(Refusal::new(
             StatusCode::BAD_REQUEST,
@@ -653,11 +792,14 @@ async fn argo_progress(
 /// answer (the emissary exits only after it, so Argo never waits for a result that is gone).
 async fn argo_result(
     app: &App,
+    claims: &Claims,
     pod: &ArgoPod,
+    entered: &Entered,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Refusal> {
     let result: TaskResult = json_body(app, req).await?;
     check_container(&result.container)?;
+    let closing = entered.close(claims.exp)?;
     for (i, a) in result.outputs.artifacts.iter().enumerate() {
         let allowed = pod
             .template
@@ -679,6 +821,7 @@ async fn argo_result(
         }
     }
     crate::argo::results::complete(&argo_of(app)?.client, pod, &result).await?;
+    closing.commit();
     info!(node_id = %pod.node_id, exit_code = result.exit_code, "argo task result complete");
     Ok(json_response(StatusCode::OK, &serde_json::json!({})))
 }
@@ -721,6 +864,7 @@ async fn argo_input(app: &App, pod: &ArgoPod, name: &str) -> Result<Response<Bod
 async fn argo_output(
     app: &App,
     pod: &ArgoPod,
+    entered: &mut Entered,
     req: Request<Incoming>,
     file: &str,
 ) -> Result<Response<Body>, Refusal> {
@@ -746,6 +890,7 @@ async fn argo_output(
     store_upload(
         app,
         &store,
+        entered,
         location.key.as_deref().unwrap_or_default(),
         req,
     )
@@ -755,6 +900,7 @@ async fn argo_output(
 async fn commands(
     app: &App,
     claims: &Claims,
+    entered: &Entered,
     req: &Request<Incoming>,
 ) -> Result<Response<Body>, Refusal> {
     let wait = match query(req, "wait") {
@@ -764,6 +910,10 @@ async fn commands(
     };
     // Each container of a containerSet polls with the same token: each gets every command.
     let container = query(req, "container").unwrap_or_default();
+    if !container.is_empty() {
+        check_container(&container)?;
+    }
+    entered.container(&container)?;
     let list: Vec<Command> = app
         .commands
         .wait(
@@ -779,6 +929,50 @@ async fn commands(
             .expect("valid response"));
     }
     Ok(json_response(StatusCode::OK, &list))
+}
+
+/// `GET containers/{name}?wait=D`: how a container of the task's pod ended, as its kubelet
+/// reports it (`{"exit_code": N}`), or 204 while it still runs after `wait`. Only for a token
+/// bound to a pod: a containerSet's dependencies are decided on this, not on files its
+/// siblings could write.
+async fn container_exit(
+    app: &App,
+    claims: &Claims,
+    req: &Request<Incoming>,
+    container: &str,
+) -> Result<Response<Body>, Refusal> {
+    check_container(container)?;
+    let Some(pod) = &claims.pod else {
+        return Err(Refusal::new(
+            StatusCode::NOT_IMPLEMENTED,
+            "this token names no pod: the agent cannot ask its kubelet",
+        ));
+    };
+    let wait = match query(req, "wait") {
+        Some(text) => protocol::duration::parse(&text)
+            .map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, format!("wait: {e}")))?,
+        None => Duration::ZERO,
+    };
+    let until = tokio::time::Instant::now() + wait.min(MAX_WAIT);
+    let argo = argo_of(app)?;
+    loop {
+        if let Some(code) = argo.container_exit(pod, container).await? {
+            return Ok(json_response(
+                StatusCode::OK,
+                &serde_json::json!({ "exit_code": code }),
+            ));
+        }
+        // The pod's status changes only when its kubelet writes it: a look every half second
+        // costs the API server little and the waiting container at most that.
+        let next = tokio::time::Instant::now() + Duration::from_millis(500);
+        if next > until {
+            return Ok(Response::builder()
+                .status(StatusCode::NO_CONTENT)
+                .body(empty())
+                .expect("valid response"));
+        }
+        tokio::time::sleep_until(next).await;
+    }
 }
 
 /// One query parameter, percent-decoded.

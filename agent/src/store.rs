@@ -228,6 +228,14 @@ impl Store {
     }
 
     /// The key prefix every object of this agent goes under (empty for a local store).
+    /// The directory of a local store.
+    pub fn local_root(&self) -> Option<&Path> {
+        match self {
+            Store::Local { root } => Some(root),
+            _ => None,
+        }
+    }
+
     pub fn prefix(&self) -> &str {
         match self {
             Store::Local { .. } | Store::Http { .. } => "",
@@ -237,7 +245,7 @@ impl Store {
 
     /// Refuses a key that is not a plain relative path under this agent's prefix: a task's token
     /// must not reach other prefixes of the bucket, nor odd keys a proxy might normalise.
-    fn check_key(&self, key: &str) -> Result<(), StoreError> {
+    pub fn check_key(&self, key: &str) -> Result<(), StoreError> {
         let bad = |why: &str| Err(StoreError::BadKey(format!("store key {key:?} {why}")));
         if let Store::Http { .. } = self {
             return check_url(key).map_err(StoreError::BadKey);
@@ -586,6 +594,22 @@ fn local_path(root: &Path, key: &str) -> PathBuf {
     root.join(key)
 }
 
+/// Refuses to go on writing to `root`'s filesystem once fewer than `reserve` bytes are free:
+/// the journal and the node cache live there too, and the node's own disk pressure.
+pub fn check_free_space(root: &Path, reserve: u64) -> Result<(), String> {
+    let stat = nix::sys::statvfs::statvfs(root)
+        .map_err(|e| format!("free space of {}: {e}", root.display()))?;
+    let free = stat.blocks_available() as u64 * stat.fragment_size() as u64;
+    if free < reserve {
+        return Err(format!(
+            "the store's filesystem ({}) has {free} bytes free, under the {reserve} it keeps \
+             for the journal and the node",
+            root.display()
+        ));
+    }
+    Ok(())
+}
+
 async fn put_local(
     root: &Path,
     key: &str,
@@ -645,7 +669,9 @@ async fn put_s3(
     part_buffers: &Arc<Semaphore>,
 ) -> Result<StoredArtifact, StoreError> {
     let (mut hasher, mut size) = (Sha256::new(), 0u64);
-    let mut room = reserve(part_buffers, 0).await?;
+    // The part's memory is reserved when its first bytes arrive: a client that connects and
+    // sends nothing holds none of the node's budget.
+    let mut room = None;
     let mut part = BytesMut::with_capacity(PART_SIZE);
     // Aborts the multipart upload unless it completes, even if this future is dropped (the
     // client went away while parts were in flight): its parts must not linger in the bucket.
@@ -665,6 +691,9 @@ async fn put_s3(
                 .transpose()
                 .map_err(|e| StoreError::Source(e.to_string()))?;
             if let Some(chunk) = &chunk {
+                if room.is_none() {
+                    room = reserve(part_buffers, parts.len() + upload.in_flight.len()).await?;
+                }
                 hasher.update(chunk);
                 size += chunk.len() as u64;
                 part.extend_from_slice(chunk);
@@ -718,9 +747,6 @@ async fn put_s3(
                 if upload.in_flight.len() > PARTS_IN_FLIGHT {
                     let oldest = upload.in_flight.pop_front().expect("not empty");
                     parts.push(joined(oldest).await?);
-                }
-                if !last {
-                    room = reserve(part_buffers, parts.len() + upload.in_flight.len()).await?;
                 }
             }
             if last {

@@ -249,6 +249,10 @@ pub struct Usage {
 /// `(task_id, attempt)`; controllers deduplicate on `(workflow, task_id, attempt, seq)`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Event {
+    /// The namespace of the workflow (from its token): workflow names are unique only within
+    /// one. Empty in events an older agent journaled before this field existed.
+    #[serde(default)]
+    pub namespace: String,
     /// The workflow of the task (from its token): task ids need only be unique within one.
     /// Empty in events an older agent journaled before this field existed.
     #[serde(default)]

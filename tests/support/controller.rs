@@ -32,6 +32,13 @@ struct State {
     rejected_handshakes: usize,
     /// Requests refused for a missing, forged, expired or other node's token.
     unauthorized: usize,
+    /// Event batches with a larger body are refused with 413.
+    max_body: Option<usize>,
+    /// The largest event batch body taken, in bytes.
+    largest_batch: usize,
+    /// Verify each node's token with the key derived for it from this master key (see
+    /// `emissary-agent node-key`), rather than with [`NODE_SECRET`].
+    master: Option<Vec<u8>>,
 }
 
 pub struct Controller {
@@ -123,6 +130,20 @@ impl Controller {
         self.state.1.notify_all();
     }
 
+    /// Refuses (413) event batches whose body is larger than `bytes`.
+    pub fn set_max_body(&self, bytes: usize) {
+        self.state.0.lock().unwrap().max_body = Some(bytes);
+    }
+
+    pub fn largest_batch(&self) -> usize {
+        self.state.0.lock().unwrap().largest_batch
+    }
+
+    /// Verifies node tokens with per-node keys derived from `master`.
+    pub fn set_master_key(&self, master: &[u8]) {
+        self.state.0.lock().unwrap().master = Some(master.to_vec());
+    }
+
     pub fn set_failing(&self, failing: bool) {
         self.state.0.lock().unwrap().failing = failing;
     }
@@ -165,18 +186,33 @@ impl Drop for Controller {
     }
 }
 
-/// The node a token speaks for, if it is signed with [`NODE_SECRET`] and not expired.
-fn verified_node(token: &str) -> Option<String> {
+/// The key of `node` derived from `master`: HMAC-SHA256(master, "emissary node key\0" NODE),
+/// as base64url text (the documented derivation, written here independently of the agent).
+pub fn node_key(master: &[u8], node: &str) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(master).unwrap();
+    mac.update(b"emissary node key\0");
+    mac.update(node.as_bytes());
+    URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes())
+}
+
+/// The node a token speaks for, if it is signed with its node's key (or [`NODE_SECRET`]
+/// without a master key) and not expired.
+fn verified_node(token: &str, master: Option<&[u8]>) -> Option<String> {
     let (claims, tag) = token.split_once('.')?;
-    let mut mac = Hmac::<Sha256>::new_from_slice(NODE_SECRET.as_bytes()).unwrap();
+    let json: Value = serde_json::from_slice(&URL_SAFE_NO_PAD.decode(claims).ok()?).ok()?;
+    let node = json["node"].as_str()?.to_owned();
+    let key = match master {
+        Some(master) => node_key(master, &node),
+        None => NODE_SECRET.to_owned(),
+    };
+    let mut mac = Hmac::<Sha256>::new_from_slice(key.as_bytes()).unwrap();
     mac.update(claims.as_bytes());
     mac.verify_slice(&URL_SAFE_NO_PAD.decode(tag).ok()?).ok()?;
-    let claims: Value = serde_json::from_slice(&URL_SAFE_NO_PAD.decode(claims).ok()?).ok()?;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs();
-    (claims["exp"].as_u64()? > now).then(|| claims["node"].as_str().map(str::to_owned))?
+    (json["exp"].as_u64()? > now).then_some(node)
 }
 
 fn serve_tls(
@@ -211,6 +247,7 @@ fn serve<S: Read + Write>(stream: S, state: &(Mutex<State>, Condvar), running: &
     );
     let mut length = 0;
     let mut node = None;
+    let master = state.0.lock().unwrap().master.clone();
     loop {
         line.clear();
         if reader.read_line(&mut line).unwrap_or(0) == 0 || line.trim().is_empty() {
@@ -220,7 +257,10 @@ fn serve<S: Read + Write>(stream: S, state: &(Mutex<State>, Condvar), running: &
             if name.eq_ignore_ascii_case("content-length") {
                 length = value.trim().parse().unwrap_or(0);
             } else if name.eq_ignore_ascii_case("authorization") {
-                node = value.trim().strip_prefix("Bearer ").and_then(verified_node);
+                node = value
+                    .trim()
+                    .strip_prefix("Bearer ")
+                    .and_then(|t| verified_node(t, master.as_deref()));
             }
         }
     }
@@ -243,7 +283,10 @@ fn serve<S: Read + Write>(stream: S, state: &(Mutex<State>, Condvar), running: &
             let mut s = state.0.lock().unwrap();
             if s.failing {
                 (503, "{\"error\":\"failing on purpose\"}".to_owned())
+            } else if s.max_body.is_some_and(|max| body.len() > max) {
+                (413, "{\"error\":\"batch too large\"}".to_owned())
             } else {
+                s.largest_batch = s.largest_batch.max(body.len());
                 let batch: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
                 s.events
                     .extend(batch["events"].as_array().cloned().unwrap_or_default());

@@ -76,10 +76,14 @@ impl Argo {
             .min(WITHOUT_DEADLINE);
         let exp = crate::token::now() + ttl;
         let claims = Claims {
+            ns: pod.pod.ns.clone(),
             wf: pod.workflow.clone(),
             task: pod.node_id.clone(),
             attempt: 0,
             exp,
+            on: Some(self.node.clone()),
+            // An Argo pod reads what its own template names, located by the agent.
+            reads: Vec::new(),
             pod: Some(pod.pod.clone()),
         };
         Ok((pod, secret.sign(&claims), exp))

@@ -121,6 +121,47 @@ impl Argo {
         pods.insert(pod.pod.uid.clone(), pod);
     }
 
+    /// How container `container` of `pod` ended, as its kubelet reports it: `None` while it
+    /// runs. What a containerSet's dependency waits for, since the shared volume's exitcode
+    /// files are writable by every container of the pod.
+    pub async fn container_exit(
+        &self,
+        pod: &PodRef,
+        container: &str,
+    ) -> Result<Option<i32>, ArgoError> {
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &pod.ns);
+        let current = pods
+            .get_opt(&pod.name)
+            .await
+            .map_err(|e| ArgoError::api(&format!("reading pod {}/{}", pod.ns, pod.name), e))?
+            .filter(|p| p.metadata.uid.as_deref() == Some(pod.uid.as_str()))
+            .ok_or_else(|| {
+                ArgoError::new(
+                    StatusCode::FORBIDDEN,
+                    format!("pod {}/{} does not exist (any more)", pod.ns, pod.name),
+                )
+            })?;
+        let status = current.status.unwrap_or_default();
+        let known = current
+            .spec
+            .iter()
+            .flat_map(|s| s.containers.iter())
+            .any(|c| c.name == container);
+        if !known {
+            return Err(ArgoError::new(
+                StatusCode::NOT_FOUND,
+                format!("pod {}/{} has no container {container:?}", pod.ns, pod.name),
+            ));
+        }
+        Ok(status
+            .container_statuses
+            .iter()
+            .flatten()
+            .find(|c| c.name == container)
+            .and_then(|c| c.state.as_ref()?.terminated.as_ref())
+            .map(|t| t.exit_code))
+    }
+
     /// Reads pod `ns/name` and checks that it is the pod `uid`, on this node, of an Argo
     /// workflow; returns what the agent needs of it.
     pub async fn verify(&self, ns: &str, name: &str, uid: &str) -> Result<ArgoPod, ArgoError> {
