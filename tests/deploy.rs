@@ -8,6 +8,22 @@ use std::process::Command;
 
 use crate::util::*;
 
+/// `images/deploy/overlays/example`, with the node key file its README step creates (a random
+/// one, made once, as a user would).
+pub fn example_overlay() -> PathBuf {
+    let overlay = Path::new(env!("CARGO_MANIFEST_DIR")).join("../images/deploy/overlays/example");
+    let key = overlay.join("node-key");
+    if !key.exists() {
+        use base64::Engine;
+        let random: Vec<u8> = noise(32, std::process::id() as u64);
+        let text = base64::engine::general_purpose::STANDARD.encode(random);
+        let tmp = overlay.join(format!(".node-key.{}", std::process::id()));
+        std::fs::write(&tmp, text + "\n").unwrap();
+        std::fs::rename(&tmp, &key).unwrap();
+    }
+    overlay
+}
+
 fn image_dir() -> PathBuf {
     std::env::var_os("IMAGE_DIR")
         .map(PathBuf::from)
@@ -200,11 +216,10 @@ pub fn validate(file: &Path) -> Output {
 #[test]
 fn the_manifests_validate_against_kubernetes_1_32() {
     let dir = Dir::new("manifests");
-    let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../images/deploy");
     let rendered = run_quick(
         Command::new("kubectl")
             .arg("kustomize")
-            .arg(deploy.join("overlays/example")),
+            .arg(example_overlay()),
     );
     rendered.assert_code(0);
     let text = rendered.stdout();
@@ -301,4 +316,56 @@ fn prepare_data_dir_hands_a_hostpath_to_the_agent_with_only_chown_capabilities()
     ]));
     out.assert_code(2)
         .assert_stderr_contains("expected UID:GID");
+}
+
+/// Security review, finding 7: no key ships. The base has no node key Secret, and the overlay
+/// renders only once the key file exists (then holding exactly it).
+#[test]
+fn no_node_key_ships_and_the_overlay_needs_the_users_own() {
+    let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../images/deploy");
+    let base = run_quick(
+        Command::new("kubectl")
+            .arg("kustomize")
+            .arg(deploy.join("base")),
+    );
+    base.assert_code(0);
+    assert!(
+        !base.stdout().contains("name: emissary-node-key\n"),
+        "the base ships a node key"
+    );
+    assert!(
+        !base.stdout().contains("RANDOM-BYTES"),
+        "a placeholder key ships"
+    );
+
+    // A copy of the overlay without the key file: kustomize refuses it, naming the file.
+    let dir = Dir::new("overlay-key");
+    for sub in ["base", "overlays/example"] {
+        std::fs::create_dir_all(dir.join(sub)).unwrap();
+        for entry in std::fs::read_dir(deploy.join(sub)).unwrap() {
+            let entry = entry.unwrap();
+            if entry.file_name() != "node-key" {
+                std::fs::copy(entry.path(), dir.join(sub).join(entry.file_name())).unwrap();
+            }
+        }
+    }
+    let overlay = dir.join("overlays/example");
+    let out = run_quick(Command::new("kubectl").arg("kustomize").arg(&overlay));
+    assert_ne!(out.code, Some(0), "{}", out.dump());
+    out.assert_stderr_contains("node-key");
+    std::fs::write(
+        overlay.join("node-key"),
+        "a-key-only-this-user-knows-0123456789",
+    )
+    .unwrap();
+    let out = run_quick(Command::new("kubectl").arg("kustomize").arg(&overlay));
+    out.assert_code(0);
+    use base64::Engine;
+    let encoded =
+        base64::engine::general_purpose::STANDARD.encode("a-key-only-this-user-knows-0123456789");
+    assert!(
+        out.stdout().contains(&format!("key: {encoded}")),
+        "{}",
+        out.stdout()
+    );
 }

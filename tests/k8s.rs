@@ -70,8 +70,7 @@ pub fn installed() -> &'static Emissary {
 
 /// The objects of `images/deploy/overlays/example`, as kustomize renders them.
 pub fn rendered_manifests() -> Vec<Value> {
-    let dir =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../images/deploy/overlays/example");
+    let dir = crate::deploy::example_overlay();
     let out = std::process::Command::new("kubectl")
         .arg("kustomize")
         .arg(&dir)
