@@ -32,4 +32,5 @@ mod run_timeouts;
 mod tarball;
 mod task_artifacts;
 mod task_pod;
+mod task_security;
 mod task_spec;

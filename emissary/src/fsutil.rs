@@ -28,9 +28,9 @@ pub fn write_atomic_mode(path: &Path, bytes: &[u8], mode: Option<u32>) -> io::Re
     result
 }
 
-/// Opens `path` (following symlinks) for reading only if it is a regular file. The open itself
-/// does not block: a FIFO left where an output was expected would otherwise hold the emissary
-/// in open(2) forever, waiting for a writer that is gone.
+/// Opens `path` (following symlinks) for reading only if it is a regular file, and not one of
+/// /proc. The open itself does not block: a FIFO left where an output was expected would
+/// otherwise hold the emissary in open(2) forever, waiting for a writer that is gone.
 pub fn open_regular(path: &Path) -> io::Result<fs::File> {
     use std::os::unix::fs::OpenOptionsExt;
     let file = fs::OpenOptions::new()
@@ -40,8 +40,23 @@ pub fn open_regular(path: &Path) -> io::Result<fs::File> {
     if !file.metadata()?.is_file() {
         return Err(io::Error::other("not a regular file"));
     }
+    refuse_procfs(&file)?;
     // O_NONBLOCK means nothing for a regular file's reads.
     Ok(file)
+}
+
+/// Fails for a file on procfs, judged on the open file: a symlink to /proc/self/environ would
+/// have the emissary (root may read its own even when non-dumpable) hand its environment,
+/// the task token with it, to the command or the controller.
+pub fn refuse_procfs(file: &fs::File) -> io::Result<()> {
+    use nix::sys::statfs::{PROC_SUPER_MAGIC, fstatfs};
+    if fstatfs(file)?.filesystem_type() == PROC_SUPER_MAGIC {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            "a file on /proc, which the emissary never reads for a task",
+        ));
+    }
+    Ok(())
 }
 
 /// `dir/.name.tmp.PID`: hidden, unique per writer, in the same directory so rename is atomic.

@@ -113,8 +113,10 @@ impl LogDir {
         }
         let open = |name: &str, append: bool| {
             let path = dir.join(name);
-            // O_APPEND by hand: std refuses append together with truncate.
+            // O_APPEND by hand: std refuses append together with truncate. Readable, so that
+            // `outputs.result` is read back through this descriptor rather than the path.
             OpenOptions::new()
+                .read(true)
                 .write(true)
                 .create(true)
                 .truncate(true)
@@ -134,6 +136,11 @@ impl LogDir {
                 ))
             })?,
         })
+    }
+
+    /// The captured stdout, as written (whatever is at its path now).
+    pub fn stdout(&self) -> &File {
+        &self.stdout
     }
 
     /// `DIR/exitcode`: the decimal exit code, no newline (Argo's format), written atomically.

@@ -216,7 +216,7 @@ pub fn run_as(opts: &RunOptions, mut layout: Layout) -> Result<i32, Fatal> {
             protocol::duration::format(pause)
         );
         std::thread::sleep(pause);
-        task.result_from = std::fs::metadata(logs.dir.join("stdout")).map_or(0, |m| m.len());
+        task.result_from = logs.stdout().metadata().map_or(0, |m| m.len());
         outcome = match run::execute(job, &signals, Some(&mut logs)) {
             Ok(outcome) => outcome,
             Err(Fatal(message)) => {
@@ -395,7 +395,7 @@ impl Task {
                     outcome.fail(error);
                 }
                 if include_result() {
-                    match outputs::result(&logs.dir.join("stdout"), self.result_from) {
+                    match outputs::result(logs.stdout(), self.result_from) {
                         Ok((text, truncated)) => {
                             result_outputs.result = Some(text);
                             result_outputs.result_truncated = truncated;

@@ -238,7 +238,12 @@ fn append(tar: &mut tar::Builder<&mut dyn Write>, path: &Path, name: &Path) -> i
             append(tar, &child.path(), &name.join(child.file_name()))?;
         }
         Ok(())
-    } else if kind.is_file() || kind.is_symlink() {
+    } else if kind.is_file() {
+        // Opened as an output is (/proc refused), and described by what was opened.
+        let mut file = fsutil::open_regular(path)
+            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+        tar.append_file(name, &mut file)
+    } else if kind.is_symlink() {
         tar.append_path_with_name(path, name)
     } else {
         // Sockets, FIFOs and devices have no content to carry; reading a FIFO could block.

@@ -1,0 +1,167 @@
+//! The user command, or a sibling container of another uid, attacks the emissary: each test
+//! replays a finding of the security review (shared/research/security-review.md) and checks
+//! that it no longer works.
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::agent_util::*;
+use crate::util::*;
+
+/// The agent's journal of events (the controller's view, without a controller).
+fn events_text(agent: &Agent) -> String {
+    std::fs::read_to_string(agent.dir.join("data/events.jsonl")).unwrap_or_default()
+}
+
+/// Every file under `dir`, read as text (lossily), one after another.
+fn all_files(dir: &Path) -> String {
+    let mut text = String::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return text;
+    };
+    for entry in entries.flatten() {
+        let kind = entry.file_type().unwrap();
+        if kind.is_dir() {
+            text.push_str(&all_files(&entry.path()));
+        } else if kind.is_file() {
+            text.push_str(&String::from_utf8_lossy(
+                &std::fs::read(entry.path()).unwrap(),
+            ));
+        }
+    }
+    text
+}
+
+/// Finding 2b: the command points the stdout capture and an output parameter at
+/// /proc/self/environ, so that a root emissary, reading them by path, reports its own
+/// environment and the task token in it.
+#[test]
+fn the_command_cannot_make_the_emissary_read_its_own_proc_files_into_outputs() {
+    if !is_root() {
+        eprintln!("skipped: only a root emissary can read its own environ once non-dumpable");
+        return;
+    }
+    let dir = Dir::new("security-proc-outputs");
+    let agent = Agent::start(dir.join("agent"), &[]);
+    let work = dir.join("work");
+    let script = format!(
+        "mkdir -p {w} && echo fine > {w}/fine && ln -s {w}/fine {w}/linked && \
+         ln -s /proc/self/environ {w}/leak && ln -s /proc/self/environ {w}/leak-raw && \
+         echo printed && ctr=$(dirname \"$EMISSARY_PROGRESS_FILE\") && \
+         rm $ctr/stdout && ln -s /proc/self/environ $ctr/stdout",
+        w = work.display()
+    );
+    let spec = json!({
+        "container": {"command": ["sh", "-c", script]},
+        "outputs": {
+            "parameters": [
+                {"name": "leak", "valueFrom": {"path": work.join("leak")}},
+                {"name": "linked", "valueFrom": {"path": work.join("linked")}}
+            ],
+            "artifacts": [{"name": "leak-raw", "path": work.join("leak-raw"), "archive": {"none": {}}}]
+        }
+    });
+    let root = dir.join("root");
+    let mut cmd = emissary(["run", "--root", root.to_str().unwrap()]);
+    cmd.env("EMISSARY_TEMPLATE", spec.to_string())
+        .env("EMISSARY_AGENT_RETRY", "5s");
+    agent.emissary_env(&mut cmd, "wf", "leaky", 0);
+    let token = agent.token("wf", "leaky", 0, "1h");
+    let out = run(&mut cmd, b"", Duration::from_secs(30));
+    assert!(
+        wait_until(Duration::from_secs(10), || events_text(&agent)
+            .lines()
+            .count()
+            == 2),
+        "no result event: {}",
+        events_text(&agent)
+    );
+
+    let outputs = std::fs::read_to_string(root.join("outputs.json")).unwrap();
+    let everything = [
+        outputs.clone(),
+        events_text(&agent),
+        all_files(&agent.dir.join("data/store")),
+        out.stdout(),
+        out.stderr(),
+    ];
+    for (what, text) in ["outputs.json", "events", "store", "stdout", "stderr"]
+        .iter()
+        .zip(&everything)
+    {
+        // The token, or anything else of the emissary's environment.
+        assert!(
+            !text.contains(&token) && !text.contains("EMISSARY_AGENT_ADDR="),
+            "the emissary's environment leaked into {what}: {text}"
+        );
+    }
+    out.assert_code(125);
+    let outputs: serde_json::Value = serde_json::from_str(&outputs).unwrap();
+    assert_eq!(
+        outputs["outputs"]["result"], "printed",
+        "the result is what the command printed"
+    );
+    let parameters = outputs["outputs"]["parameters"].as_array().unwrap();
+    assert_eq!(parameters.len(), 1, "{outputs}");
+    assert_eq!(parameters[0]["name"], "linked");
+    assert_eq!(
+        parameters[0]["value"], "fine",
+        "a symlink elsewhere still works"
+    );
+    let message = outputs["error"]["message"].as_str().unwrap();
+    for part in [
+        format!("output parameter \"leak\": {}", work.join("leak").display()),
+        format!(
+            "output artifact \"leak-raw\": {}",
+            work.join("leak-raw").display()
+        ),
+        "/proc".to_owned(),
+    ] {
+        assert!(message.contains(&part), "{part:?} not in {message:?}");
+    }
+    assert_eq!(outputs["error"]["kind"], "user", "{outputs}");
+}
+
+/// Finding 2b, inside an archive: a path through a symlink to /proc reaches a process file
+/// that tar would otherwise pack whole.
+#[test]
+fn an_archived_output_refuses_a_process_file_too() {
+    if !is_root() {
+        eprintln!("skipped: only a root emissary can read its own environ once non-dumpable");
+        return;
+    }
+    let dir = Dir::new("security-proc-tar");
+    let work = dir.join("work");
+    let spec = json!({
+        "container": {"command": ["sh", "-c", format!("mkdir -p {w} && ln -s /proc {w}/proc", w = work.display())]},
+        "outputs": {"artifacts": [{
+            "name": "leak-tar",
+            "path": work.join("proc/self/environ"),
+            "archive": {"tar": {"compressionLevel": 0}}
+        }]}
+    });
+    let spec_path = dir.write("spec.json", spec.to_string());
+    let out = run_quick(
+        emissary(["run", "--template", spec_path.to_str().unwrap(), "--out"])
+            .arg(dir.join("out"))
+            .env("LEAK_CANARY", "canary-4c9f1e"),
+    );
+    let stored = all_files(&dir.join("out"));
+    assert!(
+        !stored.contains("canary-4c9f1e"),
+        "the emissary's environment was archived: {stored}"
+    );
+    out.assert_code(125);
+    let message = dir.read_json("out/outputs.json")["error"]["message"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        message.contains("output artifact \"leak-tar\"")
+            && message.contains(&work.join("proc/self/environ").display().to_string())
+            && message.contains("/proc"),
+        "{message}"
+    );
+}
