@@ -165,3 +165,54 @@ fn an_archived_output_refuses_a_process_file_too() {
         "{message}"
     );
 }
+
+/// Finding 2: the token stays in the emissary's initial environment block, which is what
+/// /proc/PID/environ shows to whoever may read it (root, a debugger, a core dump).
+#[test]
+fn the_token_is_wiped_from_the_emissarys_own_environment() {
+    if !is_root() {
+        eprintln!("skipped: reading a non-dumpable process's environ needs root");
+        return;
+    }
+    let dir = Dir::new("security-environ");
+    let agent = Agent::start(dir.join("agent"), &[]);
+    let marker = marker(30);
+    let spec = json!({"container": {"command": ["sh", "-c", format!(
+        "echo \"command sees: ${{EMISSARY_TOKEN:-no token}}\"; sleep {marker}")]}});
+    let mut cmd = emissary(["run", "--root", dir.join("root").to_str().unwrap()]);
+    cmd.env("EMISSARY_TEMPLATE", spec.to_string());
+    agent.emissary_env(&mut cmd, "wf", "wiped", 0);
+    let token = agent.token("wf", "wiped", 0, "1h");
+    let running = start(&mut cmd);
+    assert!(
+        wait_until(Duration::from_secs(10), || sleeps(&marker).len() == 1),
+        "the command did not start"
+    );
+    let environ = std::fs::read(format!("/proc/{}/environ", running.pid())).unwrap();
+    let environ = String::from_utf8_lossy(&environ).into_owned();
+    for pid in sleeps(&marker) {
+        kill(pid, libc::SIGKILL);
+    }
+    let out = running.finish(Duration::from_secs(20));
+    assert!(
+        environ.contains("EMISSARY_TASK_ID=wiped"),
+        "not the emissary's environment: {environ:?}"
+    );
+    assert!(
+        !environ.contains(&token),
+        "the token is still in the emissary's environ: {environ:?}"
+    );
+    // The command never had it; the emissary still has it for the agent.
+    assert!(
+        out.stdout().contains("command sees: no token"),
+        "{}",
+        out.dump()
+    );
+    out.assert_code(137);
+    assert!(
+        wait_until(Duration::from_secs(10), || events_text(&agent)
+            .contains("\"Failed\"")),
+        "the result did not reach the agent: {}",
+        events_text(&agent)
+    );
+}
