@@ -3,11 +3,12 @@
 //! that it no longer works.
 
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::json;
 
 use crate::agent_util::*;
+use crate::controller::Controller;
 use crate::util::*;
 
 /// The agent's journal of events (the controller's view, without a controller).
@@ -214,5 +215,36 @@ fn the_token_is_wiped_from_the_emissarys_own_environment() {
             .contains("\"Failed\"")),
         "the result did not reach the agent: {}",
         events_text(&agent)
+    );
+}
+
+/// Finding 11: the command replaces its control FIFO with one nobody reads, and the relay,
+/// opening the path, blocked forever: the controller's terminate never arrived.
+#[test]
+fn a_command_that_replaces_its_signal_fifo_is_still_terminated() {
+    let dir = Dir::new("security-fifo");
+    let controller = Controller::start();
+    let agent = Agent::start(dir.join("agent"), &["--controller-url", &controller.url()]);
+    let marker = marker(15);
+    let spec = json!({"container": {"command": ["sh", "-c", format!(
+        "ctr=$(dirname \"$EMISSARY_PROGRESS_FILE\") && rm $ctr/signal && mkfifo $ctr/signal && sleep {marker}")]}});
+    let mut cmd = emissary(["run", "--root", dir.join("root").to_str().unwrap()]);
+    cmd.env("EMISSARY_TEMPLATE", spec.to_string());
+    agent.emissary_env(&mut cmd, "wf", "stubborn", 0);
+    let running = start(&mut cmd);
+    assert!(
+        wait_until(Duration::from_secs(10), || sleeps(&marker).len() == 1),
+        "the command did not start"
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let sent = Instant::now();
+    controller.command(json!({"task_id": "stubborn", "attempt": 0, "kind": "terminate"}));
+    let out = running.finish(Duration::from_secs(30));
+    out.assert_code(143);
+    assert!(
+        sent.elapsed() < Duration::from_secs(5),
+        "terminate took {:?}{}",
+        sent.elapsed(),
+        out.dump()
     );
 }

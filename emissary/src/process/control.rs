@@ -5,7 +5,9 @@
 //! the agent's relay asks for the TERM-then-KILL escalation), read in the
 //! supervisor's poll loop the moment it arrives. No polling interval, no file races (Argo's
 //! signal file was polled every 2 s). The FIFO is removed when the run ends, so a sender gets a
-//! clear "no emissary is running" instead of a write into the void.
+//! clear "no emissary is running" instead of a write into the void. Senders inside the emissary
+//! (the agent's relay) write through a duplicate of the listening descriptor ([`Control::sender`]),
+//! never the path, which the command can replace.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
@@ -89,6 +91,15 @@ impl Control {
                 signal.map(Message::Signal)
             })
             .collect()
+    }
+}
+
+impl Control {
+    /// A descriptor that writes into this FIFO whatever now lies at its path (a command that
+    /// replaced it with a FIFO nobody reads would block an open(2) by path forever). Writes do
+    /// not block: one short line goes in whole or fails at once.
+    pub fn sender(&self) -> io::Result<File> {
+        self.fifo.try_clone()
     }
 }
 

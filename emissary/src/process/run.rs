@@ -138,6 +138,11 @@ impl LogDir {
         })
     }
 
+    /// See [`Control::sender`].
+    pub fn control_sender(&self) -> std::io::Result<File> {
+        self.control.sender()
+    }
+
     /// The captured stdout, as written (whatever is at its path now).
     pub fn stdout(&self) -> &File {
         &self.stdout

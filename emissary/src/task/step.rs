@@ -184,10 +184,10 @@ pub fn run_as(opts: &RunOptions, mut layout: Layout) -> Result<i32, Fatal> {
         }
     };
     if let Some(agent) = &task.agent {
-        agent.relay_commands(
-            &task.name,
-            logs.dir.join(crate::process::control::FIFO_NAME),
-        );
+        match logs.control_sender() {
+            Ok(control) => agent.relay_commands(&task.name, control),
+            Err(e) => crate::note!("emissary: cannot relay the agent's commands: {e}"),
+        }
         agent.relay_progress(&task.name, progress_file(&logs.dir));
     }
     let (attempts, pause) = container_set_retries(&template);

@@ -7,7 +7,7 @@
 //! (default 60s): then the task fails with a system, retryable error, never a hang.
 
 use std::ffi::c_char;
-use std::fs::OpenOptions;
+use std::fs::File;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -169,9 +169,9 @@ impl Agent {
         .map(drop)
     }
 
-    /// Relays the agent's commands for this task into the control FIFO `fifo`, where the
-    /// supervisor reads them like `emissary signal` (a thread; it ends with the process).
-    pub fn relay_commands(&self, container: &str, fifo: PathBuf) {
+    /// Relays the agent's commands for this task into `control`, the supervisor's control
+    /// FIFO, as lines like those of `emissary signal` (a thread; it ends with the process).
+    pub fn relay_commands(&self, container: &str, control: File) {
         let path = self.path(&format!(
             "commands?wait=30s&container={}",
             percent_encode(container)
@@ -191,9 +191,9 @@ impl Agent {
                             })
                             .collect();
                         if !lines.is_empty()
-                            && let Err(e) = OpenOptions::new().write(true).open(&fifo).and_then(|mut f| f.write_all(lines.as_bytes()))
+                            && let Err(e) = (&control).write_all(lines.as_bytes())
                         {
-                            crate::note!("emissary: delivering a command to {}: {e}", fifo.display());
+                            crate::note!("emissary: delivering a command: {e}");
                         }
                     }
                     Err(e) if e.retryable() => {
