@@ -2,7 +2,9 @@
 //! replays a finding of the security review (shared/research/security-review.md) and checks
 //! that it no longer works.
 
+use std::os::unix::fs::symlink;
 use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
@@ -247,4 +249,57 @@ fn a_command_that_replaces_its_signal_fifo_is_still_terminated() {
         sent.elapsed(),
         out.dump()
     );
+}
+
+/// Finding 14: where a root emissary writes by path under the shared root, a planted symlink
+/// redirected the write into a file of the planter's choosing: the log files, and the
+/// temporary files of exitcode, summary.json and outputs.json (named after the PID, 1 in a
+/// container).
+#[test]
+fn a_planted_symlink_is_not_written_through() {
+    if !is_root() {
+        eprintln!("skipped: needs root for unshare --pid");
+        return;
+    }
+    let dir = Dir::new("security-planted");
+    let victim = dir.write("victim", "untouched");
+    let spec = dir.write(
+        "spec.json",
+        json!({"container": {"command": ["echo", "written"]}}).to_string(),
+    );
+    // As PID 1, as in a container: the temporary names were predictable.
+    let run_as_pid_1 = |root: &Path| {
+        let mut cmd = Command::new("unshare");
+        default_signals(&mut cmd)
+            .args(["--pid", "--fork", "--mount-proc"])
+            .arg(emissary_bin())
+            .args(["run", "--template", spec.to_str().unwrap(), "--out"])
+            .arg(root);
+        run_quick(&mut cmd)
+    };
+
+    let root = dir.join("temps");
+    std::fs::create_dir_all(root.join("ctr/main")).unwrap();
+    for temp in [
+        ".outputs.json.tmp.1",
+        "ctr/main/.exitcode.tmp.1",
+        "ctr/main/.summary.json.tmp.1",
+    ] {
+        symlink(&victim, root.join(temp)).unwrap();
+    }
+    run_as_pid_1(&root).assert_code(0);
+    assert_eq!(dir.read_string("victim"), "untouched");
+    assert_eq!(
+        dir.read_json("temps/outputs.json")["outputs"]["result"],
+        "written"
+    );
+    assert_eq!(dir.read_string("temps/ctr/main/exitcode"), "0");
+
+    let root = dir.join("logs");
+    std::fs::create_dir_all(root.join("ctr/main")).unwrap();
+    symlink(&victim, root.join("ctr/main/stdout")).unwrap();
+    let out = run_as_pid_1(&root);
+    assert_eq!(dir.read_string("victim"), "untouched");
+    out.assert_code(125)
+        .assert_stderr_contains(&root.join("ctr/main/stdout").display().to_string());
 }

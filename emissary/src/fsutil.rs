@@ -1,4 +1,6 @@
-//! Files other processes read (summary, exitcode, outputs) are written whole or not at all.
+//! Files under the shared directory, which every container of the pod, at any uid, may write
+//! too: what other processes read (summary, exitcode, outputs) is written whole or not at all,
+//! under temporary names nobody can guess and plant a symlink at.
 
 use std::fs;
 use std::io::{self, Read, Seek, SeekFrom, Write};
@@ -15,11 +17,13 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
 /// [`write_atomic`] with the file's mode set before it appears under its name.
 pub fn write_atomic_mode(path: &Path, bytes: &[u8], mode: Option<u32>) -> io::Result<()> {
     let tmp = temp_name(path);
-    let result = fs::File::create(&tmp)
-        .and_then(|mut f| f.write_all(bytes))
-        .and_then(|()| match mode {
-            Some(mode) => fs::set_permissions(&tmp, fs::Permissions::from_mode(mode)),
-            None => Ok(()),
+    let result = create_new(&tmp)
+        .and_then(|mut f| {
+            f.write_all(bytes)?;
+            match mode {
+                Some(mode) => f.set_permissions(fs::Permissions::from_mode(mode)),
+                None => Ok(()),
+            }
         })
         .and_then(|()| fs::rename(&tmp, path));
     if result.is_err() {
@@ -59,13 +63,26 @@ pub fn refuse_procfs(file: &fs::File) -> io::Result<()> {
     Ok(())
 }
 
-/// `dir/.name.tmp.PID`: hidden, unique per writer, in the same directory so rename is atomic.
+/// Creates `path` for writing; fails if anything is there, a symlink included (O_EXCL does
+/// not follow it), so a planted link cannot redirect the write.
+pub fn create_new(path: &Path) -> io::Result<fs::File> {
+    fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+}
+
+/// `dir/.name.tmp.RANDOM`: hidden, in the same directory so rename is atomic, and not to be
+/// guessed (a PID is 1 in every container), so nobody can have planted anything there.
 pub fn temp_name(path: &Path) -> PathBuf {
+    use std::hash::{BuildHasher, RandomState};
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    path.with_file_name(format!(".{name}.tmp.{}", std::process::id()))
+    // SipHash under the process's random keys (getrandom), fresh ones each call.
+    let random = RandomState::new().hash_one(path);
+    path.with_file_name(format!(".{name}.tmp.{random:016x}"))
 }
 
 /// The last `N/M` progress the user process wrote to its progress file.

@@ -47,11 +47,15 @@ pub fn listen(dir: &Path) -> io::Result<Control> {
         Err(e) => return Err(e),
     }
     nix::unistd::mkfifo(&path, Mode::from_bits_truncate(0o622))?;
+    // Never through a symlink planted in between, and only the FIFO just made.
     let fifo = OpenOptions::new()
         .read(true)
         .write(true)
-        .custom_flags(libc::O_NONBLOCK)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW)
         .open(&path)?;
+    if !fifo.metadata()?.file_type().is_fifo() {
+        return Err(io::Error::other("replaced before it was opened"));
+    }
     Ok(Control {
         fifo,
         path,

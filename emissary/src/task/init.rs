@@ -81,8 +81,9 @@ fn shared_dir(dir: &Path) -> io::Result<()> {
 pub fn copy_self(dest: &Path) -> io::Result<()> {
     let tmp = temp_name(dest);
     let result = (|| {
-        io::copy(&mut File::open("/proc/self/exe")?, &mut File::create(&tmp)?)?;
-        fs::set_permissions(&tmp, fs::Permissions::from_mode(0o555))?;
+        let mut copy = crate::fsutil::create_new(&tmp)?;
+        io::copy(&mut File::open("/proc/self/exe")?, &mut copy)?;
+        copy.set_permissions(fs::Permissions::from_mode(0o555))?;
         fs::rename(&tmp, dest)
     })();
     if result.is_err() {

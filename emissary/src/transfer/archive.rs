@@ -311,8 +311,6 @@ pub fn stage(
     };
     let created = create_parents(dest)?;
     let tmp = fsutil::temp_name(dest);
-    let _ = fs::remove_dir_all(&tmp);
-    let _ = fs::remove_file(&tmp);
     let mut stream = Cursor::new(prefix).chain(&mut input);
     let result = match codec {
         None => write_file(&mut stream, &tmp, limits),
@@ -385,7 +383,8 @@ fn sniff(prefix: &[u8]) -> Option<Codec> {
 }
 
 fn write_file(input: &mut dyn Read, tmp: &Path, limits: Limits) -> Result<(), String> {
-    let mut file = File::create(tmp).map_err(|e| format!("creating {}: {e}", tmp.display()))?;
+    let mut file =
+        fsutil::create_new(tmp).map_err(|e| format!("creating {}: {e}", tmp.display()))?;
     let n = io::copy(&mut input.take(limits.max_bytes + 1), &mut file)
         .map_err(|e| format!("writing {}: {e}", tmp.display()))?;
     if n > limits.max_bytes {
