@@ -37,6 +37,21 @@ fn all_files(dir: &Path) -> String {
     text
 }
 
+/// `sh -c SCRIPT` as uid and gid `uid`, without supplementary groups: another container.
+fn as_uid(uid: u32, script: &str) -> Command {
+    let mut cmd = Command::new("setpriv");
+    cmd.args([
+        &format!("--reuid={uid}"),
+        &format!("--regid={uid}"),
+        "--clear-groups",
+        "sh",
+        "-c",
+        script,
+    ]);
+    default_signals(&mut cmd);
+    cmd
+}
+
 /// Finding 2b: the command points the stdout capture and an output parameter at
 /// /proc/self/environ, so that a root emissary, reading them by path, reports its own
 /// environment and the task token in it.
@@ -248,6 +263,133 @@ fn a_command_that_replaces_its_signal_fifo_is_still_terminated() {
         "terminate took {:?}{}",
         sent.elapsed(),
         out.dump()
+    );
+}
+
+/// Finding 14: the shared directory is world-writable, so any container of the pod, at any
+/// uid, could replace the binary, the staged inputs or a sibling's exit code.
+#[test]
+fn after_init_another_uid_cannot_replace_the_binary_a_siblings_files_or_staged_inputs() {
+    if !is_root() {
+        eprintln!("skipped: needs root to act as several uids");
+        return;
+    }
+    let dir = Dir::new("security-sticky");
+    let shared = dir.join("shared");
+    let spec = json!({
+        "inputs": {"artifacts": [{"name": "data", "path": dir.join("in/data"), "raw": {"data": "staged by init"}}]},
+        "containerSet": {"containers": [
+            {"name": "a", "command": ["sh", "-c", "exit 3"]},
+            {"name": "main", "command": ["cat", dir.join("in/data")], "dependencies": ["a"]}
+        ]}
+    });
+    run_quick(
+        emissary(["init", "--dest", shared.to_str().unwrap()])
+            .env("EMISSARY_TEMPLATE", spec.to_string()),
+    )
+    .assert_code(0);
+    let template = format!("@{}", shared.join("template").display());
+    run_quick(
+        emissary([
+            "run",
+            "--root",
+            shared.to_str().unwrap(),
+            "--container",
+            "a",
+        ])
+        .env("EMISSARY_TEMPLATE", &template),
+    )
+    .assert_code(3);
+    let before: Vec<Vec<u8>> = ["emissary", "ctr/a/exitcode", "inputs/data"]
+        .iter()
+        .map(|f| std::fs::read(shared.join(f)).unwrap())
+        .collect();
+
+    // Each line is one attempt of another container, as uid 12345.
+    let attempts = [
+        "rm -f $S/emissary",
+        "echo evil > $S/evil.$$ && mv -f $S/evil.$$ $S/emissary",
+        "mv $S/ctr/a $S/ctr/a.old && mkdir $S/ctr/a && printf 0 > $S/ctr/a/exitcode",
+        "rm -f $S/ctr/a/exitcode",
+        "printf 0 > $S/ctr/a/exitcode",
+        "rm -rf $S/inputs/data",
+        "echo forged > $S/forged.$$ && mv -f $S/forged.$$ $S/inputs/data",
+        "echo forged > $S/inputs/data",
+        "echo 0000 > $S/inputs.sha256/data",
+    ];
+    let script = format!(
+        "S={}\n{}\ntouch $S/mine && echo may-write-its-own",
+        shared.display(),
+        attempts
+            .iter()
+            .map(|a| format!("if ( {a} ) 2>/dev/null; then echo \"allowed: {a}\"; fi"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    let out = run_quick(&mut as_uid(12345, &script));
+    assert_eq!(
+        out.stdout(),
+        "may-write-its-own\n",
+        "another uid changed what it must not{}",
+        out.dump()
+    );
+    let after: Vec<Vec<u8>> = ["emissary", "ctr/a/exitcode", "inputs/data"]
+        .iter()
+        .map(|f| std::fs::read(shared.join(f)).unwrap())
+        .collect();
+    assert!(before == after, "a file changed");
+}
+
+/// Finding 14: a container's own directory, made in advance by another uid (or a symlink),
+/// would let that uid plant files where this container's emissary writes.
+#[test]
+fn a_container_directory_made_by_another_uid_or_a_symlink_is_refused() {
+    if !is_root() {
+        eprintln!("skipped: needs root to act as several uids");
+        return;
+    }
+    let dir = Dir::new("security-ctr-dir");
+    let shared = dir.join("shared");
+    run_quick(&mut emissary(["init", "--dest", shared.to_str().unwrap()])).assert_code(0);
+    let elsewhere = dir.join("elsewhere");
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    let script = format!(
+        "mkdir {s}/ctr/main && chmod 777 {s}/ctr/main && ln -s {e} {s}/ctr/b && echo planted",
+        s = shared.display(),
+        e = elsewhere.display()
+    );
+    let out = run_quick(&mut as_uid(12345, &script));
+    assert_eq!(out.stdout(), "planted\n", "{}", out.dump());
+
+    let spec = json!({"container": {"command": ["true"]}}).to_string();
+    // main's emissary, as uid 23456: the directory is not its own.
+    let run_main = format!(
+        "exec {}/emissary run --root {}",
+        shared.display(),
+        shared.display()
+    );
+    let out = run_quick(as_uid(23456, &run_main).env("EMISSARY_TEMPLATE", &spec));
+    out.assert_code(125)
+        .assert_stderr_contains(&shared.join("ctr/main").display().to_string())
+        .assert_stderr_contains("uid 12345");
+    // b's emissary, as root: a symlink is never its directory.
+    let out = run_quick(
+        emissary([
+            "run",
+            "--root",
+            shared.to_str().unwrap(),
+            "--container",
+            "b",
+        ])
+        .env("EMISSARY_TEMPLATE", &spec),
+    );
+    out.assert_code(125)
+        .assert_stderr_contains(&shared.join("ctr/b").display().to_string())
+        .assert_stderr_contains("symbolic link");
+    assert_eq!(
+        std::fs::read_dir(&elsewhere).unwrap().count(),
+        0,
+        "written through the symlink"
     );
 }
 

@@ -1,10 +1,11 @@
 //! Files under the shared directory, which every container of the pod, at any uid, may write
 //! too: what other processes read (summary, exitcode, outputs) is written whole or not at all,
-//! under temporary names nobody can guess and plant a symlink at.
+//! under temporary names nobody can guess and plant a symlink at; a container's own directory
+//! is checked to be its own.
 
 use std::fs;
 use std::io::{self, Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 /// Writes `bytes` to a temporary name beside `path`, then renames it into place, so a reader
@@ -83,6 +84,38 @@ pub fn temp_name(path: &Path) -> PathBuf {
     // SipHash under the process's random keys (getrandom), fresh ones each call.
     let random = RandomState::new().hash_one(path);
     path.with_file_name(format!(".{name}.tmp.{random:016x}"))
+}
+
+/// Makes `dir` (under the shared root) this process's own: created here, mode 0755, or, if it
+/// exists, a directory of this uid (of any uid, for root). Never a symlink, never another
+/// uid's: either would let another container plant files where this one writes.
+pub fn own_dir(dir: &Path) -> Result<(), String> {
+    let refuse = |why: &dyn std::fmt::Display| format!("{}: {why}", dir.display());
+    if let Some(parent) = dir.parent() {
+        fs::create_dir_all(parent)
+            .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+    }
+    match fs::DirBuilder::new().mode(0o755).create(dir) {
+        Ok(()) => return Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(refuse(&e)),
+    }
+    let meta = fs::symlink_metadata(dir).map_err(|e| refuse(&e))?;
+    // SAFETY: geteuid has no preconditions.
+    let uid = unsafe { libc::geteuid() };
+    if meta.file_type().is_symlink() {
+        Err(refuse(&"a symbolic link, refused (writes would follow it)"))
+    } else if !meta.is_dir() {
+        Err(refuse(&"not a directory"))
+    } else if uid != 0 && meta.uid() != uid {
+        Err(refuse(&format!(
+            "owned by uid {}, not by this container's uid {uid}: another container made it \
+             and could plant files in it; refused",
+            meta.uid()
+        )))
+    } else {
+        Ok(())
+    }
 }
 
 /// The last `N/M` progress the user process wrote to its progress file.

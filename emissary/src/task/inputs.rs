@@ -183,8 +183,11 @@ fn move_into(from: &Path, to: &Path) -> Result<(), String> {
     }
     match fs::rename(from, to) {
         Ok(()) => Ok(()),
-        Err(e) if e.raw_os_error() == Some(libc::EXDEV) => copy_tree(from, to, &mut io::sink())
-            .map_err(|e| format!("copying to {}: {e}", to.display())),
+        // Across filesystems, or init's file in the sticky inputs/ and this uid not init's.
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EXDEV | libc::EPERM)) => {
+            copy_tree(from, to, &mut io::sink())
+                .map_err(|e| format!("copying to {}: {e}", to.display()))
+        }
         Err(e) => Err(format!(
             "moving {} to {}: {e}",
             from.display(),

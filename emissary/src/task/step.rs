@@ -6,8 +6,9 @@
 //! only container), `ROOT/outputs.json`. A failed step still reports what it has.
 //!
 //! Layout under ROOT (`--out DIR`, `--root DIR`, `EMISSARY_ROOT`, default `/var/run/emissary`):
-//! `ctr/NAME/{stdout,stderr,combined,exitcode,summary.json,signal,progress}`, `inputs/` (staged
-//! by `emissary init`), `script`, `artifacts/` (the local store), `outputs.json`.
+//! `ctr/NAME/{stdout,stderr,combined,exitcode,summary.json,signal,progress}` (`ctr/NAME` made by
+//! this container's own emissary), `inputs/` (staged by `emissary init`), `script`,
+//! `artifacts/` (the local store), `outputs.json`.
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -79,6 +80,7 @@ pub fn run_as(opts: &RunOptions, mut layout: Layout) -> Result<i32, Fatal> {
         )));
     }
     let ctr_root = root.join("ctr");
+    crate::fsutil::own_dir(&ctr_root.join(&name)).map_err(Fatal)?;
     let mut logs = LogDir::create(&ctr_root.join(&name))?;
     let mut task = Task {
         root: root.clone(),
