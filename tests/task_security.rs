@@ -445,3 +445,50 @@ fn a_planted_symlink_is_not_written_through() {
     out.assert_code(125)
         .assert_stderr_contains(&root.join("ctr/main/stdout").display().to_string());
 }
+
+/// Finding 14: the task container took whatever lay in the world-writable inputs/ for an input
+/// init had staged, with whatever digest lay beside it. Now it takes only what init recorded
+/// (moving it even when init ran as another uid), and fetches the rest itself.
+#[test]
+fn only_inputs_init_staged_are_taken_from_the_shared_directory() {
+    if !is_root() {
+        eprintln!("skipped: needs root to act as several uids");
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let dir = Dir::new("security-staged");
+    let shared = dir.join("shared");
+    let work = dir.join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    std::fs::set_permissions(&work, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let store = dir.join("store");
+    dir.write("store/k", "real");
+    let spec = json!({
+        "inputs": {"artifacts": [
+            {"name": "staged", "path": work.join("staged"), "raw": {"data": "from init"}},
+            {"name": "planted", "path": work.join("planted"), "key": "k"}
+        ]},
+        "container": {"command": ["cat", work.join("staged"), work.join("planted")]}
+    })
+    .to_string();
+    // Init has no store: it stages the raw input only.
+    run_quick(
+        emissary(["init", "--dest", shared.to_str().unwrap()]).env("EMISSARY_TEMPLATE", &spec),
+    )
+    .assert_code(0);
+    let plant = format!(
+        "echo forged > {s}/inputs/planted && echo {d} > {s}/inputs/.planted.sha256 && echo planted",
+        s = shared.display(),
+        d = "0".repeat(64)
+    );
+    assert_eq!(run_quick(&mut as_uid(12345, &plant)).stdout(), "planted\n");
+
+    let run_main = format!(
+        "exec {s}/emissary run --root {s} --store {}",
+        store.display(),
+        s = shared.display()
+    );
+    let out = run_quick(as_uid(23456, &run_main).env("EMISSARY_TEMPLATE", &spec));
+    out.assert_code(0);
+    assert_eq!(out.stdout(), "from initreal", "{}", out.dump());
+}

@@ -5,7 +5,8 @@
 //! writable (a non-root task must be able to write them: Argo #6238) and sticky (no uid may
 //! remove or replace what another made: the binary, a sibling's directory, a staged input),
 //! and, when a task spec is present, writes it (`template`, 0444) and its script, and stages
-//! its inputs into `DIR/inputs/NAME`, so the task container only moves them into place.
+//! its inputs into `DIR/inputs/NAME`, so the task container only moves them into place. Their
+//! digests go to `DIR/inputs.sha256/NAME`, a directory only init's uid may write.
 
 use std::fs::{self, File};
 use std::io;
@@ -58,6 +59,7 @@ pub fn init(opts: &InitOptions) -> Result<(), String> {
         limits: Limits::default(),
     };
     let staged_dir = opts.dest.join("inputs");
+    crate::fsutil::own_dir(&inputs::digest_dir(&staged_dir))?;
     for artifact in &loaded.template.inputs.artifacts {
         let dest = staged_dir.join(&artifact.name);
         // Not available here (e.g. no store in this container): the task container tries.

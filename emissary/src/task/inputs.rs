@@ -114,15 +114,15 @@ fn fetch(
             .map(Some)
             .map_err(fail(false));
     }
-    if let Some(dir) = &sources.staged {
+    // Only what init staged, as its digest record says: anything else in the world-writable
+    // inputs/ may have been put there by any container of the pod.
+    if let Some(dir) = &sources.staged
+        && let Some(sha256) = staged_digest(dir, &artifact.name)
+    {
         let staged = dir.join(&artifact.name);
         if fs::symlink_metadata(&staged).is_ok() {
-            let sha256 = fs::read_to_string(digest_file(dir, &artifact.name)).unwrap_or_default();
             move_into(&staged, dest).map_err(fail(true))?;
-            return Ok(Some(Digest {
-                size: 0,
-                sha256: sha256.trim().to_owned(),
-            }));
+            return Ok(Some(Digest { size: 0, sha256 }));
         }
     }
     if let Some(raw) = &artifact.raw {
@@ -153,9 +153,29 @@ fn fetch(
     }
 }
 
-/// Where `emissary init` records the digest of a staged input.
+/// Where `emissary init` records the digests of the inputs it staged in `dir`: `DIR.sha256/`,
+/// beside it, which only init's uid may write (unlike `dir`, which every uid may).
+pub fn digest_dir(dir: &Path) -> PathBuf {
+    let mut records = dir.as_os_str().to_owned();
+    records.push(".sha256");
+    records.into()
+}
+
+/// Where `emissary init` records the digest of the input `name` it staged in `dir`.
 pub fn digest_file(dir: &Path, name: &str) -> PathBuf {
-    dir.join(format!(".{name}.sha256"))
+    digest_dir(dir).join(name)
+}
+
+/// The digest init recorded for the input `name` it staged in `dir`, if the record is init's:
+/// in a real directory no other uid may write.
+fn staged_digest(dir: &Path, name: &str) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let records = fs::symlink_metadata(digest_dir(dir)).ok()?;
+    if !records.is_dir() || records.mode() & 0o022 != 0 {
+        return None;
+    }
+    let text = fs::read_to_string(digest_file(dir, name)).ok()?;
+    Some(text.trim().to_owned())
 }
 
 /// `--input NAME=PATH`: a file is staged like stored bytes (archives unpacked); a directory is

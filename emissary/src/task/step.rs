@@ -7,8 +7,8 @@
 //!
 //! Layout under ROOT (`--out DIR`, `--root DIR`, `EMISSARY_ROOT`, default `/var/run/emissary`):
 //! `ctr/NAME/{stdout,stderr,combined,exitcode,summary.json,signal,progress}` (`ctr/NAME` made by
-//! this container's own emissary), `inputs/` (staged by `emissary init`), `script`,
-//! `artifacts/` (the local store), `outputs.json`.
+//! this container's own emissary), `inputs/` and `inputs.sha256/` (staged by `emissary init`),
+//! `script`, `artifacts/` (the local store), `outputs.json`.
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
