@@ -491,4 +491,24 @@ fn only_inputs_init_staged_are_taken_from_the_shared_directory() {
     let out = run_quick(as_uid(23456, &run_main).env("EMISSARY_TEMPLATE", &spec));
     out.assert_code(0);
     assert_eq!(out.stdout(), "from initreal", "{}", out.dump());
+
+    // As init's uid, main moves the staged input away; then, restarted, it must not take
+    // what another uid put in its place.
+    let run_as_root = |what: &str| {
+        let out = run_quick(
+            Command::new("sh")
+                .args(["-c", &run_main])
+                .env("EMISSARY_TEMPLATE", &spec),
+        );
+        out.assert_code(0);
+        assert_eq!(out.stdout(), "from initreal", "{what}{}", out.dump());
+    };
+    run_as_root("moved by init's uid");
+    assert!(!shared.join("inputs/staged").exists());
+    let plant = format!(
+        "echo forged > {}/inputs/staged && echo planted",
+        shared.display()
+    );
+    assert_eq!(run_quick(&mut as_uid(12345, &plant)).stdout(), "planted\n");
+    run_as_root("restarted");
 }

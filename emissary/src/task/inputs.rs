@@ -6,7 +6,7 @@
 
 use std::fs::{self, File};
 use std::io::{self, Cursor};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use protocol::spec::{InputArtifact, Template};
@@ -114,13 +114,13 @@ fn fetch(
             .map(Some)
             .map_err(fail(false));
     }
-    // Only what init staged, as its digest record says: anything else in the world-writable
-    // inputs/ may have been put there by any container of the pod.
+    // Only what init staged, as its digest record says, and still init's: anything else in
+    // the world-writable inputs/ may have been put there by any container of the pod.
     if let Some(dir) = &sources.staged
-        && let Some(sha256) = staged_digest(dir, &artifact.name)
+        && let Some((sha256, init_uid)) = staged_digest(dir, &artifact.name)
     {
         let staged = dir.join(&artifact.name);
-        if fs::symlink_metadata(&staged).is_ok() {
+        if fs::symlink_metadata(&staged).is_ok_and(|m| m.uid() == init_uid) {
             move_into(&staged, dest).map_err(fail(true))?;
             return Ok(Some(Digest { size: 0, sha256 }));
         }
@@ -166,16 +166,15 @@ pub fn digest_file(dir: &Path, name: &str) -> PathBuf {
     digest_dir(dir).join(name)
 }
 
-/// The digest init recorded for the input `name` it staged in `dir`, if the record is init's:
-/// in a real directory no other uid may write.
-fn staged_digest(dir: &Path, name: &str) -> Option<String> {
-    use std::os::unix::fs::MetadataExt;
+/// The digest init recorded for the input `name` it staged in `dir`, and init's uid, if the
+/// record is init's: in a real directory no other uid may write.
+fn staged_digest(dir: &Path, name: &str) -> Option<(String, u32)> {
     let records = fs::symlink_metadata(digest_dir(dir)).ok()?;
     if !records.is_dir() || records.mode() & 0o022 != 0 {
         return None;
     }
     let text = fs::read_to_string(digest_file(dir, name)).ok()?;
-    Some(text.trim().to_owned())
+    Some((text.trim().to_owned(), records.uid()))
 }
 
 /// `--input NAME=PATH`: a file is staged like stored bytes (archives unpacked); a directory is
