@@ -512,3 +512,98 @@ fn only_inputs_init_staged_are_taken_from_the_shared_directory() {
     assert_eq!(run_quick(&mut as_uid(12345, &plant)).stdout(), "planted\n");
     run_as_root("restarted");
 }
+
+/// Finding 13: an artifact rewritten in the store after its producer reported its SHA-256
+/// was taken as is by its consumers. Now the expected digest, when the input carries it, is
+/// checked as it is staged, by `run` and by `init`, and nothing is left staged on a mismatch.
+#[test]
+fn an_input_rewritten_after_its_producer_reported_it_is_refused() {
+    let dir = Dir::new("security-sha256");
+    let made = dir.join("made");
+    let producer = json!({
+        "container": {"command": ["sh", "-c", format!(
+            "mkdir -p {m}/tree && echo produced > {m}/file && echo leaf > {m}/tree/leaf",
+            m = made.display())]},
+        "outputs": {"artifacts": [
+            {"name": "raw", "path": made.join("file"), "archive": {"none": {}}},
+            {"name": "tree", "path": made.join("tree")}
+        ]}
+    });
+    let store = dir.join("store");
+    let spec_path = dir.write("producer.json", producer.to_string());
+    run_quick(emissary(["run", "--template", spec_path.to_str().unwrap(), "--out"]).arg(&store))
+        .assert_code(0);
+    let produced = dir.read_json("store/outputs.json");
+    let reported = |name: &str| {
+        let artifacts = produced["outputs"]["artifacts"].as_array().unwrap();
+        let a = artifacts.iter().find(|a| a["name"] == name).unwrap();
+        (
+            a["key"].as_str().unwrap().to_owned(),
+            a["sha256"].as_str().unwrap().to_owned(),
+        )
+    };
+    let ((raw_key, raw_sha), (tree_key, tree_sha)) = (reported("raw"), reported("tree"));
+    let consumer = |into: &Path| {
+        json!({
+            "inputs": {"artifacts": [
+                {"name": "tree", "path": into.join("tree"), "key": tree_key, "sha256": tree_sha},
+                {"name": "raw", "path": into.join("raw"), "key": raw_key, "sha256": raw_sha}
+            ]},
+            "container": {"command": ["cat", into.join("raw"), into.join("tree/leaf")]}
+        })
+    };
+    let run_consumer = |into: &Path| {
+        let spec = dir.write("consumer.json", consumer(into).to_string());
+        run_quick(
+            emissary(["run", "--template", spec.to_str().unwrap(), "--store"])
+                .arg(&store)
+                .arg("--out")
+                .arg(into.join("out")),
+        )
+    };
+    let out = run_consumer(&dir.join("intact"));
+    out.assert_code(0);
+    assert_eq!(out.stdout(), "produced\nleaf\n");
+
+    // The object is rewritten after its producer reported it.
+    std::fs::write(store.join(&raw_key), "rewritten\n").unwrap();
+    let actual = String::from_utf8(
+        Command::new("sha256sum")
+            .arg(store.join(&raw_key))
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap()
+    .split_whitespace()
+    .next()
+    .unwrap()
+    .to_owned();
+    let into = dir.join("rewritten");
+    let out = run_consumer(&into);
+    out.assert_code(125)
+        .assert_stderr_contains("input artifact \"raw\"")
+        .assert_stderr_contains(&raw_sha)
+        .assert_stderr_contains(&actual);
+    assert!(
+        !into.join("raw").exists(),
+        "the rewritten object was staged"
+    );
+    assert_eq!(
+        dir.read_json("rewritten/out/outputs.json")["reason"],
+        "StartFailed"
+    );
+
+    // init, staging for the task container, refuses it too and records nothing.
+    let shared = dir.join("shared");
+    let out = run_quick(
+        emissary(["init", "--dest", shared.to_str().unwrap(), "--store"])
+            .arg(&store)
+            .env("EMISSARY_TEMPLATE", consumer(&dir.join("pod")).to_string()),
+    );
+    out.assert_code(125)
+        .assert_stderr_contains("input artifact \"raw\"")
+        .assert_stderr_contains(&actual);
+    assert!(!shared.join("inputs/raw").exists());
+    assert!(!shared.join("inputs.sha256/raw").exists());
+}

@@ -1,8 +1,9 @@
 //! Input artifacts, staged at their `path` before the command starts.
 //!
 //! Sources, first match wins: `--input NAME=PATH` (standalone); what `emissary init` already
-//! staged in `ROOT/inputs/NAME` (then it is only moved); `raw.data`; the store, by key.
-//! A missing input is an error unless it is `optional`.
+//! staged in `ROOT/inputs/NAME` (then it is only moved); `raw.data`; the store, by key, its
+//! bytes checked against the input's `sha256` when given. A missing input is an error unless
+//! it is `optional`.
 
 use std::fs::{self, File};
 use std::io::{self, Cursor};
@@ -127,7 +128,7 @@ fn fetch(
     }
     if let Some(raw) = &artifact.raw {
         let mut data = Cursor::new(raw.data.as_bytes());
-        return archive::stage(&mut data, dest, Unpack::Never, sources.limits)
+        return archive::stage(&mut data, dest, Unpack::Never, sources.limits, None)
             .map(Some)
             .map_err(fail(false));
     }
@@ -138,12 +139,12 @@ fn fetch(
     // is the input's.
     match store.get_input(artifact) {
         Ok(Some(mut input)) => {
-            let unpack = if input.directory {
-                Unpack::Auto
-            } else {
-                unpack
+            // A directory arrives as a tar made on the fly, not the bytes its producer hashed.
+            let (unpack, expected) = match input.directory {
+                true => (Unpack::Auto, None),
+                false => (unpack, artifact.sha256.as_deref()),
             };
-            archive::stage(&mut input.bytes, dest, unpack, sources.limits)
+            archive::stage(&mut input.bytes, dest, unpack, sources.limits, expected)
                 .map(Some)
                 .map_err(fail(false))
         }
@@ -188,7 +189,7 @@ fn stage_path(path: &Path, dest: &Path, unpack: Unpack, limits: Limits) -> Resul
         return Ok(hasher.finish().1);
     }
     let mut file = File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    archive::stage(&mut file, dest, unpack, limits)
+    archive::stage(&mut file, dest, unpack, limits, None)
 }
 
 /// Moves `from` to `to`, copying across filesystems (the shared volume is usually not the

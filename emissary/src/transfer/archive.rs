@@ -291,12 +291,14 @@ const SNIFF: usize = 256 * 1024;
 /// Stages the bytes of `input` at `dest`: unpacked when they are a tar archive, else as one
 /// file. Writes into a temporary sibling first and renames into place, so on any error nothing
 /// is left at `dest` and nothing is ever written outside it. Returns the digest of the bytes
-/// read (as stored, before unpacking).
+/// read (as stored, before unpacking); when they do not have the `expected` SHA-256 (hex),
+/// nothing is placed.
 pub fn stage(
     input: &mut dyn Read,
     dest: &Path,
     unpack: Unpack,
     limits: Limits,
+    expected: Option<&str>,
 ) -> Result<Digest, String> {
     let mut input = HashingReader::new(input);
     let mut prefix = Vec::with_capacity(SNIFF);
@@ -327,7 +329,14 @@ pub fn stage(
     .and_then(|()| {
         // Drain what a decoder left unread (tar padding), so the digest covers every byte.
         io::copy(&mut stream, &mut io::sink()).map_err(|e| format!("reading: {e}"))?;
-        place(&tmp, dest, codec.is_some())
+        let actual = stream.get_ref().1.digest().sha256;
+        match expected {
+            Some(expected) if !actual.eq_ignore_ascii_case(expected) => Err(format!(
+                "its content has SHA-256 {actual}, not the {expected} its producer reported \
+                 (changed since it was produced?); refused"
+            )),
+            _ => place(&tmp, dest, codec.is_some()),
+        }
     });
     if result.is_err() {
         let _ = fs::remove_dir_all(&tmp);
