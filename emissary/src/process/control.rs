@@ -64,6 +64,13 @@ pub fn listen(dir: &Path) -> io::Result<Control> {
 }
 
 impl Control {
+    /// A descriptor that writes into this FIFO whatever now lies at its path (a command that
+    /// replaced it with a FIFO nobody reads would block an open(2) by path forever). Writes do
+    /// not block: one short line goes in whole or fails at once.
+    pub fn sender(&self) -> io::Result<File> {
+        self.fifo.try_clone()
+    }
+
     /// Every complete line received so far. Unreadable lines are reported and skipped.
     pub fn drain(&mut self) -> Vec<Message> {
         let mut buf = [0u8; 512];
@@ -95,15 +102,6 @@ impl Control {
                 signal.map(Message::Signal)
             })
             .collect()
-    }
-}
-
-impl Control {
-    /// A descriptor that writes into this FIFO whatever now lies at its path (a command that
-    /// replaced it with a FIFO nobody reads would block an open(2) by path forever). Writes do
-    /// not block: one short line goes in whole or fails at once.
-    pub fn sender(&self) -> io::Result<File> {
-        self.fifo.try_clone()
     }
 }
 
