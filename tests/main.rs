@@ -33,4 +33,5 @@ mod run_timeouts;
 mod tarball;
 mod task_artifacts;
 mod task_pod;
+mod task_security;
 mod task_spec;

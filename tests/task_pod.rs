@@ -14,7 +14,7 @@ fn mode(path: &Path) -> u32 {
 }
 
 #[test]
-fn init_installs_the_binary_and_world_writable_dirs() {
+fn init_installs_the_binary_and_world_writable_sticky_dirs() {
     let dir = Dir::new("init-install");
     let dest = dir.join("shared");
     run_quick(&mut emissary(["init", "--dest", dest.to_str().unwrap()])).assert_code(0);
@@ -23,8 +23,9 @@ fn init_installs_the_binary_and_world_writable_dirs() {
         std::fs::read(emissary_bin()).unwrap()
     );
     assert_eq!(mode(&dest.join("emissary")), 0o555);
+    // Sticky: each uid of the pod may remove or replace only its own files.
     for d in ["", "ctr", "inputs"] {
-        assert_eq!(mode(&dest.join(d)), 0o777, "{d}");
+        assert_eq!(mode(&dest.join(d)), 0o1777, "{d}");
     }
     let out = run_quick(
         default_signals(&mut std::process::Command::new(dest.join("emissary")))

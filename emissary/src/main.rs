@@ -9,7 +9,9 @@ use std::ffi::{c_char, c_int};
 use std::io::Write;
 
 #[unsafe(no_mangle)]
-extern "C" fn main(_argc: c_int, _argv: *const *const c_char) -> c_int {
+extern "C" fn main(_argc: c_int, _argv: *const *const c_char, envp: *const *mut c_char) -> c_int {
+    // SAFETY: `envp` is the environment C's start-up passed us, and no thread runs yet.
+    unsafe { emissary::transfer::agent::take_token(envp) };
     emissary::stdio::ensure_open();
     let code = emissary::cli::main(std::env::args_os());
     // Without Rust's runtime nobody else flushes stdout at exit.

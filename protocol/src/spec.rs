@@ -481,6 +481,14 @@ impl Template {
                 Archive::packing(Some(archive))
                     .map_err(|m| err(format!("inputs.artifacts[{i}].archive"), m))?;
             }
+            if let Some(sha256) = &a.sha256
+                && !(sha256.len() == 64 && sha256.bytes().all(|b| b.is_ascii_hexdigit()))
+            {
+                return Err(err(
+                    format!("inputs.artifacts[{i}].sha256"),
+                    format!("{sha256:?} is not a SHA-256 (64 hex digits)"),
+                ));
+            }
         }
         for (i, p) in self.outputs.parameters.iter().enumerate() {
             check_name(&p.name, &format!("outputs.parameters[{i}].name"))?;
@@ -787,6 +795,8 @@ mod tests {
         );
         let bad = SCRIPT.replace(r#""name": "res""#, r#""name": "a/b""#);
         assert_eq!(parse(&bad).unwrap_err().path, "outputs.artifacts[0].name");
+        let bad = SCRIPT.replace(r#""mode": 420"#, r#""mode": 420, "sha256": "abc""#);
+        assert_eq!(parse(&bad).unwrap_err().path, "inputs.artifacts[0].sha256");
         assert!(
             parse(r#"{"name": "x"}"#)
                 .unwrap_err()

@@ -5,7 +5,9 @@
 //! the agent's relay asks for the TERM-then-KILL escalation), read in the
 //! supervisor's poll loop the moment it arrives. No polling interval, no file races (Argo's
 //! signal file was polled every 2 s). The FIFO is removed when the run ends, so a sender gets a
-//! clear "no emissary is running" instead of a write into the void.
+//! clear "no emissary is running" instead of a write into the void. Senders inside the emissary
+//! (the agent's relay) write through a duplicate of the listening descriptor ([`Control::sender`]),
+//! never the path, which the command can replace.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
@@ -45,11 +47,15 @@ pub fn listen(dir: &Path) -> io::Result<Control> {
         Err(e) => return Err(e),
     }
     nix::unistd::mkfifo(&path, Mode::from_bits_truncate(0o622))?;
+    // Never through a symlink planted in between, and only the FIFO just made.
     let fifo = OpenOptions::new()
         .read(true)
         .write(true)
-        .custom_flags(libc::O_NONBLOCK)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW)
         .open(&path)?;
+    if !fifo.metadata()?.file_type().is_fifo() {
+        return Err(io::Error::other("replaced before it was opened"));
+    }
     Ok(Control {
         fifo,
         path,
@@ -58,6 +64,13 @@ pub fn listen(dir: &Path) -> io::Result<Control> {
 }
 
 impl Control {
+    /// A descriptor that writes into this FIFO whatever now lies at its path (a command that
+    /// replaced it with a FIFO nobody reads would block an open(2) by path forever). Writes do
+    /// not block: one short line goes in whole or fails at once.
+    pub fn sender(&self) -> io::Result<File> {
+        self.fifo.try_clone()
+    }
+
     /// Every complete line received so far. Unreadable lines are reported and skipped.
     pub fn drain(&mut self) -> Vec<Message> {
         let mut buf = [0u8; 512];

@@ -113,14 +113,29 @@ impl LogDir {
         }
         let open = |name: &str, append: bool| {
             let path = dir.join(name);
-            // O_APPEND by hand: std refuses append together with truncate.
-            OpenOptions::new()
+            let fail =
+                |e: &dyn std::fmt::Display| Fatal(format!("cannot open {}: {e}", path.display()));
+            // O_APPEND by hand: std refuses append together with truncate. Readable, so that
+            // `outputs.result` is read back through this descriptor rather than the path.
+            // Never through a planted symlink, nor into a FIFO (whose open would block).
+            let file = OpenOptions::new()
+                .read(true)
                 .write(true)
                 .create(true)
                 .truncate(true)
-                .custom_flags(if append { libc::O_APPEND } else { 0 })
+                .custom_flags(
+                    libc::O_NOFOLLOW | libc::O_NONBLOCK | if append { libc::O_APPEND } else { 0 },
+                )
                 .open(&path)
-                .map_err(|e| Fatal(format!("cannot open {}: {e}", path.display())))
+                .map_err(|e| match e.raw_os_error() {
+                    Some(libc::ELOOP) => fail(&"a symbolic link, never written through"),
+                    _ => fail(&e),
+                })?;
+            match file.metadata() {
+                Ok(meta) if meta.is_file() => Ok(file),
+                Ok(_) => Err(fail(&"not a regular file")),
+                Err(e) => Err(fail(&e)),
+            }
         };
         Ok(LogDir {
             dir: dir.to_owned(),
@@ -134,6 +149,16 @@ impl LogDir {
                 ))
             })?,
         })
+    }
+
+    /// See [`Control::sender`].
+    pub fn control_sender(&self) -> std::io::Result<File> {
+        self.control.sender()
+    }
+
+    /// The captured stdout, as written (whatever is at its path now).
+    pub fn stdout(&self) -> &File {
+        &self.stdout
     }
 
     /// `DIR/exitcode`: the decimal exit code, no newline (Argo's format), written atomically.

@@ -2,9 +2,11 @@
 //!
 //! Copies this binary into the shared volume (temp + rename, mode 0555 so any uid can exec it;
 //! a concurrent reader never sees a partial binary), creates the shared directories world-
-//! writable (a non-root task must be able to write them: Argo #6238), and, when a task spec is
-//! present, writes it (`template`, 0444) and its script, and stages its inputs into
-//! `DIR/inputs/NAME`, so the task container only moves them into place.
+//! writable (a non-root task must be able to write them: Argo #6238) and sticky (no uid may
+//! remove or replace what another made: the binary, a sibling's directory, a staged input),
+//! and, when a task spec is present, writes it (`template`, 0444) and its script, and stages
+//! its inputs into `DIR/inputs/NAME`, so the task container only moves them into place. Their
+//! digests go to `DIR/inputs.sha256/NAME`, a directory only init's uid may write.
 
 use std::fs::{self, File};
 use std::io;
@@ -57,6 +59,7 @@ pub fn init(opts: &InitOptions) -> Result<(), String> {
         limits: Limits::default(),
     };
     let staged_dir = opts.dest.join("inputs");
+    crate::fsutil::own_dir(&inputs::digest_dir(&staged_dir))?;
     for artifact in &loaded.template.inputs.artifacts {
         let dest = staged_dir.join(&artifact.name);
         // Not available here (e.g. no store in this container): the task container tries.
@@ -68,21 +71,37 @@ pub fn init(opts: &InitOptions) -> Result<(), String> {
     Ok(())
 }
 
-/// A directory every uid in the pod can write (mode set explicitly: the umask would narrow it).
-/// An emptyDir is already 0777 but owned by root, and chmod by a non-root init would fail.
+/// A directory every uid in the pod can write, sticky so that each may remove or replace only
+/// its own entries (mode set explicitly: the umask would narrow it). Never a symlink. An
+/// emptyDir is 0777 but root's: a non-root init cannot chmod it, and says what that leaves open.
 fn shared_dir(dir: &Path) -> io::Result<()> {
     fs::create_dir_all(dir)?;
-    if fs::metadata(dir)?.permissions().mode() & 0o777 == 0o777 {
+    let meta = fs::symlink_metadata(dir)?;
+    if !meta.is_dir() {
+        return Err(io::Error::other("not a directory (a symbolic link?)"));
+    }
+    let mode = meta.permissions().mode();
+    if mode & 0o1777 == 0o1777 {
         return Ok(());
     }
-    fs::set_permissions(dir, fs::Permissions::from_mode(0o777))
+    match fs::set_permissions(dir, fs::Permissions::from_mode(0o1777)) {
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied && mode & 0o777 == 0o777 => {
+            crate::note!(
+                "emissary: cannot make {} sticky ({e}): any uid of the pod may replace what is in it",
+                dir.display()
+            );
+            Ok(())
+        }
+        done => done,
+    }
 }
 
 pub fn copy_self(dest: &Path) -> io::Result<()> {
     let tmp = temp_name(dest);
     let result = (|| {
-        io::copy(&mut File::open("/proc/self/exe")?, &mut File::create(&tmp)?)?;
-        fs::set_permissions(&tmp, fs::Permissions::from_mode(0o555))?;
+        let mut copy = crate::fsutil::create_new(&tmp)?;
+        io::copy(&mut File::open("/proc/self/exe")?, &mut copy)?;
+        copy.set_permissions(fs::Permissions::from_mode(0o555))?;
         fs::rename(&tmp, dest)
     })();
     if result.is_err() {

@@ -1,12 +1,13 @@
 //! Input artifacts, staged at their `path` before the command starts.
 //!
 //! Sources, first match wins: `--input NAME=PATH` (standalone); what `emissary init` already
-//! staged in `ROOT/inputs/NAME` (then it is only moved); `raw.data`; the store, by key.
-//! A missing input is an error unless it is `optional`.
+//! staged in `ROOT/inputs/NAME` (then it is only moved); `raw.data`; the store, by key, its
+//! bytes checked against the input's `sha256` when given. A missing input is an error unless
+//! it is `optional`.
 
 use std::fs::{self, File};
 use std::io::{self, Cursor};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use protocol::spec::{InputArtifact, Template};
@@ -114,20 +115,20 @@ fn fetch(
             .map(Some)
             .map_err(fail(false));
     }
-    if let Some(dir) = &sources.staged {
+    // Only what init staged, as its digest record says, and still init's: anything else in
+    // the world-writable inputs/ may have been put there by any container of the pod.
+    if let Some(dir) = &sources.staged
+        && let Some((sha256, init_uid)) = staged_digest(dir, &artifact.name)
+    {
         let staged = dir.join(&artifact.name);
-        if fs::symlink_metadata(&staged).is_ok() {
-            let sha256 = fs::read_to_string(digest_file(dir, &artifact.name)).unwrap_or_default();
+        if fs::symlink_metadata(&staged).is_ok_and(|m| m.uid() == init_uid) {
             move_into(&staged, dest).map_err(fail(true))?;
-            return Ok(Some(Digest {
-                size: 0,
-                sha256: sha256.trim().to_owned(),
-            }));
+            return Ok(Some(Digest { size: 0, sha256 }));
         }
     }
     if let Some(raw) = &artifact.raw {
         let mut data = Cursor::new(raw.data.as_bytes());
-        return archive::stage(&mut data, dest, Unpack::Never, sources.limits)
+        return archive::stage(&mut data, dest, Unpack::Never, sources.limits, None)
             .map(Some)
             .map_err(fail(false));
     }
@@ -138,12 +139,12 @@ fn fetch(
     // is the input's.
     match store.get_input(artifact) {
         Ok(Some(mut input)) => {
-            let unpack = if input.directory {
-                Unpack::Auto
-            } else {
-                unpack
+            // A directory arrives as a tar made on the fly, not the bytes its producer hashed.
+            let (unpack, expected) = match input.directory {
+                true => (Unpack::Auto, None),
+                false => (unpack, artifact.sha256.as_deref()),
             };
-            archive::stage(&mut input.bytes, dest, unpack, sources.limits)
+            archive::stage(&mut input.bytes, dest, unpack, sources.limits, expected)
                 .map(Some)
                 .map_err(fail(false))
         }
@@ -153,9 +154,28 @@ fn fetch(
     }
 }
 
-/// Where `emissary init` records the digest of a staged input.
+/// Where `emissary init` records the digests of the inputs it staged in `dir`: `DIR.sha256/`,
+/// beside it, which only init's uid may write (unlike `dir`, which every uid may).
+pub fn digest_dir(dir: &Path) -> PathBuf {
+    let mut records = dir.as_os_str().to_owned();
+    records.push(".sha256");
+    records.into()
+}
+
+/// Where `emissary init` records the digest of the input `name` it staged in `dir`.
 pub fn digest_file(dir: &Path, name: &str) -> PathBuf {
-    dir.join(format!(".{name}.sha256"))
+    digest_dir(dir).join(name)
+}
+
+/// The digest init recorded for the input `name` it staged in `dir`, and init's uid, if the
+/// record is init's: in a real directory no other uid may write.
+fn staged_digest(dir: &Path, name: &str) -> Option<(String, u32)> {
+    let records = fs::symlink_metadata(digest_dir(dir)).ok()?;
+    if !records.is_dir() || records.mode() & 0o022 != 0 {
+        return None;
+    }
+    let text = fs::read_to_string(digest_file(dir, name)).ok()?;
+    Some((text.trim().to_owned(), records.uid()))
 }
 
 /// `--input NAME=PATH`: a file is staged like stored bytes (archives unpacked); a directory is
@@ -169,7 +189,7 @@ fn stage_path(path: &Path, dest: &Path, unpack: Unpack, limits: Limits) -> Resul
         return Ok(hasher.finish().1);
     }
     let mut file = File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    archive::stage(&mut file, dest, unpack, limits)
+    archive::stage(&mut file, dest, unpack, limits, None)
 }
 
 /// Moves `from` to `to`, copying across filesystems (the shared volume is usually not the
@@ -183,8 +203,11 @@ fn move_into(from: &Path, to: &Path) -> Result<(), String> {
     }
     match fs::rename(from, to) {
         Ok(()) => Ok(()),
-        Err(e) if e.raw_os_error() == Some(libc::EXDEV) => copy_tree(from, to, &mut io::sink())
-            .map_err(|e| format!("copying to {}: {e}", to.display())),
+        // Across filesystems, or init's file in the sticky inputs/ and this uid not init's.
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EXDEV | libc::EPERM)) => {
+            copy_tree(from, to, &mut io::sink())
+                .map_err(|e| format!("copying to {}: {e}", to.display()))
+        }
         Err(e) => Err(format!(
             "moving {} to {}: {e}",
             from.display(),

@@ -4,7 +4,8 @@
 //! A missing non-optional output is an error, but every other output is still collected.
 
 use std::fs::File;
-use std::io::{self, Read, Seek, SeekFrom};
+use std::io::{self, Read};
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use protocol::api::{ArchiveFormat, ArtifactOutput, Outputs, ParameterOutput, StoredArtifact};
@@ -104,15 +105,20 @@ pub fn collect(
             }
             continue;
         }
-        // Checked here so that it is reported as the step's output, not a failing store.
+        // Checked here so that it is reported as the step's output, not a failing store (the
+        // store checks again as it reads).
         if packing.format == ArchiveFormat::None
-            && !std::fs::metadata(path).is_ok_and(|m| m.is_file())
+            && let Err(e) = crate::fsutil::open_regular(path)
         {
-            errors.push(user(format!(
-                "output artifact {:?}: archive none takes a single file; {} is not one (use tar or zstd)",
-                a.name,
-                path.display()
-            )));
+            let why = if e.kind() == io::ErrorKind::PermissionDenied {
+                format!("{}: {e}", path.display())
+            } else {
+                format!(
+                    "archive none takes a single file; {} is not one (use tar or zstd)",
+                    path.display()
+                )
+            };
+            errors.push(user(format!("output artifact {:?}: {why}", a.name)));
             continue;
         }
         let ext = packing.format.extension();
@@ -206,15 +212,15 @@ fn read_parameter(path: &Path) -> io::Result<String> {
 
 /// `outputs.result`: the captured stdout from byte `from` on (where the last attempt began),
 /// one trailing newline removed, the last [`RESULT_LIMIT`] bytes; true when that is only the
-/// tail.
-pub fn result(stdout_file: &Path, from: u64) -> io::Result<(String, bool)> {
-    let mut file = File::open(stdout_file)?;
-    let len = file.metadata()?.len();
+/// tail. Read from the capture file the emissary wrote, never reopened by its path, which the
+/// command may have replaced (with a symlink to /proc/self/environ, say).
+pub fn result(stdout: &File, from: u64) -> io::Result<(String, bool)> {
+    let len = stdout.metadata()?.len();
     // One byte more than the limit, so the newline is trimmed before the limit is applied.
     let start = len.saturating_sub(RESULT_LIMIT + 1).max(from.min(len));
-    file.seek(SeekFrom::Start(start))?;
-    let mut bytes = Vec::new();
-    file.read_to_end(&mut bytes)?;
+    // pread: the capture's descriptors share this one's offset.
+    let mut bytes = vec![0; (len - start) as usize];
+    stdout.read_exact_at(&mut bytes, start)?;
     if bytes.ends_with(b"\n") {
         bytes.pop();
     }

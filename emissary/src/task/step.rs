@@ -6,8 +6,9 @@
 //! only container), `ROOT/outputs.json`. A failed step still reports what it has.
 //!
 //! Layout under ROOT (`--out DIR`, `--root DIR`, `EMISSARY_ROOT`, default `/var/run/emissary`):
-//! `ctr/NAME/{stdout,stderr,combined,exitcode,summary.json,signal,progress}`, `inputs/` (staged
-//! by `emissary init`), `script`, `artifacts/` (the local store), `outputs.json`.
+//! `ctr/NAME/{stdout,stderr,combined,exitcode,summary.json,signal,progress}` (`ctr/NAME` made by
+//! this container's own emissary), `inputs/` and `inputs.sha256/` (staged by `emissary init`),
+//! `script`, `artifacts/` (the local store), `outputs.json`.
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -79,6 +80,7 @@ pub fn run_as(opts: &RunOptions, mut layout: Layout) -> Result<i32, Fatal> {
         )));
     }
     let ctr_root = root.join("ctr");
+    crate::fsutil::own_dir(&ctr_root.join(&name)).map_err(Fatal)?;
     let mut logs = LogDir::create(&ctr_root.join(&name))?;
     let mut task = Task {
         root: root.clone(),
@@ -184,10 +186,10 @@ pub fn run_as(opts: &RunOptions, mut layout: Layout) -> Result<i32, Fatal> {
         }
     };
     if let Some(agent) = &task.agent {
-        agent.relay_commands(
-            &task.name,
-            logs.dir.join(crate::process::control::FIFO_NAME),
-        );
+        match logs.control_sender() {
+            Ok(control) => agent.relay_commands(&task.name, control),
+            Err(e) => crate::note!("emissary: cannot relay the agent's commands: {e}"),
+        }
         agent.relay_progress(&task.name, progress_file(&logs.dir));
     }
     let (attempts, pause) = container_set_retries(&template);
@@ -216,7 +218,7 @@ pub fn run_as(opts: &RunOptions, mut layout: Layout) -> Result<i32, Fatal> {
             protocol::duration::format(pause)
         );
         std::thread::sleep(pause);
-        task.result_from = std::fs::metadata(logs.dir.join("stdout")).map_or(0, |m| m.len());
+        task.result_from = logs.stdout().metadata().map_or(0, |m| m.len());
         outcome = match run::execute(job, &signals, Some(&mut logs)) {
             Ok(outcome) => outcome,
             Err(Fatal(message)) => {
@@ -395,7 +397,7 @@ impl Task {
                     outcome.fail(error);
                 }
                 if include_result() {
-                    match outputs::result(&logs.dir.join("stdout"), self.result_from) {
+                    match outputs::result(logs.stdout(), self.result_from) {
                         Ok((text, truncated)) => {
                             result_outputs.result = Some(text);
                             result_outputs.result_truncated = truncated;

@@ -6,9 +6,11 @@
 //! backoff while the agent is unreachable or answers 5xx, for at most `EMISSARY_AGENT_RETRY`
 //! (default 60s): then the task fails with a system, retryable error, never a hang.
 
-use std::fs::OpenOptions;
+use std::ffi::c_char;
+use std::fs::File;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use protocol::api::{self, Command, ProgressReport, StartRequest, StoredArtifact, TaskResult};
@@ -21,6 +23,33 @@ use crate::transfer::store::{GetError, Input, Store};
 
 /// The shortest time between two progress reports.
 const PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
+
+/// `EMISSARY_TOKEN`, as [`take_token`] found it.
+static TOKEN: OnceLock<String> = OnceLock::new();
+
+/// Keeps `EMISSARY_TOKEN` for [`Agent::from_env`] and overwrites its value with zeros where
+/// the kernel put it: /proc/PID/environ shows that block whatever the process does to its
+/// `environ` later, and root, a debugger or a core dump can read it.
+///
+/// # Safety
+/// `envp` is the environment `main` received (NULL-terminated, its strings writable), and no
+/// other thread reads it meanwhile.
+pub unsafe fn take_token(envp: *const *mut c_char) {
+    const NAME: &[u8] = b"EMISSARY_TOKEN=";
+    let mut entry = envp;
+    // SAFETY: per the contract, every entry up to the NULL is a C string we may write.
+    unsafe {
+        while !entry.is_null() && !(*entry).is_null() {
+            let text = std::slice::from_raw_parts_mut((*entry).cast::<u8>(), libc::strlen(*entry));
+            if text.starts_with(NAME) {
+                let value = &mut text[NAME.len()..];
+                let _ = TOKEN.set(String::from_utf8_lossy(value).into_owned());
+                value.fill(0);
+            }
+            entry = entry.add(1);
+        }
+    }
+}
 
 pub struct Agent {
     client: Client,
@@ -36,7 +65,12 @@ impl Agent {
     pub fn from_env() -> Option<Result<Agent, String>> {
         let addr = env_any(&["EMISSARY_AGENT_ADDR"])?;
         Some((|| {
-            let token = env_any(&["EMISSARY_TOKEN"])
+            // Taken out of the environment at start; read there when `main` was not ours.
+            let token = TOKEN
+                .get()
+                .filter(|t| !t.is_empty())
+                .cloned()
+                .or_else(|| env_any(&["EMISSARY_TOKEN"]))
                 .ok_or("EMISSARY_AGENT_ADDR is set but EMISSARY_TOKEN is not")?;
             let task = env_any(&["EMISSARY_TASK_ID"])
                 .ok_or("EMISSARY_AGENT_ADDR is set but EMISSARY_TASK_ID is not")?;
@@ -135,9 +169,9 @@ impl Agent {
         .map(drop)
     }
 
-    /// Relays the agent's commands for this task into the control FIFO `fifo`, where the
-    /// supervisor reads them like `emissary signal` (a thread; it ends with the process).
-    pub fn relay_commands(&self, container: &str, fifo: PathBuf) {
+    /// Relays the agent's commands for this task into `control`, the supervisor's control
+    /// FIFO, as lines like those of `emissary signal` (a thread; it ends with the process).
+    pub fn relay_commands(&self, container: &str, control: File) {
         let path = self.path(&format!(
             "commands?wait=30s&container={}",
             percent_encode(container)
@@ -157,9 +191,9 @@ impl Agent {
                             })
                             .collect();
                         if !lines.is_empty()
-                            && let Err(e) = OpenOptions::new().write(true).open(&fifo).and_then(|mut f| f.write_all(lines.as_bytes()))
+                            && let Err(e) = (&control).write_all(lines.as_bytes())
                         {
-                            crate::note!("emissary: delivering a command to {}: {e}", fifo.display());
+                            crate::note!("emissary: delivering a command: {e}");
                         }
                     }
                     Err(e) if e.retryable() => {

@@ -238,7 +238,12 @@ fn append(tar: &mut tar::Builder<&mut dyn Write>, path: &Path, name: &Path) -> i
             append(tar, &child.path(), &name.join(child.file_name()))?;
         }
         Ok(())
-    } else if kind.is_file() || kind.is_symlink() {
+    } else if kind.is_file() {
+        // Opened as an output is (/proc refused), and described by what was opened.
+        let mut file = fsutil::open_regular(path)
+            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+        tar.append_file(name, &mut file)
+    } else if kind.is_symlink() {
         tar.append_path_with_name(path, name)
     } else {
         // Sockets, FIFOs and devices have no content to carry; reading a FIFO could block.
@@ -286,12 +291,14 @@ const SNIFF: usize = 256 * 1024;
 /// Stages the bytes of `input` at `dest`: unpacked when they are a tar archive, else as one
 /// file. Writes into a temporary sibling first and renames into place, so on any error nothing
 /// is left at `dest` and nothing is ever written outside it. Returns the digest of the bytes
-/// read (as stored, before unpacking).
+/// read (as stored, before unpacking); when they do not have the `expected` SHA-256 (hex),
+/// nothing is placed.
 pub fn stage(
     input: &mut dyn Read,
     dest: &Path,
     unpack: Unpack,
     limits: Limits,
+    expected: Option<&str>,
 ) -> Result<Digest, String> {
     let mut input = HashingReader::new(input);
     let mut prefix = Vec::with_capacity(SNIFF);
@@ -306,8 +313,6 @@ pub fn stage(
     };
     let created = create_parents(dest)?;
     let tmp = fsutil::temp_name(dest);
-    let _ = fs::remove_dir_all(&tmp);
-    let _ = fs::remove_file(&tmp);
     let mut stream = Cursor::new(prefix).chain(&mut input);
     let result = match codec {
         None => write_file(&mut stream, &tmp, limits),
@@ -324,7 +329,14 @@ pub fn stage(
     .and_then(|()| {
         // Drain what a decoder left unread (tar padding), so the digest covers every byte.
         io::copy(&mut stream, &mut io::sink()).map_err(|e| format!("reading: {e}"))?;
-        place(&tmp, dest, codec.is_some())
+        let actual = stream.get_ref().1.digest().sha256;
+        match expected {
+            Some(expected) if !actual.eq_ignore_ascii_case(expected) => Err(format!(
+                "its content has SHA-256 {actual}, not the {expected} its producer reported \
+                 (changed since it was produced?); refused"
+            )),
+            _ => place(&tmp, dest, codec.is_some()),
+        }
     });
     if result.is_err() {
         let _ = fs::remove_dir_all(&tmp);
@@ -380,7 +392,8 @@ fn sniff(prefix: &[u8]) -> Option<Codec> {
 }
 
 fn write_file(input: &mut dyn Read, tmp: &Path, limits: Limits) -> Result<(), String> {
-    let mut file = File::create(tmp).map_err(|e| format!("creating {}: {e}", tmp.display()))?;
+    let mut file =
+        fsutil::create_new(tmp).map_err(|e| format!("creating {}: {e}", tmp.display()))?;
     let n = io::copy(&mut input.take(limits.max_bytes + 1), &mut file)
         .map_err(|e| format!("writing {}: {e}", tmp.display()))?;
     if n > limits.max_bytes {

@@ -1,7 +1,7 @@
 //! Where artifacts come from and go to: one trait, a local directory here; the node agent
 //! (`crate::transfer::agent`) is the other implementation.
 
-use std::fs::{self, File};
+use std::fs;
 use std::io::{BufWriter, Read, Write};
 use std::path::{Component, Path, PathBuf};
 
@@ -104,7 +104,7 @@ impl Store for LocalStore {
         // Packed into a temporary name and renamed: a reader never sees half an archive.
         let tmp = fsutil::temp_name(&path);
         let written = (|| {
-            let mut file = BufWriter::with_capacity(256 * 1024, File::create(&tmp)?);
+            let mut file = BufWriter::with_capacity(256 * 1024, fsutil::create_new(&tmp)?);
             let digest = archive::pack(source, packing, &mut file)?;
             file.flush()?;
             fs::rename(&tmp, &path)?;
