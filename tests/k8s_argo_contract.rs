@@ -548,3 +548,45 @@ spec:
         "{node:#}"
     );
 }
+
+/// Security review, finding 10: in a containerSet, a sibling writes `a`'s exit file as 0 while
+/// `a` still runs (it exits 3). The dependency is decided on what the kubelet reports, so
+/// `main` does not run and the step fails with `a`.
+#[test]
+fn a_sibling_cannot_forge_a_dependencys_exit_in_a_container_set() {
+    let argo = argo("v4.1");
+    let name = argo.submit_text(
+        r#"
+apiVersion: argoproj.io/v1alpha1
+kind: Workflow
+metadata: {generateName: forged-dependency-}
+spec:
+  entrypoint: set
+  templates:
+  - name: set
+    containerSet:
+      containers:
+      - name: a
+        image: busybox
+        command: [sh, -c, 'sleep 4; exit 3']
+      - name: forger
+        image: busybox
+        command: [sh, -c, 'sleep 1; d=/var/run/argo/ctr/a; mkdir -p $d; printf 0 > $d/.x; mv $d/.x $d/exitcode; echo forged']
+      - name: main
+        image: busybox
+        command: [sh, -c, 'echo main ran']
+        dependencies: [a]
+"#,
+    );
+    let wf = argo.wait(&name, LIMIT).unwrap();
+    assert_eq!(wf["status"]["phase"], "Failed", "{}", summary(&wf));
+    let main = nodes(&wf, "main")[0];
+    assert_ne!(
+        main["phase"],
+        "Succeeded",
+        "main ran on a forged exit\n{}",
+        summary(&wf)
+    );
+    let forger = nodes(&wf, "forger")[0];
+    assert_eq!(forger["phase"], "Succeeded", "{}", summary(&wf));
+}

@@ -173,6 +173,30 @@ fn a_failed_dependency_skips_its_dependants() {
     );
 }
 
+/// Security review, finding 10: a container main does not depend on fails: the set's result
+/// says so (Argo fails the node), it is not lost behind main's success.
+#[test]
+fn a_failing_container_main_does_not_depend_on_fails_the_set() {
+    let dir = Dir::new("containerset-sibling-failed");
+    let spec = json!({"containerSet": {"containers": [
+        {"name": "side", "command": ["sh", "-c", "exit 4"]},
+        {"name": "main", "command": ["sh", "-c", "echo main ran"]}
+    ]}})
+    .to_string();
+    let root = dir.join("root");
+    run_quick(&mut member(&root, &spec, "side")).assert_code(4);
+    let main = run_quick(&mut member(&root, &spec, "main"));
+    assert_eq!(main.stdout(), "main ran\n");
+    let outputs: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(root.join("outputs.json")).unwrap()).unwrap();
+    assert_ne!(outputs["exit_code"], 0, "{outputs:#}");
+    let message = outputs["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("container \"side\" failed with exit code 4"),
+        "{outputs:#}"
+    );
+}
+
 #[test]
 fn a_signal_while_waiting_for_dependencies_ends_the_wait() {
     let dir = Dir::new("containerset-term");

@@ -1,6 +1,10 @@
-//! containerSet ordering: a container waits for its `dependencies` to write their exitcode
-//! files (`ROOT/ctr/NAME/exitcode`, renamed into place whole), woken by inotify the moment
-//! one lands. Argo and Tekton poll once a second; this hands off in well under 5 ms.
+//! containerSet ordering: a container waits for its `dependencies` to end.
+//!
+//! When the node agent knows the pod (an Argo pod), their ends are what the kubelet reports,
+//! asked through the agent: every container of a pod can write the shared directory, so a
+//! sibling could forge an exit file there. Otherwise the exit files (`ROOT/ctr/NAME/exitcode`,
+//! renamed into place whole) are read, woken by inotify the moment one lands: Argo and Tekton
+//! poll once a second; this hands off in well under 5 ms.
 
 use std::fs;
 use std::os::fd::AsFd;
@@ -12,6 +16,7 @@ use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
 
 use crate::process::signals::Signals;
+use crate::transfer::agent::Agent;
 
 /// How the wait ended.
 pub enum Waited {
@@ -28,26 +33,77 @@ pub enum Waited {
 /// How often to look when inotify is unavailable (its per-user instances are a node-wide limit).
 const POLL_FALLBACK: Duration = Duration::from_millis(50);
 
-/// Blocks until every container in `deps` under `ctr_root` has exited 0 (or one failed), a
-/// terminating signal arrives, or `deadline` passes.
+/// Blocks until every container in `deps` has exited 0 (or one failed), a terminating signal
+/// arrives, or `deadline` passes.
 pub fn wait(
     ctr_root: &Path,
     deps: &[String],
     signals: &Signals,
     deadline: Option<Instant>,
+    agent: Option<&Agent>,
 ) -> Result<Waited, String> {
-    wait_for(ctr_root, deps, signals, deadline, false)
+    wait_for(ctr_root, deps, signals, deadline, agent, false).map(|(waited, _)| waited)
 }
 
 /// [`wait`] for every container of `others` to end, whatever its code: a containerSet's
-/// outputs are collected once all its containers are done, as Argo's executor does.
+/// outputs are collected once all its containers are done, as Argo's executor does. Returns
+/// the codes of those that ended.
 pub fn wait_ended(
     ctr_root: &Path,
     others: &[String],
     signals: &Signals,
     deadline: Option<Instant>,
-) -> Result<Waited, String> {
-    wait_for(ctr_root, others, signals, deadline, true)
+    agent: Option<&Agent>,
+) -> Result<(Waited, Vec<(String, i32)>), String> {
+    wait_for(ctr_root, others, signals, deadline, agent, true)
+}
+
+/// How often the agent is asked when several dependencies are pending (one at a time is a
+/// long-poll of up to a second).
+const KUBELET_POLL: Duration = Duration::from_millis(250);
+
+/// [`wait_for`] on what the kubelet reports, through the agent.
+fn wait_for_kubelet(
+    agent: &Agent,
+    deps: &[String],
+    signals: &Signals,
+    deadline: Option<Instant>,
+    any_code: bool,
+) -> Result<(Waited, Vec<(String, i32)>), String> {
+    let mut pending: Vec<&String> = deps.iter().collect();
+    let mut ended = Vec::new();
+    while let Some(&dep) = pending.first() {
+        while let Ok(Some(signal)) = signals.next() {
+            if terminates(signal) {
+                return Ok((Waited::Interrupted(signal), ended));
+            }
+        }
+        let now = Instant::now();
+        if deadline.is_some_and(|d| d <= now) {
+            return Ok((Waited::TimedOut, ended));
+        }
+        let left = deadline.map_or(Duration::MAX, |d| d - now);
+        let wait = if pending.len() == 1 {
+            left.min(Duration::from_secs(1))
+        } else {
+            Duration::ZERO
+        };
+        match agent.container_exit(dep, wait)? {
+            Some(code) if code != 0 && !any_code => {
+                return Ok((Waited::Failed(dep.clone(), code), ended));
+            }
+            Some(code) => {
+                ended.push((dep.clone(), code));
+                pending.remove(0);
+            }
+            None if wait.is_zero() => {
+                pending.rotate_left(1);
+                std::thread::sleep(KUBELET_POLL.min(left));
+            }
+            None => {}
+        }
+    }
+    Ok((Waited::Ready, ended))
 }
 
 fn wait_for(
@@ -55,10 +111,14 @@ fn wait_for(
     deps: &[String],
     signals: &Signals,
     deadline: Option<Instant>,
+    agent: Option<&Agent>,
     any_code: bool,
-) -> Result<Waited, String> {
+) -> Result<(Waited, Vec<(String, i32)>), String> {
     if deps.is_empty() {
-        return Ok(Waited::Ready);
+        return Ok((Waited::Ready, Vec::new()));
+    }
+    if let Some(agent) = agent.filter(|a| a.knows_the_pod()) {
+        return wait_for_kubelet(agent, deps, signals, deadline, any_code);
     }
     fs::create_dir_all(ctr_root).map_err(|e| format!("creating {}: {e}", ctr_root.display()))?;
     // The dependency's directory may not exist yet: watch the root for it, then it.
@@ -88,11 +148,13 @@ fn wait_for(
             }
         }
         let mut pending = false;
+        let mut ended = Vec::new();
         for dep in deps {
             match exit_code(&ctr_root.join(dep).join("exitcode")) {
-                Some(0) => {}
-                Some(_) if any_code => {}
-                Some(code) => return Ok(Waited::Failed(dep.clone(), code)),
+                Some(code) if code != 0 && !any_code => {
+                    return Ok((Waited::Failed(dep.clone(), code), ended));
+                }
+                Some(code) => ended.push((dep.clone(), code)),
                 None => pending = true,
             }
         }
@@ -100,11 +162,11 @@ fn wait_for(
             // Closing an inotify fd waits for an SRCU grace period (~1 ms measured): hand-off
             // latency is the point here, so let the fd go with the process instead.
             std::mem::forget(inotify);
-            return Ok(Waited::Ready);
+            return Ok((Waited::Ready, ended));
         }
         let now = Instant::now();
         if deadline.is_some_and(|d| d <= now) {
-            return Ok(Waited::TimedOut);
+            return Ok((Waited::TimedOut, ended));
         }
         let mut sleep = deadline.map(|d| d - now);
         if inotify.is_none() {
@@ -128,7 +190,7 @@ fn wait_for(
         }
         while let Ok(Some(signal)) = signals.next() {
             if terminates(signal) {
-                return Ok(Waited::Interrupted(signal));
+                return Ok((Waited::Interrupted(signal), ended));
             }
         }
         if let Some(watcher) = &inotify {

@@ -121,7 +121,13 @@ pub fn run_as(opts: &RunOptions, mut layout: Layout) -> Result<i32, Fatal> {
             return task.refuse(&logs, Some(&template), TaskError::system(message, false));
         }
     };
-    let waited = match deps::wait(&ctr_root, &dependencies, &signals, deadline) {
+    let waited = match deps::wait(
+        &ctr_root,
+        &dependencies,
+        &signals,
+        deadline,
+        task.agent.as_ref(),
+    ) {
         Ok(waited) => waited,
         Err(message) => {
             return task.refuse(&logs, Some(&template), TaskError::system(message, true));
@@ -239,8 +245,17 @@ pub fn run_as(opts: &RunOptions, mut layout: Layout) -> Result<i32, Fatal> {
             .map(|c| c.container.name.clone())
             .filter(|n| *n != task.name)
             .collect();
-        if let Err(message) = deps::wait_ended(&ctr_root, &others, &signals, deadline) {
-            outcome.fail(TaskError::system(message, true));
+        match deps::wait_ended(&ctr_root, &others, &signals, deadline, task.agent.as_ref()) {
+            Err(message) => outcome.fail(TaskError::system(message, true)),
+            // The set fails with any of its containers, as Argo's does. (An Argo pod's
+            // controller reads that from the pod itself.)
+            Ok((_, ended)) if !task.agent.as_ref().is_some_and(Agent::knows_the_pod) => {
+                for (name, code) in ended.into_iter().filter(|(_, code)| *code != 0) {
+                    let message = format!("container {name:?} failed with exit code {code}");
+                    outcome.fail(TaskError::user(message, false));
+                }
+            }
+            Ok(_) => {}
         }
     }
     let local = LocalStore::new(&root);

@@ -164,9 +164,47 @@ impl Agent {
 
     pub fn result(&self, result: &TaskResult) -> Result<(), String> {
         self.retry("reporting the result", || {
-            self.client.post_json(&self.path("result"), result)
+            match self.client.post_json(&self.path("result"), result) {
+                // The attempt's result is recorded: a retry whose first answer was lost.
+                Err(e) if e.status == Some(409) => Ok(Vec::new()),
+                other => other,
+            }
         })
         .map(drop)
+    }
+
+    /// Whether the agent knows this task's pod (an Argo pod's token is bound to it), so that it
+    /// can say how the pod's containers ended.
+    pub fn knows_the_pod(&self) -> bool {
+        self.inputs_by_name
+    }
+
+    /// How sibling `container` of this pod ended, as its kubelet reports it through the agent,
+    /// waiting up to `wait`: `Ok(None)` while it runs.
+    pub fn container_exit(&self, container: &str, wait: Duration) -> Result<Option<i32>, String> {
+        let path = self.path(&format!(
+            "containers/{container}?wait={}ms",
+            wait.as_millis()
+        ));
+        let response = self.retry("asking how a container ended", || {
+            let response = self
+                .client
+                .send("GET", &path, None, wait + Duration::from_secs(30))?;
+            match response.status {
+                200 | 204 => Ok(response),
+                _ => Err(response.into_error()),
+            }
+        })?;
+        if response.status == 204 {
+            return Ok(None);
+        }
+        let body = response.into_success().map_err(|e| e.to_string())?;
+        let answer: serde_json::Value =
+            serde_json::from_slice(&body).map_err(|e| format!("bad answer: {e}"))?;
+        answer["exit_code"]
+            .as_i64()
+            .map(|code| Some(code as i32))
+            .ok_or_else(|| "bad answer: no exit_code".to_owned())
     }
 
     /// Relays the agent's commands for this task into `control`, the supervisor's control
@@ -294,14 +332,15 @@ impl Agent {
                     .client
                     .send("GET", &path, None, Duration::from_secs(300))?;
                 match response.status {
-                    200..=299 | 400 | 404 => Ok(response),
+                    200..=299 | 400 | 403 | 404 => Ok(response),
                     _ => Err(response.into_error()),
                 }
             })
             .map_err(GetError::Failed)?;
         match response.status {
             404 => Ok(None),
-            400 => Err(GetError::BadKey(response.into_error().to_string())),
+            // A key the spec may not read (403) is the spec's fault, like a malformed one.
+            400 | 403 => Err(GetError::BadKey(response.into_error().to_string())),
             _ => Ok(Some(Input {
                 directory: response.directory,
                 bytes: Box::new(response.into_reader()),
