@@ -549,9 +549,10 @@ spec:
     );
 }
 
-/// Security review, finding 10: in a containerSet, a sibling writes `a`'s exit file as 0 while
-/// `a` still runs (it exits 3). The dependency is decided on what the kubelet reports, so
-/// `main` does not run and the step fails with `a`.
+/// Security review, finding 10: in a containerSet, a sibling (root, so the sticky
+/// `/var/run/argo/ctr` does not stop it) writes `a`'s exit file as 0 while `a` still runs (it
+/// exits 3). The dependency is decided on what the kubelet reports, so `main` does not run and
+/// the step fails with `a`.
 #[test]
 fn a_sibling_cannot_forge_a_dependencys_exit_in_a_container_set() {
     let argo = argo("v4.1");
@@ -571,7 +572,7 @@ spec:
         command: [sh, -c, 'sleep 4; exit 3']
       - name: forger
         image: busybox
-        command: [sh, -c, 'sleep 1; d=/var/run/argo/ctr/a; mkdir -p $d; printf 0 > $d/.x; mv $d/.x $d/exitcode; echo forged']
+        command: [sh, -c, 'for d in /var/run/argo /var/run/argo/ctr; do [ "$(stat -c %a $d)" = 1777 ] || exit 9; done; sleep 1; d=/var/run/argo/ctr/a; mkdir -p $d; printf 0 > $d/.x; mv $d/.x $d/exitcode; echo forged']
       - name: main
         image: busybox
         command: [sh, -c, 'echo main ran']

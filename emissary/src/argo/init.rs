@@ -1,6 +1,7 @@
 //! `argoexec init`: the pod's first container, as Argo's executor does it.
 //!
-//! Installs this binary as `/var/run/argo/argoexec` (0555, whole or not at all), writes the
+//! Makes `/var/run/argo` and its `ctr/` sticky, installs this binary as
+//! `/var/run/argo/argoexec` (0555, whole or not at all), writes the
 //! template to `/var/run/argo/template` (0444) for the other containers and a script template's
 //! source to `/argo/staging/script` (0755), logs in to the node agent (which creates the pod's
 //! `WorkflowTaskResult`, so Argo waits for its outputs), and stages the input artifacts where
@@ -26,6 +27,12 @@ pub fn init() -> Result<i32, String> {
     refuse_other_kinds(file.as_deref())?;
     let loaded = template::load(file.as_deref(), &[])?;
     let root = Path::new(VAR_RUN_ARGO);
+    // Sticky (when init may make them so: Argo runs it as the executor's user), so that no
+    // container of the pod replaces the binary or another's exit files.
+    for dir in [root.to_owned(), root.join("ctr")] {
+        crate::task::init::shared_dir(&dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    }
     crate::task::init::copy_self(&root.join("argoexec"))
         .map_err(|e| format!("cannot install {VAR_RUN_ARGO}/argoexec: {e}"))?;
     write(&root.join("template"), &loaded.json, 0o444)?;

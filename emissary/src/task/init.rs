@@ -74,7 +74,7 @@ pub fn init(opts: &InitOptions) -> Result<(), String> {
 /// A directory every uid in the pod can write, sticky so that each may remove or replace only
 /// its own entries (mode set explicitly: the umask would narrow it). Never a symlink. An
 /// emptyDir is 0777 but root's: a non-root init cannot chmod it, and says what that leaves open.
-fn shared_dir(dir: &Path) -> io::Result<()> {
+pub fn shared_dir(dir: &Path) -> io::Result<()> {
     fs::create_dir_all(dir)?;
     let meta = fs::symlink_metadata(dir)?;
     if !meta.is_dir() {
