@@ -230,12 +230,20 @@ fn the_manifests_validate_against_kubernetes_1_32() {
         "MutatingWebhookConfiguration",
         "ConfigMap",
         "ServiceAccount",
+        "NetworkPolicy",
     ] {
         assert!(
             text.contains(&format!("kind: {kind}\n")),
             "the overlay renders no {kind}"
         );
     }
+    // Node tokens and events' outputs cross the pod network: the shipped config verifies the
+    // controller over HTTPS (security review, finding 15).
+    assert!(
+        text.contains("controller-url = \"https://") && text.contains("controller-ca = "),
+        "{text}"
+    );
+    assert!(!text.contains("controller-url = \"http://"), "{text}");
     let file = dir.write("rendered.yaml", &text);
     let out = validate(&file);
     out.assert_code(0);

@@ -34,6 +34,11 @@ pub struct Cache {
     downloads: Mutex<HashMap<String, Fill>>,
 }
 
+/// Downloads into the cache at once: past it, or past the cache's bound in bytes being
+/// downloaded, an input is streamed through uncached, so that a burst of new inputs cannot fill
+/// the node's disk before eviction runs.
+const FILLS: usize = 16;
+
 /// Where a lookup found the object.
 pub enum Lookup {
     /// Already on the node's disk.
@@ -41,6 +46,8 @@ pub enum Lookup {
     /// Being downloaded, by this request (`started`) or an earlier one: read as it fills, so
     /// the first bytes go out at once however large the object.
     Filling { fill: Fill, started: bool },
+    /// Not cached: too many downloads, or too many bytes, are in progress.
+    Bypass,
 }
 
 /// A download in progress: its file (read by position, so readers share it) and how far it is.
@@ -48,6 +55,7 @@ pub enum Lookup {
 pub struct Fill {
     file: Arc<std::fs::File>,
     state: watch::Receiver<FillState>,
+    size: u64,
 }
 
 #[derive(Clone)]
@@ -121,6 +129,12 @@ impl Cache {
             match downloads.get(&name) {
                 Some(fill) => (fill.clone(), false),
                 None if touch(&path) => return Ok(Lookup::Hit(path)), // it just finished
+                None if downloads.len() >= FILLS
+                    || downloads.values().map(|f| f.size).sum::<u64>() + meta.size
+                        > self.max_bytes =>
+                {
+                    return Ok(Lookup::Bypass);
+                }
                 None => {
                     let tmp = self.dir.join(format!(".{name}.{}", rand::random::<u64>()));
                     let file = std::fs::File::options()
@@ -135,6 +149,7 @@ impl Cache {
                     let fill = Fill {
                         file: Arc::new(file),
                         state,
+                        size: meta.size,
                     };
                     downloads.insert(name.clone(), fill.clone());
                     let download = Download {

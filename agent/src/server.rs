@@ -573,18 +573,23 @@ async fn serve_object(app: &App, store: &Store, key: &str) -> Result<Response<Bo
             let path = match store.head(&key).await {
                 Ok(meta) => {
                     let meta = meta.ok_or_else(not_found)?;
-                    if meta.etag.is_empty() {
-                        // Nothing would tell a changed object from the cached one: streamed
-                        // through, its length unknown (chunked).
-                        let (_, body) = store.get(&key).await?.ok_or_else(not_found)?;
-                        app.metrics.store_downloads.inc();
-                        return Ok(Response::builder()
-                            .status(StatusCode::OK)
-                            .header("content-type", "application/octet-stream")
-                            .body(body)
-                            .expect("valid response"));
-                    }
-                    match cache.get(store, &key, &meta).await? {
+                    let lookup = if meta.etag.is_empty() {
+                        // Nothing would tell a changed object from the cached one.
+                        Lookup::Bypass
+                    } else {
+                        cache.get(store, &key, &meta).await?
+                    };
+                    match lookup {
+                        Lookup::Bypass => {
+                            // Streamed through, its length unknown (chunked).
+                            let (_, body) = store.get(&key).await?.ok_or_else(not_found)?;
+                            app.metrics.store_downloads.inc();
+                            return Ok(Response::builder()
+                                .status(StatusCode::OK)
+                                .header("content-type", "application/octet-stream")
+                                .body(body)
+                                .expect("valid response"));
+                        }
                         Lookup::Hit(path) => {
                             app.metrics.cache_hits.inc();
                             path
