@@ -5,7 +5,7 @@
 use std::io::{Read, Write};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
@@ -590,4 +590,161 @@ spec:
     );
     let forger = nodes(&wf, "forger")[0];
     assert_eq!(forger["phase"], "Succeeded", "{}", summary(&wf));
+}
+
+/// The pods of workflow `name` in `ns`.
+fn workflow_pods(ns: &str, name: &str) -> Vec<Value> {
+    let out = installed().cluster.kubectl([
+        "-n",
+        ns,
+        "get",
+        "pods",
+        "-l",
+        &format!("workflows.argoproj.io/workflow={name}"),
+        "-o",
+        "json",
+    ]);
+    let list: Value = serde_json::from_slice(&out.stdout).unwrap();
+    list["items"].as_array().cloned().unwrap_or_default()
+}
+
+/// The state (`running`, `terminated`...) of container `container` of `pod`.
+fn container_state(pod: &Value, container: &str) -> Option<String> {
+    pod["status"]["containerStatuses"]
+        .as_array()?
+        .iter()
+        .find(|c| c["name"] == container)?["state"]
+        .as_object()?
+        .keys()
+        .next()
+        .cloned()
+}
+
+/// Issue 13: Stop and Terminate reach a running step through its node's agent within seconds,
+/// without `pods/exec` (the test kubelet serves none, so Argo's own `argoexec kill` cannot):
+/// the step's process gets TERM, the workflow ends as Argo documents, and Stop still runs the
+/// exit handler.
+#[test]
+fn stop_and_terminate_end_a_running_step_without_exec() {
+    let argo = argo("v4.1");
+    for strategy in ["Terminate", "Stop"] {
+        let name = argo.submit_text(
+            r#"
+apiVersion: argoproj.io/v1alpha1
+kind: Workflow
+metadata: {generateName: shutdown-}
+spec:
+  entrypoint: long
+  onExit: cleanup
+  templates:
+  - name: long
+    container:
+      image: busybox
+      command: [sh, -c, 'echo started; sleep 300']
+  - name: cleanup
+    container:
+      image: busybox
+      command: [sh, -c, 'echo cleaning up']
+"#,
+        );
+        let running = wait_until(Duration::from_secs(60), || {
+            workflow_pods(&argo.ns, &name)
+                .iter()
+                .any(|p| container_state(p, "main").as_deref() == Some("running"))
+        });
+        assert!(running, "{strategy}: the step never ran");
+        let patched = Instant::now();
+        let patch = json!({"spec": {"shutdown": strategy}}).to_string();
+        let out = installed().cluster.kubectl([
+            "-n", &argo.ns, "patch", "workflow", &name, "--type", "merge", "-p", &patch,
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let stopped = wait_until(Duration::from_secs(30), || {
+            workflow_pods(&argo.ns, &name)
+                .iter()
+                .all(|p| container_state(p, "main").as_deref() != Some("running"))
+        });
+        let took = patched.elapsed();
+        assert!(
+            stopped,
+            "{strategy}: the step still runs 30 s after the patch"
+        );
+        assert!(
+            took < Duration::from_secs(5),
+            "{strategy}: the step ran {took:?} after the patch"
+        );
+        let wf = argo.wait(&name, LIMIT).unwrap();
+        assert_eq!(wf["status"]["phase"], "Failed", "{}", summary(&wf));
+        let message = wf["status"]["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains(&format!("Stopped with strategy '{strategy}'")),
+            "{}",
+            summary(&wf)
+        );
+        let handler_ran = nodes(&wf, &format!("{name}.onExit"))
+            .iter()
+            .any(|n| n["phase"] == "Succeeded");
+        assert_eq!(
+            handler_ran,
+            strategy == "Stop",
+            "{strategy}:\n{}",
+            summary(&wf)
+        );
+    }
+}
+
+/// Issue 13, faults: a workflow deleted mid-step (no garbage collector runs here, so nothing
+/// else would stop its pod): its node's agent stops the step, once, without an error storm.
+#[test]
+fn a_workflow_deleted_mid_step_stops_its_step() {
+    let argo = argo("v4.0");
+    let name = argo.submit_text(
+        r#"
+apiVersion: argoproj.io/v1alpha1
+kind: Workflow
+metadata: {generateName: deleted-}
+spec:
+  entrypoint: long
+  templates:
+  - name: long
+    container:
+      image: busybox
+      command: [sh, -c, 'sleep 300']
+"#,
+    );
+    let running = wait_until(Duration::from_secs(60), || {
+        workflow_pods(&argo.ns, &name)
+            .iter()
+            .any(|p| container_state(p, "main").as_deref() == Some("running"))
+    });
+    assert!(running, "the step never ran");
+    let out =
+        installed()
+            .cluster
+            .kubectl(["-n", &argo.ns, "delete", "workflow", &name, "--wait=false"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stopped = wait_until(Duration::from_secs(10), || {
+        workflow_pods(&argo.ns, &name)
+            .iter()
+            .all(|p| container_state(p, "main").as_deref() != Some("running"))
+    });
+    assert!(stopped, "the step of a deleted workflow still runs");
+    std::thread::sleep(Duration::from_secs(2));
+    let log = installed().agent.log();
+    let about_it: Vec<&str> = log.lines().filter(|l| l.contains(&name)).collect();
+    let warnings = about_it.iter().filter(|l| l.contains("\"WARN\"")).count();
+    assert!(warnings <= 1, "{}", about_it.join("\n"));
+    let terminations = about_it
+        .iter()
+        .filter(|l| l.contains("terminating an Argo step"))
+        .count();
+    assert_eq!(terminations, 1, "{}", about_it.join("\n"));
 }

@@ -73,12 +73,12 @@ pub async fn serve(settings: Settings) -> Result<(), String> {
             .unwrap_or_else(|| Arc::new(tokio::sync::Semaphore::new(crate::store::PARTS_BUDGET)));
         Arc::new(Argo::new(client, &settings.node, budget))
     });
+    let commands = Arc::new(Commands::default());
     if let Some(argo) = &argo {
-        tokio::spawn(crate::argo::reconcile::run(argo.clone()));
+        tokio::spawn(crate::argo::reconcile::run(argo.clone(), commands.clone()));
     }
     let metrics = Arc::new(Metrics::new(outbox.bytes.clone()));
     let undelivered = outbox.bytes.clone();
-    let commands = Arc::new(Commands::default());
     let app = Arc::new(App {
         secret: secret.clone(),
         store,

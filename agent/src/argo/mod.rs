@@ -13,6 +13,7 @@ pub mod directory;
 pub mod login;
 pub mod reconcile;
 pub mod results;
+pub mod shutdown;
 pub mod template;
 
 use std::collections::HashMap;
@@ -31,6 +32,7 @@ use template::{S3, Template};
 pub const LABEL_WORKFLOW: &str = "workflows.argoproj.io/workflow";
 pub const LABEL_COMPLETED: &str = "workflows.argoproj.io/report-outputs-completed";
 pub const LABEL_INSTANCE: &str = "workflows.argoproj.io/controller-instanceid";
+pub const LABEL_ON_EXIT: &str = "workflows.argoproj.io/on-exit";
 pub const ANNOTATION_NODE_ID: &str = "workflows.argoproj.io/node-id";
 
 /// Why an Argo request failed: an HTTP status for the emissary, and a message for its user.
@@ -87,6 +89,7 @@ pub struct Argo {
     part_buffers: Arc<Semaphore>,
     /// For `http` input artifacts.
     pub http: crate::store::HttpClient,
+    pub shutdowns: Arc<shutdown::Shutdowns>,
 }
 
 impl Argo {
@@ -98,6 +101,7 @@ impl Argo {
             stores: Mutex::default(),
             part_buffers,
             http: crate::store::http_client(),
+            shutdowns: Arc::default(),
         }
     }
 

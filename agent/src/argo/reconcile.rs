@@ -1,3 +1,7 @@
+//! This node's Argo pods, watched.
+//!
+//! While one runs, its workflow is watched for a shutdown ([`super::shutdown`]).
+//!
 //! No task result is left incomplete: when a pod of this node ends (or goes away) while the
 //! `WorkflowTaskResult` it logged in for still says its outputs are coming, the agent marks it
 //! complete. Argo's controller waits for an incomplete result forever (v4 has no timeout), and
@@ -12,9 +16,11 @@ use kube::api::Api;
 use kube::runtime::{WatchStreamExt, watcher};
 use tracing::{info, warn};
 
-use super::{ANNOTATION_NODE_ID, Argo, LABEL_WORKFLOW, results};
+use super::shutdown::Served;
+use super::{ANNOTATION_NODE_ID, Argo, LABEL_ON_EXIT, LABEL_WORKFLOW, results};
+use crate::commands::Commands;
 
-pub async fn run(argo: Arc<Argo>) {
+pub async fn run(argo: Arc<Argo>, commands: Arc<Commands>) {
     let pods: Api<Pod> = Api::all(argo.client.clone());
     let config = watcher::Config::default()
         .fields(&format!("spec.nodeName={}", argo.node))
@@ -43,6 +49,29 @@ pub async fn run(argo: Arc<Argo>) {
         let Some(uid) = pod.metadata.uid.clone() else {
             continue;
         };
+        let labels = pod.metadata.labels.clone().unwrap_or_default();
+        let workflow = labels.get(LABEL_WORKFLOW).cloned().unwrap_or_default();
+        let namespace = pod.metadata.namespace.clone().unwrap_or_default();
+        let node_id = pod
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(ANNOTATION_NODE_ID))
+            .cloned();
+        match (&node_id, ended || gone) {
+            (_, true) => argo.shutdowns.forget((&namespace, &workflow), &uid),
+            (Some(node_id), false) => argo.shutdowns.serve(
+                &argo.client,
+                &commands,
+                (&namespace, &workflow),
+                Served {
+                    uid: uid.clone(),
+                    node_id: node_id.clone(),
+                    on_exit: labels.contains_key(LABEL_ON_EXIT),
+                },
+            ),
+            (None, false) => {}
+        }
         if !(ended || gone) || done.contains(&uid) {
             continue;
         }
@@ -50,18 +79,12 @@ pub async fn run(argo: Arc<Argo>) {
             done.clear();
         }
         done.insert(uid.clone());
-        let ns = pod.metadata.namespace.clone().unwrap_or_default();
-        let Some(node_id) = pod
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(ANNOTATION_NODE_ID))
-        else {
+        let Some(node_id) = node_id else {
             continue;
         };
-        match results::complete_if_waiting(&argo.client, &ns, node_id, &uid).await {
+        match results::complete_if_waiting(&argo.client, &namespace, &node_id, &uid).await {
             Ok(true) => {
-                info!(pod = %format!("{ns}/{}", pod.metadata.name.as_deref().unwrap_or("")), %node_id,
+                info!(pod = %format!("{namespace}/{}", pod.metadata.name.as_deref().unwrap_or("")), %node_id,
                 "the pod ended without completing its task result: completed it")
             }
             Ok(false) => {}
