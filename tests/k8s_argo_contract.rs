@@ -748,3 +748,52 @@ spec:
         .count();
     assert_eq!(terminations, 1, "{}", about_it.join("\n"));
 }
+
+/// Issue 13: a template's sidecars stop once `main` has ended — TERM, then KILL after the
+/// pod's grace for one that ignores TERM — without `pods/exec`, and the step is main's.
+#[test]
+fn sidecars_stop_when_main_ends_even_one_that_ignores_term() {
+    let argo = argo("v4.1");
+    let started = Instant::now();
+    let name = argo.submit_text(
+        r#"
+apiVersion: argoproj.io/v1alpha1
+kind: Workflow
+metadata: {generateName: sidecars-}
+spec:
+  entrypoint: with-sidecars
+  templates:
+  - name: with-sidecars
+    podSpecPatch: '{"terminationGracePeriodSeconds": 2}'
+    container:
+      image: busybox
+      command: [sh, -c, 'sleep 1; echo main done']
+    sidecars:
+    - name: polite
+      image: busybox
+      command: [sh, -c, 'sleep 300']
+    - name: stubborn
+      image: busybox
+      command: [sh, -c, 'trap "" TERM; while true; do sleep 1; done']
+"#,
+    );
+    let wf = argo.wait(&name, Duration::from_secs(60)).unwrap();
+    assert_eq!(wf["status"]["phase"], "Succeeded", "{}", summary(&wf));
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "the step took {:?}",
+        started.elapsed()
+    );
+    let pods = workflow_pods(&argo.ns, &name);
+    for sidecar in ["polite", "stubborn"] {
+        let status = pods[0]["status"]["containerStatuses"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == sidecar)
+            .unwrap();
+        let code = &status["state"]["terminated"]["exitCode"];
+        let expected = if sidecar == "polite" { 143 } else { 137 };
+        assert_eq!(code, expected, "{sidecar}: {status:#}");
+    }
+}

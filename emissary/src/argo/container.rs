@@ -4,18 +4,22 @@
 //! dependencies through `/var/run/argo/ctr/NAME/exitcode` as Argo's executor does, the command
 //! supervised and its output captured in `/var/run/argo/ctr/NAME/`, then the outputs collected
 //! and uploaded through the node agent, which writes them to the pod's `WorkflowTaskResult`
-//! before this container exits. A sidecar runs supervised with no outputs of its own. The
+//! before this container exits. A sidecar runs supervised with no outputs of its own, and is
+//! stopped once every main container has ended. The
 //! arguments Argo offloaded (`ARGO_CONTAINER_ARGS_FILE`, a JSON list) are appended to the
 //! command; one longer than the kernel takes for an argument (128 KiB) is passed as
 //! `@/tmp/argo_arg_N.txt`, the file holding it, as Argo's executor does.
 
 use std::ffi::OsString;
+use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use crate::process::run::{self, Fatal, RunOptions};
 use crate::task::outputs::Naming;
 use crate::task::step::{self, Layout};
 use crate::task::template;
+use crate::transfer::agent::Agent;
 
 use super::agent::Session;
 use super::{FAILED, TERMINATION_LOG, VAR_RUN_ARGO, fail};
@@ -50,9 +54,26 @@ pub fn run(mut command: Vec<OsString>) -> i32 {
         ..RunOptions::default()
     };
     if !is_task {
-        // A sidecar: supervised, its exit code where Argo's executor writes it, no outputs.
-        opts.log_dir = Some(root.join("ctr").join(&name));
-        return match run::run_command(&opts) {
+        // A sidecar: supervised, its exit code where Argo's executor writes it, no outputs; and
+        // stopped once every main container has ended (TERM, the grace, KILL), as Argo's
+        // controller would by `pods/exec`, so that a sidecar ignoring TERM cannot hang the step.
+        let mains = match &template.container_set {
+            Some(set) => set
+                .containers
+                .iter()
+                .map(|c| c.container.name.clone())
+                .collect(),
+            None => vec!["main".to_owned()],
+        };
+        let agent = Session::resume().and_then(|s| s.agent()).ok();
+        let ctr = root.join("ctr");
+        opts.log_dir = Some(ctr.join(&name));
+        let started = |logs: Option<&run::LogDir>| {
+            if let Some(control) = logs.and_then(|l| l.control_sender().ok()) {
+                stop_after(mains, agent, ctr, control);
+            }
+        };
+        return match run::run_command_with(&opts, started) {
             Ok(code) => code,
             Err(Fatal(message)) => fail(&message),
         };
@@ -75,6 +96,35 @@ pub fn run(mut command: Vec<OsString>) -> i32 {
         Ok(code) => code,
         Err(Fatal(message)) => fail(&message),
     }
+}
+
+/// Asks this container's supervisor to terminate (through its FIFO) once every container of
+/// `mains` has ended: as its kubelet reports through the agent, else by its exit file.
+fn stop_after(mains: Vec<String>, agent: Option<Agent>, ctr: PathBuf, mut control: std::fs::File) {
+    let waiting = move || {
+        for main in &mains {
+            loop {
+                let ended = match &agent {
+                    Some(agent) => agent.container_exit(main, Duration::from_secs(1)),
+                    None => Ok(ctr.join(main).join("exitcode").exists().then_some(0)),
+                };
+                match ended {
+                    Ok(Some(_)) => break,
+                    Ok(None) if agent.is_some() => {}
+                    Ok(None) => std::thread::sleep(Duration::from_millis(250)),
+                    Err(e) => {
+                        crate::note!("emissary: sidecar: {e}");
+                        std::thread::sleep(Duration::from_secs(1));
+                    }
+                }
+            }
+        }
+        let _ = control.write_all(b"terminate\n");
+    };
+    let _ = std::thread::Builder::new()
+        .name("sidecar".into())
+        .stack_size(64 * 1024)
+        .spawn(waiting);
 }
 
 /// Argo's grace between TERM and KILL: `ARGO_TERMINATION_GRACE_PERIOD_SECONDS`, else 30 s.

@@ -64,9 +64,19 @@ pub fn prepare() -> Result<Signals, Fatal> {
 
 /// `emissary run -- CMD`: no template, just supervision.
 pub fn run_command(opts: &RunOptions) -> Result<i32, Fatal> {
+    run_command_with(opts, |_| {})
+}
+
+/// [`run_command`], calling `started` with the log directory (and so the control FIFO) before
+/// the command starts.
+pub fn run_command_with(
+    opts: &RunOptions,
+    started: impl FnOnce(Option<&LogDir>),
+) -> Result<i32, Fatal> {
     let program = Program::new(&opts.command)?;
     let signals = prepare()?;
     let mut logs = opts.log_dir.as_deref().map(LogDir::create).transpose()?;
+    started(logs.as_ref());
     if let Some(summary) = &opts.summary {
         check_parent_exists(summary)?;
     }
