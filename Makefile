@@ -39,7 +39,7 @@ define apt_install
 	fi
 endef
 
-.PHONY: build static static-agent size lint test run bench image clean deps-test deps-bench deps-manifests cluster-bin cluster
+.PHONY: build static static-agent size lint test run bench bench-argo image clean deps-test deps-bench deps-manifests cluster-bin cluster
 
 ## build: debug builds of every binary
 build:
@@ -79,10 +79,19 @@ run: static
 	$(CARGO) build -p emissary-agent
 	EMISSARY_BIN=$(CURDIR)/$(STATIC_BIN) AGENT_BIN=$(CURDIR)/target/debug/emissary-agent tests/demo.sh
 
-## bench: measured against tini-static, coreutils tee... interleaved in one run
+## bench: measured against tini-static, coreutils tee... interleaved in one run; then Argo's
+## own executor against ours under the same Argo controller (BENCH_ARGO=0 skips it)
 bench: deps-bench static
 	$(CARGO) build --release -p emissary-agent -p emissary-tests --bin emissary-agent --bin emissary-bench
 	EMISSARY_BIN=$(CURDIR)/$(STATIC_BIN) target/release/emissary-bench $(BENCH)
+	@if [ "$(BENCH_ARGO)" != 0 ]; then $(MAKE) --no-print-directory bench-argo; fi
+
+## bench-argo: the same workflows on Argo v4.1 with its argoexec and with ours, side by side
+bench-argo: deps-test deps-manifests build image cluster-bin
+	ARGO_ONLY=argo-v4.1 tests/cluster/build.sh $(CLUSTER_BIN) argoexec
+	EMISSARY_BIN=$(CURDIR)/$(STATIC_BIN) IMAGE_DIR=$(CURDIR)/$(IMAGE_DIR) CLUSTER_BIN=$(CURDIR)/$(CLUSTER_BIN) \
+	KUBERNETES_VALIDATE=$(CURDIR)/$(KUBERNETES_VALIDATE) $(CARGO) test -p emissary-tests --test blackbox \
+		argo_executors_side_by_side -- --ignored --nocapture
 
 ## static-agent: the agent, statically linked and stripped, for its FROM scratch image
 static-agent:

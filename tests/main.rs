@@ -19,6 +19,7 @@ mod deploy;
 mod inject;
 mod k8s;
 mod k8s_argo;
+mod k8s_argo_bench;
 mod k8s_argo_contract;
 mod k8s_deploy;
 mod k8s_kubelet;

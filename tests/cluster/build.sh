@@ -18,19 +18,20 @@ here=$(cd "$(dirname "$0")/go" && pwd)
 cache=${EMISSARY_CLUSTER_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/emissary-cluster}
 export CGO_ENABLED=0 GOFLAGS=-mod=readonly
 
-# build MODULE NAME PACKAGE [LDFLAGS]: builds PACKAGE of MODULE unless the cache holds it, and
-# links it as OUT/NAME (k8s) or OUT/MODULE/NAME.
+# build MODULE NAME PACKAGE [LDFLAGS [GOFLAGS...]]: builds PACKAGE of MODULE unless the cache
+# holds it, and links it as OUT/NAME (k8s) or OUT/MODULE/NAME.
 build() {
 	local module=$1 name=$2 package=$3 ldflags="-s -w ${4:-}"
+	local extra=("${@:5}")
 	local key
-	key=$(cat "$here/$module/go.mod" "$here/$module/go.sum" <(go version) <(echo "$package $ldflags") |
+	key=$(cat "$here/$module/go.mod" "$here/$module/go.sum" <(go version) <(echo "$package $ldflags ${extra[*]}") |
 		sha256sum | cut -c1-16)
 	local binary="$cache/$module/$name-$key"
 	if [ ! -x "$binary" ]; then
 		mkdir -p "$cache/$module"
 		local start=$SECONDS
 		echo "building $name ($module) from its Go module ..." >&2
-		(cd "$here/$module" && go build -trimpath -ldflags "$ldflags" -o "$binary.tmp" "$package")
+		(cd "$here/$module" && go build -trimpath "${extra[@]}" -ldflags "$ldflags" -o "$binary.tmp" "$package")
 		# Builds of older pins are not needed any more.
 		find "$cache/$module" -maxdepth 1 -name "$name-*" ! -name "$name-$key*" -delete
 		mv "$binary.tmp" "$binary"
@@ -40,6 +41,27 @@ build() {
 	[ "$module" = k8s ] || link="$out/$module/$name"
 	mkdir -p "$(dirname "$link")"
 	ln -sfn "$binary" "$link"
+}
+
+# linux_modfile MODULE BASE: the published Argo module lacks osspecific/signal_linux.go (its
+# darwin twin is there, and Linux has the same calls), so argoexec does not build for Linux from
+# it. A copy of the module's source with that file added (the darwin one, for Linux) replaces
+# it, through a go.mod of its own. Prints the go.mod's path.
+linux_modfile() {
+	local module=$1 base=$2 dir
+	dir=$(cd "$here/$module" && go list -m -f '{{.Dir}}' "$base")
+	local src="$cache/$module/src" files="$cache/$module/modfile"
+	if [ ! -f "$src/workflow/executor/osspecific/signal_linux.go" ]; then
+		rm -rf "$src" && mkdir -p "$cache/$module"
+		cp -r "$dir" "$src.tmp" && chmod -R u+w "$src.tmp"
+		{ echo "//go:build linux"; echo; cat "$dir/workflow/executor/osspecific/signal_darwin.go"; } \
+			>"$src.tmp/workflow/executor/osspecific/signal_linux.go"
+		mv "$src.tmp" "$src"
+	fi
+	mkdir -p "$files"
+	{ cat "$here/$module/go.mod"; echo "replace $base => $src"; } >"$files/go.mod"
+	cp "$here/$module/go.sum" "$files/go.sum"
+	echo "$files/go.mod"
 }
 
 # -X flags that make kube-apiserver report VERSION instead of v0.0.0-master.
@@ -67,13 +89,16 @@ k8s)
 argo | argoexec)
 	for entry in "${argo_modules[@]}"; do
 		IFS=: read -r module major version <<<"$entry"
+		# ARGO_ONLY=argo-v4.1 builds one version (the benchmark needs only the newest).
+		[ -z "${ARGO_ONLY:-}" ] || [ "$ARGO_ONLY" = "$module" ] || continue
 		base=github.com/argoproj/argo-workflows/$major
 		if [ "$what" = argo ]; then
 			build "$module" workflow-controller "$base/cmd/workflow-controller" "-X $base.version=$version"
 			# Its module's source, for the CRDs and examples the tests use.
 			ln -sfn "$(cd "$here/$module" && go list -m -f '{{.Dir}}' "$base")" "$out/$module/module"
 		else
-			build "$module" argoexec "$base/cmd/argoexec" "-X $base.version=$version"
+			build "$module" argoexec "$base/cmd/argoexec" "-X $base.version=$version" \
+				"-modfile=$(linux_modfile "$module" "$base")"
 		fi
 	done
 	;;

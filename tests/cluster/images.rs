@@ -10,6 +10,7 @@
 //! | `gcr.io/distroless/static*` | only `/bin/busybox` and `/etc/passwd`: no shell, no applets |
 //! | `debian*`, `ubuntu*`, `python*` | this machine's Debian `/usr` and `/etc`, read-only |
 //! | `argoproj/argosay*` | the Debian root plus `/argosay`, a shell rendition of Argo's test tool |
+//! | `quay.io/argoproj/argoexec:*` | Argo's own executor, built from its v4.1 module (benchmarks) |
 //!
 //! Anything else is not pulled: the container waits with reason `ErrImagePull` and a message
 //! naming this table, as a kubelet does for an image it cannot fetch. Each container runs on an
@@ -171,6 +172,30 @@ impl Images {
                     config,
                 })
             }
+            "argo-executor" => {
+                // Argo's own executor, for the side-by-side benchmark: built from Argo's module.
+                base_dirs(&lower)?;
+                let built = super::cluster_bin().join("argo-v4.1/argoexec");
+                if !built.exists() {
+                    return Err(format!(
+                        "{} is missing: build Argo's executor with `tests/cluster/build.sh \
+                         target/cluster-bin argoexec` (make bench does)",
+                        built.display()
+                    ));
+                }
+                fs::copy(&built, lower.join("bin/argoexec")).map_err(|e| e.to_string())?;
+                Ok(Image {
+                    lower,
+                    binds: vec![],
+                    config: ImageConfig {
+                        entrypoint: vec!["argoexec".into()],
+                        // As Argo's image: a non-root user of its own.
+                        uid: 8737,
+                        gid: 8737,
+                        ..root_config
+                    },
+                })
+            }
             other => unreachable!("kind_of returned {other}"),
         }
     }
@@ -191,6 +216,7 @@ fn kind_of(reference: &str) -> Option<&'static str> {
         "ghcr.io/emissary-executor/emissary" => "emissary",
         "ghcr.io/emissary-executor/emissary-agent" => "emissary-agent",
         "ghcr.io/emissary-executor/argoexec" => "argoexec",
+        "quay.io/argoproj/argoexec" => "argo-executor",
         "busybox" | "alpine" => "busybox",
         r if r.starts_with("gcr.io/distroless/") => "distroless",
         "debian" | "ubuntu" | "python" => "debian",
@@ -352,7 +378,10 @@ mod tests {
             kind_of("ghcr.io/emissary-executor/emissary:0.1.0"),
             Some("emissary")
         );
-        assert_eq!(kind_of("quay.io/argoproj/argoexec:v4.1.4"), None);
+        assert_eq!(
+            kind_of("quay.io/argoproj/argoexec:v4.1.4"),
+            Some("argo-executor")
+        );
         assert_eq!(kind_of("localhost:5000/busybox"), None);
     }
 }

@@ -52,6 +52,9 @@ pub struct Kubelet {
     shim: PathBuf,
     cgroups: Option<Cgroups>,
     host_ip: String,
+    /// `KUBERNETES_SERVICE_HOST` and `_PORT`, as a kubelet gives every container for the
+    /// `kubernetes` Service: here the API server itself (pods share the host's network).
+    service_env: Vec<(String, String)>,
 }
 
 fn log(message: impl std::fmt::Display) {
@@ -70,7 +73,12 @@ impl Kubelet {
         dir: &Path,
         images: Arc<Images>,
         shim: &Path,
+        api_server: &str,
     ) -> Kubelet {
+        let (host, port) = api_server
+            .trim_start_matches("https://")
+            .rsplit_once(':')
+            .unwrap_or(("127.0.0.1", "443"));
         Kubelet {
             node: node.to_owned(),
             client,
@@ -79,6 +87,10 @@ impl Kubelet {
             shim: shim.to_owned(),
             cgroups: Cgroups::create(&format!("emissary-cluster-{}-{node}", std::process::id())),
             host_ip: "127.0.0.1".into(),
+            service_env: vec![
+                ("KUBERNETES_SERVICE_HOST".into(), host.to_owned()),
+                ("KUBERNETES_SERVICE_PORT".into(), port.to_owned()),
+            ],
         }
     }
 
@@ -653,7 +665,8 @@ impl Worker {
             node: &self.kubelet.node,
             host_ip: &self.kubelet.host_ip,
         };
-        let env = podspec::resolve_env(&self.kubelet.client, &fields, &container).await?;
+        let mut env = self.kubelet.service_env.clone();
+        env.extend(podspec::resolve_env(&self.kubelet.client, &fields, &container).await?);
         let attempt = self.ctrs[name].restart_count;
         let id = format!("{name}-{attempt}");
         let termination = self.dir.join("termination").join(&id);
@@ -796,6 +809,18 @@ impl Worker {
         if let Some(signal) = r.signal {
             terminated["signal"] = json!(signal);
         }
+        // What each container used, for the benchmarks: `pods/UID/usage.jsonl`.
+        let memory_peak = match (&cgroups, &ctr.cgroup) {
+            (Some(c), Some(path)) => c.peak(path),
+            _ => None,
+        };
+        let usage = json!({"container": name, "attempt": attempt, "exitCode": code,
+            "maxrssKiB": r.maxrss_kb, "memoryPeakBytes": memory_peak});
+        let _ = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("usage.jsonl"))
+            .and_then(|mut f| std::io::Write::write_all(&mut f, format!("{usage}\n").as_bytes()));
         if let (Some(c), Some(path)) = (&cgroups, ctr.cgroup.take()) {
             c.remove(&path);
         }
@@ -1156,6 +1181,18 @@ impl Cgroups {
             fs::write(path.join(file), limit.to_string()).ok()?;
         }
         Some(path)
+    }
+
+    /// The most memory the container's cgroup held (cgroup v2 only).
+    fn peak(&self, path: &Path) -> Option<u64> {
+        if !self.v2 {
+            return None;
+        }
+        fs::read_to_string(path.join("memory.peak"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
     }
 
     fn oom_kills(&self, path: &Path) -> u64 {

@@ -125,6 +125,7 @@ fn up(args: &[String]) -> Result<(), String> {
                 &options.dir.join("kubelet"),
                 images.clone(),
                 &shim,
+                &plane.server,
             ));
             k.register().await?;
             let running = k.clone();
