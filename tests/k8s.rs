@@ -181,7 +181,11 @@ fn install() -> Emissary {
             // No Service reaches a process on this machine: the API server calls the webhook
             // by URL, as envtest does.
             for hook in object["webhooks"].as_array_mut().unwrap() {
-                hook["clientConfig"] = webhook_client(&ca, addr);
+                let path = hook["clientConfig"]["service"]["path"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned();
+                hook["clientConfig"] = webhook_client(&ca, addr, &path);
             }
         }
     }
@@ -252,9 +256,9 @@ pub fn service_account_kubeconfig(
 }
 
 /// A webhook `clientConfig` for the API server to call `addr` trusting `ca`.
-pub fn webhook_client(ca: &Ca, addr: std::net::SocketAddr) -> Value {
+pub fn webhook_client(ca: &Ca, addr: std::net::SocketAddr, path: &str) -> Value {
     json!({
-        "url": format!("https://{addr}/inject"),
+        "url": format!("https://{addr}{path}"),
         "caBundle": base64::engine::general_purpose::STANDARD.encode(&ca.pem),
     })
 }

@@ -307,7 +307,9 @@ fn argo_executors_side_by_side() {
     let ours_image = image(emissary_tests::cluster::image_dir().join("argoexec.oci.tar"));
     let theirs_binary = image(emissary_tests::cluster::cluster_bin().join("argo-v4.1/argoexec"));
 
-    println!("\nArgo v4.1.4 controller, same cluster, {rounds} interleaved rounds, medians:\n");
+    println!(
+        "\nArgo v4.1.4 controller, same cluster, {rounds} interleaved rounds, medians (range):\n"
+    );
     println!("| | Argo's argoexec | emissary | ratio |");
     println!("|---|---|---|---|");
     println!(
@@ -323,19 +325,19 @@ fn argo_executors_side_by_side() {
         }
         seen
     };
+    // The median, and the range over the rounds: "ahead in every round" is read off those.
+    let shown = |xs: &[f64]| {
+        let (low, high) = xs
+            .iter()
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), x| {
+                (l.min(*x), h.max(*x))
+            });
+        format!("{:.2} ({low:.2}-{high:.2})", median(xs.to_vec()))
+    };
     for what in whats {
-        let theirs = median(
-            figures
-                .get(&("argoexec", what))
-                .cloned()
-                .unwrap_or_default(),
-        );
-        let ours = median(
-            figures
-                .get(&("emissary", what))
-                .cloned()
-                .unwrap_or_default(),
-        );
+        let all = |who| figures.get(&(who, what)).cloned().unwrap_or_default();
+        let (theirs_all, ours_all) = (all("argoexec"), all("emissary"));
+        let (theirs, ours) = (median(theirs_all.clone()), median(ours_all.clone()));
         let ratio = if theirs.is_infinite() {
             "needs pods/exec".to_owned()
         } else if ours > 0.0 {
@@ -343,6 +345,10 @@ fn argo_executors_side_by_side() {
         } else {
             "-".to_owned()
         };
-        println!("| {what} | {theirs:.2} | {ours:.2} | {ratio} |");
+        println!(
+            "| {what} | {} | {} | {ratio} |",
+            shown(&theirs_all),
+            shown(&ours_all)
+        );
     }
 }

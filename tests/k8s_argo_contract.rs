@@ -797,3 +797,52 @@ spec:
         assert_eq!(code, expected, "{sidecar}: {status:#}");
     }
 }
+
+/// Issue 13: the webhook's mode for Argo. The controller keeps Argo's own executor image in its
+/// configmap; in a namespace labelled `emissary.io/argo: enabled` the webhook gives its pods'
+/// `init` and `wait` our image, so every step runs on the emissary, on each Argo version.
+#[test]
+fn argo_pods_are_adopted_by_the_webhook_without_touching_the_configmap() {
+    for version in crate::k8s_argo::VERSIONS {
+        let argo = install(
+            version,
+            &Setup {
+                config: json!({"executor": {"image": "quay.io/argoproj/argoexec:v4.1.4"}}),
+                ..Setup::default()
+            },
+        );
+        let out = installed().cluster.kubectl([
+            "label",
+            "namespace",
+            &argo.ns,
+            "emissary.io/argo=enabled",
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let name = argo.submit(&argo.example("artifact-passing.yaml"));
+        let wf = argo.wait(&name, LIMIT).unwrap();
+        assert_eq!(
+            wf["status"]["phase"],
+            "Succeeded",
+            "{version}: {}",
+            summary(&wf)
+        );
+        assert!(argo.incomplete_results(&name).is_empty());
+        for pod in workflow_pods(&argo.ns, &name) {
+            for (field, container) in [("initContainers", "init"), ("containers", "wait")] {
+                let image = pod["spec"][field]
+                    .as_array()
+                    .and_then(|list| list.iter().find(|c| c["name"] == container))
+                    .map(|c| c["image"].clone());
+                assert_eq!(
+                    image,
+                    Some(json!("ghcr.io/emissary-executor/argoexec:0.1.0")),
+                    "{version}: {container}"
+                );
+            }
+        }
+    }
+}

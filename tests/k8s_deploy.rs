@@ -91,7 +91,11 @@ fn with_the_webhook_down_a_labelled_pod_is_not_admitted() {
     config["metadata"]["name"] = json!("emissary-inject-down");
     let port = emissary_tests::cluster::control_plane::free_port().unwrap();
     for hook in config["webhooks"].as_array_mut().unwrap() {
-        hook["clientConfig"] = webhook_client(&e.ca, format!("127.0.0.1:{port}").parse().unwrap());
+        hook["clientConfig"] = webhook_client(
+            &e.ca,
+            format!("127.0.0.1:{port}").parse().unwrap(),
+            "/inject",
+        );
         hook["objectSelector"]["matchLabels"]["emissary.io/test"] = json!("webhook-down");
     }
     let api: Api<MutatingWebhookConfiguration> = Api::all(e.cluster.client.clone());

@@ -53,6 +53,17 @@ pub struct Config {
     /// Image → entrypoint/cmd, for containers without `command`.
     #[serde(default)]
     pub images: BTreeMap<String, ImageEntry>,
+    /// Our executor image for Argo pods the webhook adopts (namespaces labelled
+    /// `emissary.io/argo: enabled`): it replaces Argo's in `init` and `wait`.
+    #[serde(default = "default_argoexec_image")]
+    pub argoexec_image: String,
+}
+
+fn default_argoexec_image() -> String {
+    format!(
+        "ghcr.io/emissary-executor/argoexec:{}",
+        env!("CARGO_PKG_VERSION")
+    )
 }
 
 fn default_executor() -> String {
@@ -376,6 +387,83 @@ fn expands(text: &str, name: &str) -> bool {
     false
 }
 
+/// The label Argo puts on its pods: the webhook's `/argo` path adopts pods that carry it.
+pub const LABEL_ARGO_WORKFLOW: &str = "workflows.argoproj.io/workflow";
+
+/// Adopts a pod an unmodified Argo controller made with its own executor, without touching the
+/// controller's configmap: the containers running Argo's executor image (`init` and `wait`)
+/// run ours instead. `init` then installs our binary as `/var/run/argo/argoexec`, which Argo's
+/// rewritten `main` already runs, and our `wait` exits at once. Names, labels, annotations and
+/// the `var-run-argo` mount stay as the controller reads them (research/argo-dropin.md §6):
+/// the same contract as `executor.image`, for Argo v3.7, v4.0 and v4.1. The containers get
+/// the agent's address (`EMISSARY_AGENT_ADDR`, the node's IP and `agentPort`) unless set.
+/// v4.1's init-less layout (the executor as an image volume, a `supervisor`) is refused.
+pub fn adopt_argo_pod(pod: &Value, config: &Config) -> Result<Value, InjectError> {
+    let mut pod = pod.clone();
+    let spec = pod["spec"]
+        .as_object_mut()
+        .ok_or_else(|| InjectError("spec is not an object".into()))?;
+    let initless = spec
+        .get("volumes")
+        .and_then(Value::as_array)
+        .is_some_and(|volumes| {
+            volumes
+                .iter()
+                .any(|v| v["name"] == "argoexec-bin" || v.get("image").is_some())
+        });
+    if initless {
+        return fail(
+            "this Argo pod uses v4.1's init-less layout (the executor as an image volume): \
+             the emissary does not run it; turn initlessPod off in the controller's configmap",
+        );
+    }
+    let mut adopted = false;
+    for field in ["initContainers", "containers"] {
+        for container in spec
+            .get_mut(field)
+            .and_then(Value::as_array_mut)
+            .into_iter()
+            .flatten()
+        {
+            let runs_the_executor = matches!(container["name"].as_str(), Some("init" | "wait"));
+            let mounts_argo = container["volumeMounts"]
+                .as_array()
+                .is_some_and(|m| m.iter().any(|v| v["mountPath"] == "/var/run/argo"));
+            if runs_the_executor {
+                container["image"] = json!(config.argoexec_image);
+                adopted = true;
+            }
+            if runs_the_executor || mounts_argo {
+                add_agent_env(container, config)?;
+            }
+        }
+    }
+    if !adopted {
+        return fail("no `init` or `wait` container: not a pod of Argo's executor");
+    }
+    Ok(pod)
+}
+
+/// `EMISSARY_HOST_IP` and `EMISSARY_AGENT_ADDR`, unless the container sets the address.
+fn add_agent_env(container: &mut Value, config: &Config) -> Result<(), InjectError> {
+    let obj = container
+        .as_object_mut()
+        .ok_or_else(|| InjectError("a container is not an object".into()))?;
+    let env = obj.entry("env").or_insert_with(|| json!([]));
+    let Some(env) = env.as_array_mut() else {
+        return fail("a container's env is not a list");
+    };
+    if env.iter().any(|v| v["name"] == "EMISSARY_AGENT_ADDR") {
+        return Ok(());
+    }
+    let ours: Vec<Value> = agent_env(config).into_iter().take(2).collect();
+    env.retain(|v| v["name"] != "EMISSARY_HOST_IP");
+    let theirs = std::mem::take(env);
+    env.extend(ours);
+    env.extend(theirs);
+    Ok(())
+}
+
 /// Which executor runs `template` of `workflow`: the template's `executor`, else the
 /// workflow's (`spec.executor`), else the cluster default. Precedence, most specific first,
 /// as Flyte resolves its configuration.
@@ -464,6 +552,59 @@ pub fn patch(before: &Value, after: &Value) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn argo_pod() -> Value {
+        let argo = json!([{"name": "var-run-argo", "mountPath": "/var/run/argo"}]);
+        json!({"spec": {
+            "initContainers": [{"name": "init", "image": "quay.io/argoproj/argoexec:v4.1.4",
+                                "volumeMounts": argo}],
+            "containers": [
+                {"name": "wait", "image": "quay.io/argoproj/argoexec:v4.1.4", "volumeMounts": argo},
+                {"name": "main", "image": "busybox", "volumeMounts": argo,
+                 "env": [{"name": "EMISSARY_HOST_IP", "value": "spoofed"}, {"name": "X", "value": "1"}]},
+                {"name": "other", "image": "busybox"}
+            ],
+            "volumes": [{"name": "var-run-argo", "emptyDir": {}}]
+        }})
+    }
+
+    #[test]
+    fn an_argo_pod_gets_our_executor_in_init_and_wait_and_the_agent_address() {
+        let adopted = adopt_argo_pod(&argo_pod(), &config()).unwrap();
+        let spec = &adopted["spec"];
+        let ours = default_argoexec_image();
+        assert_eq!(spec["initContainers"][0]["image"], json!(ours));
+        assert_eq!(spec["containers"][0]["image"], json!(ours));
+        assert_eq!(spec["containers"][1]["image"], "busybox");
+        let names: Vec<&str> = spec["containers"][1]["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["EMISSARY_HOST_IP", "EMISSARY_AGENT_ADDR", "X"]);
+        assert_eq!(
+            spec["containers"][1]["env"][0]["valueFrom"]["fieldRef"]["fieldPath"],
+            "status.hostIP"
+        );
+        assert!(
+            spec["containers"][2].get("env").is_none(),
+            "not an Argo container"
+        );
+    }
+
+    #[test]
+    fn an_initless_argo_pod_or_a_pod_without_the_executor_is_refused() {
+        let mut initless = argo_pod();
+        initless["spec"]["volumes"] =
+            json!([{"name": "argoexec-bin", "image": {"reference": "quay.io/argoproj/argoexec"}}]);
+        let e = adopt_argo_pod(&initless, &config()).unwrap_err();
+        assert!(e.0.contains("init-less"), "{e}");
+        let mut plain = argo_pod();
+        plain["spec"]["initContainers"] = json!([]);
+        plain["spec"]["containers"] = json!([{"name": "main", "image": "busybox"}]);
+        assert!(adopt_argo_pod(&plain, &config()).is_err());
+    }
 
     #[test]
     fn token_references_follow_kubelets_escaping() {

@@ -27,7 +27,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls;
 use tracing::{info, warn};
 
-use crate::inject::{self, Config, LABEL_INJECT};
+use crate::inject::{self, Config, LABEL_ARGO_WORKFLOW, LABEL_INJECT};
 use crate::server::{self, HEADER_TIMEOUT};
 
 #[derive(clap::Args)]
@@ -155,9 +155,16 @@ async fn handle(
             .body(Full::new(Bytes::from(body.to_string())))
             .expect("valid response"))
     };
-    if req.method() != Method::POST || req.uri().path() != "/inject" {
-        return reply(StatusCode::NOT_FOUND, json!({"error": "POST /inject only"}));
-    }
+    let argo = match (req.method(), req.uri().path()) {
+        (&Method::POST, "/inject") => false,
+        (&Method::POST, "/argo") => true,
+        _ => {
+            return reply(
+                StatusCode::NOT_FOUND,
+                json!({"error": "POST /inject or /argo only"}),
+            );
+        }
+    };
     let declared = req
         .headers()
         .get("content-length")
@@ -190,7 +197,12 @@ async fn handle(
             );
         }
     };
-    match review(&config, &bytes) {
+    let answer = if argo {
+        review_argo(&config, &bytes)
+    } else {
+        review(&config, &bytes)
+    };
+    match answer {
         Ok(answer) => reply(StatusCode::OK, answer),
         Err(message) => {
             warn!(error = %message, "malformed AdmissionReview");
@@ -199,8 +211,36 @@ async fn handle(
     }
 }
 
-/// The AdmissionReview answer for `bytes`, or why it could not be read.
+/// The AdmissionReview answer for `bytes` on `/inject`, or why it could not be read.
 pub fn review(config: &Config, bytes: &[u8]) -> Result<Value, String> {
+    answer(bytes, |pod| {
+        let labelled = pod.pointer(&format!(
+            "/metadata/labels/{}",
+            LABEL_INJECT.replace('/', "~1")
+        )) == Some(&json!("true"));
+        labelled.then(|| inject::inject(pod, config))
+    })
+}
+
+/// The AdmissionReview answer for `bytes` on `/argo`: Argo's pods adopted.
+pub fn review_argo(config: &Config, bytes: &[u8]) -> Result<Value, String> {
+    answer(bytes, |pod| {
+        let argo = pod
+            .pointer(&format!(
+                "/metadata/labels/{}",
+                LABEL_ARGO_WORKFLOW.replace('/', "~1")
+            ))
+            .is_some();
+        argo.then(|| inject::adopt_argo_pod(pod, config))
+    })
+}
+
+/// Reads an AdmissionReview, and answers it with what `change` makes of its pod: `None`
+/// allows it untouched, an error denies it with the reason.
+fn answer(
+    bytes: &[u8],
+    change: impl FnOnce(&Value) -> Option<Result<Value, inject::InjectError>>,
+) -> Result<Value, String> {
     let review: Value = serde_json::from_slice(bytes).map_err(|e| format!("not JSON: {e}"))?;
     if review["apiVersion"] != "admission.k8s.io/v1" || review["kind"] != "AdmissionReview" {
         return Err(format!(
@@ -215,12 +255,8 @@ pub fn review(config: &Config, bytes: &[u8]) -> Result<Value, String> {
         .filter(|o| o.is_object())
         .ok_or("request.object is missing")?;
     let mut response = json!({"uid": uid, "allowed": true});
-    if pod.pointer(&format!(
-        "/metadata/labels/{}",
-        LABEL_INJECT.replace('/', "~1")
-    )) == Some(&json!("true"))
-    {
-        match inject::inject(pod, config) {
+    if let Some(changed) = change(pod) {
+        match changed {
             Ok(injected) => {
                 let patch = inject::patch(pod, &injected);
                 response["patchType"] = json!("JSONPatch");
