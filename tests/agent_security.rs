@@ -206,6 +206,10 @@ fn a_token_is_spent_once_its_result_is_recorded() {
             assert_eq!(status, 409, "{method} {path}: {answer}");
             assert!(answer.contains("spent"), "{answer}");
         }
+        // How a sibling ended stays answerable (a sidecar waits on main after its result);
+        // a token naming no pod has no kubelet to ask.
+        let (status, answer) = request(&agent, &token, "GET", "/v1/tasks/t/0/containers/main", b"");
+        assert_eq!(status, 501, "{answer}");
         agent.crash_and_restart();
     }
     assert_eq!(

@@ -108,11 +108,13 @@ impl Attempts {
         }))
     }
 
-    /// Admits one request of `claims`' attempt; the guard counts it until dropped.
-    pub fn enter(self: &Arc<Self>, claims: &Claims) -> Result<Entered, Denied> {
+    /// Admits one request of `claims`' attempt; the guard counts it until dropped. A spent
+    /// token is refused unless `after_result`: a read that stays useful once the result is in
+    /// (a sidecar asking whether `main` has ended).
+    pub fn enter(self: &Arc<Self>, claims: &Claims, after_result: bool) -> Result<Entered, Denied> {
         let id = claims.attempt_id();
         let mut state = self.state.lock().unwrap();
-        if state.closed.contains_key(&id) {
+        if state.closed.contains_key(&id) && !after_result {
             return Err(Denied(
                 StatusCode::CONFLICT,
                 format!(

@@ -215,7 +215,8 @@ async fn route(
             )
         })?;
         let claims = authorize(app, &req, task, attempt)?;
-        let mut entered = app.attempts.enter(&claims)?;
+        // How a sibling ended stays worth asking after the result (a sidecar waits on main).
+        let mut entered = app.attempts.enter(&claims, route == "containers")?;
         let argo = match &claims.pod {
             Some(pod) => Some(argo_of(app)?.pod(pod).await?),
             None => None,
