@@ -683,3 +683,38 @@ fn an_input_larger_than_the_node_cache_is_streamed_through_uncached() {
         .sum();
     assert!(cached <= 4 << 20, "the node cache holds {cached} bytes");
 }
+
+/// Issue 14: a token is taken up to two minutes past its expiry (the minter's clock may lag
+/// this node's), and no longer. Signed here from the documented format.
+#[test]
+fn tokens_tolerate_two_minutes_of_clock_skew_and_no_more() {
+    use base64::Engine;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use hmac::Mac;
+    let dir = Dir::new("security-skew");
+    let agent = Agent::start(dir.join("agent"), &[]);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let sign = |exp: u64| {
+        let claims = serde_json::json!({"wf": "wf", "task": "t", "attempt": 0, "exp": exp});
+        let body = URL_SAFE_NO_PAD.encode(claims.to_string());
+        let mut mac =
+            hmac::Hmac::<sha2::Sha256>::new_from_slice(controller::NODE_SECRET.as_bytes()).unwrap();
+        mac.update(body.as_bytes());
+        format!(
+            "{body}.{}",
+            URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes())
+        )
+    };
+    let poll = |token: &str| request(&agent, token, "GET", "/v1/tasks/t/0/commands?wait=0s", b"");
+    assert_eq!(
+        poll(&sign(now - 100)).0,
+        204,
+        "100 s past its expiry, within the skew"
+    );
+    let (status, body) = poll(&sign(now - 130));
+    assert_eq!(status, 401, "{body}");
+    assert!(body.contains("expired"), "{body}");
+}

@@ -5,7 +5,8 @@
 //! "on": NODE, "reads": [KEY, ...]}` (`ns` defaults to `default`; `on` and `reads` are optional)
 //! and `mac` is HMAC-SHA256 of the claims' base64url text with the node key. Verification is
 //! constant time; a token opens only `/v1/tasks/{task}/{attempt}/...` of its own claims, on
-//! node `on` when it names one, until `exp`, and only until its attempt's result is recorded.
+//! node `on` when it names one, until `exp` (give or take two minutes of clock skew), and only
+//! until its attempt's result is recorded.
 //! It reads its own workflow's keys (`{prefix}/{ns}/{wf}/...`) and the keys in `reads` (an
 //! entry ending in `/` grants everything under it): the inputs the controller passed it.
 //!
@@ -95,6 +96,10 @@ impl std::fmt::Display for TokenError {
         })
     }
 }
+
+/// How far the minter's clock may be behind this node's: a token is taken until `exp` plus
+/// this, and no longer.
+pub const CLOCK_SKEW: u64 = 120;
 
 /// A node key: at least [`MIN_KEY_BYTES`] bytes, not a placeholder, not a repeated pattern.
 #[derive(Clone)]
@@ -186,7 +191,7 @@ impl Secret {
             .decode(body)
             .map_err(|_| TokenError::Malformed)?;
         let claims: Claims = serde_json::from_slice(&json).map_err(|_| TokenError::Malformed)?;
-        if claims.exp <= now {
+        if claims.exp.saturating_add(CLOCK_SKEW) <= now {
             return Err(TokenError::Expired);
         }
         Ok(claims)
@@ -225,7 +230,9 @@ mod tests {
         let secret = Secret::new(KEY.to_vec()).unwrap();
         let token = secret.sign(&claims());
         assert_eq!(secret.verify(&token, 999), Ok(claims()));
-        assert_eq!(secret.verify(&token, 1000), Err(TokenError::Expired));
+        // Two minutes of clock skew, and no more.
+        assert_eq!(secret.verify(&token, 1119), Ok(claims()));
+        assert_eq!(secret.verify(&token, 1120), Err(TokenError::Expired));
     }
 
     #[test]
