@@ -31,7 +31,8 @@ fn store_files(agent: &Agent) -> Vec<String> {
 #[test]
 fn a_token_opens_only_its_own_task_and_nothing_is_written_otherwise() {
     let dir = Dir::new("agent-auth");
-    let agent = Agent::start(dir.join("agent"), &[]);
+    // No clock skew allowed, so that a token minted with a TTL of 0 s is already expired.
+    let agent = Agent::start(dir.join("agent"), &["--clock-skew", "0s"]);
     let good = agent.token("wf", "task-a", 0, "1h");
     let other_task = agent.token("wf", "task-b", 0, "1h");
     let other_attempt = agent.token("wf", "task-a", 1, "1h");
@@ -643,7 +644,7 @@ fn every_log_line_of_a_request_carries_its_request_id() {
 #[test]
 fn a_refused_upload_fails_at_once_with_the_agents_reason() {
     let dir = Dir::new("agent-refused-upload");
-    let agent = Agent::start(dir.join("agent"), &[]);
+    let agent = Agent::start(dir.join("agent"), &["--clock-skew", "0s"]);
     let out_file = dir.join("big");
     // The token expires while the command runs: the agent refuses the upload before reading
     // its body, which the emissary sees as a broken pipe mid-stream.

@@ -36,3 +36,4 @@ mod task_artifacts;
 mod task_pod;
 mod task_security;
 mod task_spec;
+mod task_stop;

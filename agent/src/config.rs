@@ -93,6 +93,10 @@ pub struct ServeArgs {
         env = "EMISSARY_AGENT_BODY_IDLE_TIMEOUT"
     )]
     pub body_idle_timeout: Option<String>,
+    /// How long past its expiry a task token is still taken: the most the token minter's clock
+    /// may lag this node's [default: 2m].
+    #[arg(long, value_name = "DURATION", env = "EMISSARY_AGENT_CLOCK_SKEW")]
+    pub clock_skew: Option<String>,
     /// Written (atomically) once listening: {"api": ADDR, "admin": ADDR}.
     #[arg(long, value_name = "FILE", env = "EMISSARY_AGENT_READY_FILE")]
     pub ready_file: Option<PathBuf>,
@@ -122,6 +126,7 @@ pub struct Settings {
     pub quotas: Quotas,
     pub shutdown_timeout: Duration,
     pub body_idle_timeout: Duration,
+    pub clock_skew: Duration,
     pub ready_file: Option<PathBuf>,
     pub kubeconfig: Option<PathBuf>,
 }
@@ -147,6 +152,7 @@ impl ServeArgs {
             &mut self.node,
             &mut self.shutdown_timeout,
             &mut self.body_idle_timeout,
+            &mut self.clock_skew,
         ] {
             if text.as_deref() == Some("") {
                 *text = None;
@@ -260,6 +266,10 @@ impl ServeArgs {
             .body_idle_timeout
             .or(text("body-idle-timeout")?)
             .unwrap_or_else(|| "60s".into());
+        let clock_skew = self
+            .clock_skew
+            .or(text("clock-skew")?)
+            .unwrap_or_else(|| crate::token::CLOCK_SKEW.into());
         let settings = Settings {
             listen: match self.listen {
                 Some(a) => a,
@@ -324,6 +334,8 @@ impl ServeArgs {
                 .map_err(|e| format!("shutdown-timeout: {e}"))?,
             body_idle_timeout: protocol::duration::parse(&body_idle)
                 .map_err(|e| format!("body-idle-timeout: {e}"))?,
+            clock_skew: protocol::duration::parse(&clock_skew)
+                .map_err(|e| format!("clock-skew: {e}"))?,
             ready_file: self.ready_file.or(text("ready-file")?.map(PathBuf::from)),
             kubeconfig: self.kubeconfig.or(text("kubeconfig")?.map(PathBuf::from)),
             data_dir,

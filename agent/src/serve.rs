@@ -93,6 +93,7 @@ pub async fn serve(settings: Settings) -> Result<(), String> {
         node: settings.node.clone(),
         inline_limit: settings.inline_limit,
         body_idle: settings.body_idle_timeout,
+        clock_skew: settings.clock_skew,
         next_request: Default::default(),
     });
 

@@ -70,6 +70,7 @@ pub struct App {
     pub inline_limit: usize,
     /// How long a client may stay silent in the middle of a request body.
     pub body_idle: Duration,
+    pub clock_skew: Duration,
     pub next_request: AtomicU64,
 }
 
@@ -262,7 +263,7 @@ fn authorize(
     })?;
     let claims = app
         .secret
-        .verify(token.trim(), crate::token::now())
+        .verify(token.trim(), crate::token::now(), app.clock_skew.as_secs())
         .map_err(|e| Refusal::new(StatusCode::UNAUTHORIZED, e.to_string()))?;
     if let Some(node) = claims.on.as_deref().filter(|&on| on != app.node) {
         return Err(Refusal::new(

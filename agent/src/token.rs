@@ -97,9 +97,9 @@ impl std::fmt::Display for TokenError {
     }
 }
 
-/// How far the minter's clock may be behind this node's: a token is taken until `exp` plus
-/// this, and no longer.
-pub const CLOCK_SKEW: u64 = 120;
+/// How far the minter's clock may be behind this node's by default: a token is taken until
+/// `exp` plus this, and no longer (`--clock-skew`).
+pub const CLOCK_SKEW: &str = "2m";
 
 /// A node key: at least [`MIN_KEY_BYTES`] bytes, not a placeholder, not a repeated pattern.
 #[derive(Clone)]
@@ -179,7 +179,9 @@ impl Secret {
         )
     }
 
-    pub fn verify(&self, token: &str, now: u64) -> Result<Claims, TokenError> {
+    /// The claims of a token this key signed, unless it expired more than `skew` seconds
+    /// before `now`.
+    pub fn verify(&self, token: &str, now: u64, skew: u64) -> Result<Claims, TokenError> {
         let (body, tag) = token.split_once('.').ok_or(TokenError::Malformed)?;
         let tag = URL_SAFE_NO_PAD
             .decode(tag)
@@ -191,7 +193,7 @@ impl Secret {
             .decode(body)
             .map_err(|_| TokenError::Malformed)?;
         let claims: Claims = serde_json::from_slice(&json).map_err(|_| TokenError::Malformed)?;
-        if claims.exp.saturating_add(CLOCK_SKEW) <= now {
+        if claims.exp.saturating_add(skew) <= now {
             return Err(TokenError::Expired);
         }
         Ok(claims)
@@ -229,10 +231,11 @@ mod tests {
     fn signs_and_verifies() {
         let secret = Secret::new(KEY.to_vec()).unwrap();
         let token = secret.sign(&claims());
-        assert_eq!(secret.verify(&token, 999), Ok(claims()));
+        assert_eq!(secret.verify(&token, 999, 0), Ok(claims()));
+        assert_eq!(secret.verify(&token, 1000, 0), Err(TokenError::Expired));
         // Two minutes of clock skew, and no more.
-        assert_eq!(secret.verify(&token, 1119), Ok(claims()));
-        assert_eq!(secret.verify(&token, 1120), Err(TokenError::Expired));
+        assert_eq!(secret.verify(&token, 1119, 120), Ok(claims()));
+        assert_eq!(secret.verify(&token, 1120, 120), Err(TokenError::Expired));
     }
 
     #[test]
@@ -242,7 +245,7 @@ mod tests {
             node: "n1".into(),
             exp: 1000,
         });
-        assert_eq!(secret.verify(&node, 1), Err(TokenError::Malformed));
+        assert_eq!(secret.verify(&node, 1, 0), Err(TokenError::Malformed));
         let task = secret.sign(&claims());
         let json = URL_SAFE_NO_PAD
             .decode(task.split_once('.').unwrap().0)
@@ -255,7 +258,7 @@ mod tests {
         let secret = Secret::new(KEY.to_vec()).unwrap();
         let other = Secret::new(OTHER.to_vec()).unwrap();
         assert_eq!(
-            secret.verify(&other.sign(&claims()), 1),
+            secret.verify(&other.sign(&claims()), 1, 0),
             Err(TokenError::Forged)
         );
         let token = secret.sign(&claims());
@@ -264,10 +267,10 @@ mod tests {
         raised.attempt = 3;
         let body = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&raised).unwrap());
         assert_eq!(
-            secret.verify(&format!("{body}.{tag}"), 1),
+            secret.verify(&format!("{body}.{tag}"), 1, 0),
             Err(TokenError::Forged)
         );
-        assert_eq!(secret.verify("garbage", 1), Err(TokenError::Malformed));
+        assert_eq!(secret.verify("garbage", 1, 0), Err(TokenError::Malformed));
         assert!(Secret::new(b"short".to_vec()).is_err());
     }
 
@@ -292,6 +295,9 @@ mod tests {
             Secret::new(n1.text().into_bytes()).is_ok(),
             "a derived key is a valid key"
         );
-        assert_eq!(n2.verify(&n1.sign(&claims()), 1), Err(TokenError::Forged));
+        assert_eq!(
+            n2.verify(&n1.sign(&claims()), 1, 0),
+            Err(TokenError::Forged)
+        );
     }
 }

@@ -82,27 +82,30 @@ impl Control {
                 Err(_) => break,
             }
         }
-        let Some(end) = self.partial.iter().rposition(|&b| b == b'\n') else {
-            return Vec::new();
-        };
-        let lines: Vec<u8> = self.partial.drain(..=end).collect();
-        String::from_utf8_lossy(&lines)
-            .split_whitespace()
-            .filter_map(|word| {
-                if word == "terminate" {
-                    return Some(Message::Terminate);
-                }
-                let signal = signals::parse(word);
-                if signal.is_none() {
-                    crate::note!(
-                        "emissary: ignoring unknown signal {word:?} from {}",
-                        self.path.display()
-                    );
-                }
-                signal.map(Message::Signal)
-            })
-            .collect()
+        parse_lines(&mut self.partial)
     }
+}
+
+/// The messages of the complete lines at the front of `partial` (taken out of it). Unknown
+/// words are reported and skipped.
+pub fn parse_lines(partial: &mut Vec<u8>) -> Vec<Message> {
+    let Some(end) = partial.iter().rposition(|&b| b == b'\n') else {
+        return Vec::new();
+    };
+    let lines: Vec<u8> = partial.drain(..=end).collect();
+    String::from_utf8_lossy(&lines)
+        .split_whitespace()
+        .filter_map(|word| {
+            if word == "terminate" {
+                return Some(Message::Terminate);
+            }
+            let signal = signals::parse(word);
+            if signal.is_none() {
+                crate::note!("emissary: ignoring unknown signal {word:?} from the control FIFO");
+            }
+            signal.map(Message::Signal)
+        })
+        .collect()
 }
 
 impl AsFd for Control {

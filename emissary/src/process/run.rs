@@ -166,6 +166,11 @@ impl LogDir {
         self.control.sender()
     }
 
+    /// The control FIFO's own descriptor (for the stop watcher of transfers).
+    pub fn control_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        std::os::fd::AsFd::as_fd(&self.control)
+    }
+
     /// The captured stdout, as written (whatever is at its path now).
     pub fn stdout(&self) -> &File {
         &self.stdout

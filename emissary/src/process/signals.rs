@@ -86,6 +86,21 @@ pub fn name(signal: c_int) -> String {
     Signal::try_from(signal).map_or_else(|_| signal.to_string(), |s| s.as_str().to_owned())
 }
 
+/// Whether `signal`'s default action ends a process: a window resize, SIGURG, SIGCONT or a
+/// stop request must not fail the container while it waits.
+pub fn terminates(signal: i32) -> bool {
+    !matches!(
+        signal,
+        libc::SIGCHLD
+            | libc::SIGCONT
+            | libc::SIGURG
+            | libc::SIGWINCH
+            | libc::SIGTSTP
+            | libc::SIGTTIN
+            | libc::SIGTTOU
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

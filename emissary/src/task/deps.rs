@@ -15,7 +15,7 @@ use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
 
-use crate::process::signals::Signals;
+use crate::process::signals::{self, Signals};
 use crate::transfer::agent::Agent;
 
 /// How the wait ended.
@@ -74,7 +74,7 @@ fn wait_for_kubelet(
     let mut ended = Vec::new();
     while let Some(&dep) = pending.first() {
         while let Ok(Some(signal)) = signals.next() {
-            if terminates(signal) {
+            if signals::terminates(signal) {
                 return Ok((Waited::Interrupted(signal), ended));
             }
         }
@@ -189,7 +189,7 @@ fn wait_for(
             Err(e) => return Err(format!("poll: {e}")),
         }
         while let Ok(Some(signal)) = signals.next() {
-            if terminates(signal) {
+            if signals::terminates(signal) {
                 return Ok((Waited::Interrupted(signal), ended));
             }
         }
@@ -197,21 +197,6 @@ fn wait_for(
             let _ = watcher.read_events();
         }
     }
-}
-
-/// Whether `signal`'s default action ends a process: a window resize, SIGURG, SIGCONT or a
-/// stop request must not fail the container while it waits.
-fn terminates(signal: i32) -> bool {
-    !matches!(
-        signal,
-        libc::SIGCHLD
-            | libc::SIGCONT
-            | libc::SIGURG
-            | libc::SIGWINCH
-            | libc::SIGTSTP
-            | libc::SIGTTIN
-            | libc::SIGTTOU
-    )
 }
 
 /// The code in an exitcode file, once it is complete.

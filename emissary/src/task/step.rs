@@ -12,6 +12,7 @@
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -29,6 +30,7 @@ use crate::task::outputs;
 use crate::task::template;
 use crate::transfer::agent::Agent;
 use crate::transfer::archive::{self, Limits};
+use crate::transfer::cancel;
 use crate::transfer::store::{LocalStore, Store};
 
 /// Where the shared volume is mounted in a pod.
@@ -82,6 +84,7 @@ pub fn run_as(opts: &RunOptions, mut layout: Layout) -> Result<i32, Fatal> {
     let ctr_root = root.join("ctr");
     crate::fsutil::own_dir(&ctr_root.join(&name)).map_err(Fatal)?;
     let mut logs = LogDir::create(&ctr_root.join(&name))?;
+    cancel::arm(signals.as_fd(), Some(logs.control_fd()));
     let mut task = Task {
         root: root.clone(),
         name,
@@ -155,10 +158,15 @@ pub fn run_as(opts: &RunOptions, mut layout: Layout) -> Result<i32, Fatal> {
         }
     }
 
-    if let Some(agent) = &task.agent
-        && let Err(message) = agent.start(&task.name)
-    {
-        return task.refuse(&logs, Some(&template), TaskError::system(message, true));
+    if let Some(agent) = &task.agent {
+        if let Err(message) = agent.start(&task.name) {
+            return task.refuse(&logs, Some(&template), TaskError::system(message, true));
+        }
+        // From now on: a terminate stops input staging as it stops the command.
+        match logs.control_sender() {
+            Ok(control) => agent.relay_commands(&task.name, control),
+            Err(e) => crate::note!("emissary: cannot relay the agent's commands: {e}"),
+        }
     }
     if task.owns_outputs && task.layout.stage_inputs {
         let local = opts.store.as_deref().map(LocalStore::new);
@@ -172,9 +180,14 @@ pub fn run_as(opts: &RunOptions, mut layout: Layout) -> Result<i32, Fatal> {
             store,
             limits: limits_from_env(),
         };
-        match inputs::stage_all(&template, &sources) {
-            Ok(staged) => task.staged = staged,
-            Err(e) => {
+        match cancel::watching(|| inputs::stage_all(&template, &sources)) {
+            (_, Some(signal)) => {
+                let error = TaskError::user("stopped while staging inputs", false);
+                let outcome = stopped(exit::for_signal(signal), signal, error);
+                return task.report(&logs, outcome, Some(&template), None);
+            }
+            (Ok(staged), None) => task.staged = staged,
+            (Err(e), None) => {
                 let error = if e.system {
                     TaskError::system(e.message, true)
                 } else {
@@ -192,10 +205,6 @@ pub fn run_as(opts: &RunOptions, mut layout: Layout) -> Result<i32, Fatal> {
         }
     };
     if let Some(agent) = &task.agent {
-        match logs.control_sender() {
-            Ok(control) => agent.relay_commands(&task.name, control),
-            Err(e) => crate::note!("emissary: cannot relay the agent's commands: {e}"),
-        }
         agent.relay_progress(&task.name, progress_file(&logs.dir));
     }
     let (attempts, pause) = container_set_retries(&template);
@@ -223,7 +232,11 @@ pub fn run_as(opts: &RunOptions, mut layout: Layout) -> Result<i32, Fatal> {
             outcome.error.as_ref().map_or("failed", |e| &e.message),
             protocol::duration::format(pause)
         );
-        std::thread::sleep(pause);
+        if let Some(signal) = cancel::pause(pause) {
+            let error = TaskError::user("stopped between retries", false);
+            outcome = stopped(exit::for_signal(signal), signal, error);
+            break;
+        }
         task.result_from = logs.stdout().metadata().map_or(0, |m| m.len());
         outcome = match run::execute(job, &signals, Some(&mut logs)) {
             Ok(outcome) => outcome,
@@ -390,10 +403,25 @@ impl Task {
         let command_code = outcome.exit_code;
         if self.owns_outputs {
             if let (Some(template), Some(store)) = (template, store) {
-                let (mut collected, mut errors) =
-                    outputs::collect(template, store, self.layout.naming);
-                if template.archive_logs() && self.layout.naming == outputs::Naming::Argo {
-                    self.archive_logs(template, store, &mut collected, &mut errors);
+                let ((collected, mut errors), stop) = cancel::watching(|| {
+                    let (mut collected, mut errors) =
+                        outputs::collect(template, store, self.layout.naming);
+                    if template.archive_logs() && self.layout.naming == outputs::Naming::Argo {
+                        self.archive_logs(template, store, &mut collected, &mut errors);
+                    }
+                    (collected, errors)
+                });
+                if let Some(signal) = stop {
+                    // The upload cut short is no output: say why, rather than how it broke.
+                    let message = format!(
+                        "stopped by {} while uploading outputs",
+                        crate::process::signals::name(signal)
+                    );
+                    errors.clear();
+                    outcome.exit_code = exit::for_signal(signal);
+                    outcome.reason = ExitReason::Signaled;
+                    outcome.signal = Some(signal);
+                    outcome.error = Some(TaskError::user(message, false));
                 }
                 result_outputs = collected;
                 if !errors.is_empty() {
@@ -595,6 +623,14 @@ fn deadline(opts: &RunOptions, template: &Template) -> Result<Option<Instant>, F
 
 fn not_started(code: i32, error: TaskError) -> Outcome {
     Outcome::not_started(code, error, SystemTime::now())
+}
+
+/// The outcome of a step a terminating `signal` stopped while no command ran.
+fn stopped(code: i32, signal: i32, error: TaskError) -> Outcome {
+    let mut outcome = not_started(code, error);
+    outcome.reason = ExitReason::Signaled;
+    outcome.signal = Some(signal);
+    outcome
 }
 
 /// `outputs.result` is collected unless the controller said no (Argo sets this variable to

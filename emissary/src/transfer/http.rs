@@ -11,6 +11,8 @@ use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
+use crate::transfer::cancel;
+
 /// A failed request: no answer at all (`status: None`) or a non-2xx status.
 #[derive(Debug, Clone)]
 pub struct HttpError {
@@ -137,6 +139,7 @@ impl Client {
             .write_all(head.as_bytes())
             .map_err(|e| HttpError::io(&format!("PUT {path}"), e))?;
         Ok(Upload {
+            _transfer: cancel::transfer(&stream),
             stream,
             path: path.to_owned(),
             broken: false,
@@ -146,6 +149,8 @@ impl Client {
 
 /// A chunked request body in flight.
 pub struct Upload {
+    /// A stop shuts the socket down. First, to be dropped before the socket closes.
+    _transfer: cancel::Transfer,
     stream: TcpStream,
     path: String,
     /// A write to the agent failed (as opposed to reading what is being sent).
@@ -204,11 +209,13 @@ pub struct Response {
     pub directory: bool,
     body: Box<dyn Read + Send>,
     what: String,
+    socket: std::os::fd::RawFd,
 }
 
 impl Response {
     fn read(stream: TcpStream, method: &str, path: &str) -> Result<Response, HttpError> {
         let what = format!("{method} {path}");
+        let socket = std::os::fd::AsRawFd::as_raw_fd(&stream);
         let mut reader = BufReader::with_capacity(64 * 1024, stream);
         let fail = |e: io::Error| HttpError::io(&what, e);
         let mut line = String::new();
@@ -266,6 +273,7 @@ impl Response {
             directory,
             body,
             what,
+            socket,
         })
     }
 
@@ -295,9 +303,26 @@ impl Response {
         }
     }
 
-    /// The body as a stream (for 2xx answers).
+    /// The body as a stream (for 2xx answers), cut short by a stop.
     pub fn into_reader(self) -> Box<dyn Read + Send> {
-        self.body
+        let transfer = cancel::transfer(&self.socket);
+        Box::new(Stoppable {
+            _transfer: transfer,
+            inner: self.body,
+        })
+    }
+}
+
+/// A download whose socket a stop shuts down while it is read.
+struct Stoppable {
+    /// Dropped (unregistered) before `inner` closes the socket.
+    _transfer: cancel::Transfer,
+    inner: Box<dyn Read + Send>,
+}
+
+impl Read for Stoppable {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.inner.read(buf)
     }
 }
 
