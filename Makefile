@@ -39,7 +39,7 @@ define apt_install
 	fi
 endef
 
-.PHONY: build static static-agent size lint test run bench bench-argo image clean deps-test deps-bench deps-manifests cluster-bin cluster
+.PHONY: build static static-agent size lint test run bench bench-argo fuzz image clean deps-test deps-bench deps-manifests cluster-bin cluster
 
 ## build: debug builds of every binary
 build:
@@ -92,6 +92,26 @@ bench-argo: deps-test deps-manifests build image cluster-bin
 	EMISSARY_BIN=$(CURDIR)/$(STATIC_BIN) IMAGE_DIR=$(CURDIR)/$(IMAGE_DIR) CLUSTER_BIN=$(CURDIR)/$(CLUSTER_BIN) \
 	KUBERNETES_VALIDATE=$(CURDIR)/$(KUBERNETES_VALIDATE) $(CARGO) test -p emissary-tests --test blackbox \
 		argo_executors_side_by_side -- --ignored --nocapture
+
+FUZZ_SECONDS ?= 60
+# Each target links the agent: without LTO the eight of them build in minutes, not an hour.
+FUZZ_CARGO = CARGO_PROFILE_RELEASE_LTO=false CARGO_PROFILE_RELEASE_CODEGEN_UNITS=16 $(CARGO) +nightly fuzz
+FUZZ_TARGETS ?= $(basename $(notdir $(wildcard tests/fuzz/fuzz_targets/*.rs)))
+
+## fuzz: every parser of untrusted input under libFuzzer, FUZZ_SECONDS each (nightly and
+## cargo-fuzz, installed if missing); findings land in tests/fuzz/findings/, which make test replays
+fuzz:
+	@rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
+	@$(CARGO) +nightly fuzz --version >/dev/null 2>&1 || $(CARGO) install cargo-fuzz --locked
+	$(call phase,fuzz build,$(FUZZ_CARGO) build --fuzz-dir tests/fuzz --features libfuzzer)
+	@for t in $(FUZZ_TARGETS); do \
+		mkdir -p target/fuzz-corpus/$$t tests/fuzz/findings/$$t; \
+		echo "== fuzz $$t: $(FUZZ_SECONDS) s"; \
+		$(FUZZ_CARGO) run --fuzz-dir tests/fuzz --features libfuzzer $$t \
+			target/fuzz-corpus/$$t tests/fuzz/seeds/$$t tests/fuzz/findings/$$t -- \
+			-max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=512 -timeout=10 \
+			-artifact_prefix=tests/fuzz/findings/$$t/ -print_final_stats=1 || exit 1; \
+	done
 
 ## static-agent: the agent, statically linked and stripped, for its FROM scratch image
 static-agent:

@@ -191,12 +191,12 @@ fn tls_config(ca: Option<&Path>) -> Result<rustls::ClientConfig, String> {
 }
 
 /// Exponential backoff with full jitter.
-pub struct Backoff {
+struct Backoff {
     next: Duration,
 }
 
 impl Backoff {
-    pub fn new() -> Backoff {
+    fn new() -> Backoff {
         Backoff {
             next: Duration::from_millis(100),
         }

@@ -1,28 +1,12 @@
 //! emissary-agent: the per-node daemon. `main` only parses and wires.
 #![deny(unsafe_code)]
 
-mod argo;
-mod attempts;
-mod body;
-mod cache;
-mod commands;
-mod config;
-mod controller;
-mod inject;
-mod metrics;
-mod outbox;
-mod prepare;
-mod serve;
-mod server;
-mod store;
-mod token;
-mod webhook;
-
 use std::io::Read;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use emissary_agent::{config, inject, prepare, serve, token, webhook};
 
 #[derive(Parser)]
 #[command(

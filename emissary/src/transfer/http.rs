@@ -214,12 +214,20 @@ pub struct Response {
 
 impl Response {
     fn read(stream: TcpStream, method: &str, path: &str) -> Result<Response, HttpError> {
-        let what = format!("{method} {path}");
         let socket = std::os::fd::AsRawFd::as_raw_fd(&stream);
+        let mut response = Response::parse(stream, &format!("{method} {path}"))?;
+        response.socket = socket;
+        Ok(response)
+    }
+
+    /// Reads the status line and headers of an answer from `stream`; `what` names the request
+    /// in errors. Lines are bounded ([`MAX_LINE`]): a peer cannot make it buffer without end.
+    pub fn parse(stream: impl Read + Send + 'static, what: &str) -> Result<Response, HttpError> {
+        let what = what.to_owned();
         let mut reader = BufReader::with_capacity(64 * 1024, stream);
         let fail = |e: io::Error| HttpError::io(&what, e);
         let mut line = String::new();
-        reader.read_line(&mut line).map_err(fail)?;
+        read_line(&mut reader, &mut line).map_err(fail)?;
         let status: u16 = line
             .split_whitespace()
             .nth(1)
@@ -231,7 +239,7 @@ impl Response {
         let (mut length, mut chunked, mut directory) = (None, false, false);
         loop {
             line.clear();
-            if reader.read_line(&mut line).map_err(fail)? == 0 {
+            if read_line(&mut reader, &mut line).map_err(fail)? == 0 {
                 return Err(HttpError {
                     status: None,
                     message: format!("{what}: connection closed in the headers"),
@@ -273,7 +281,7 @@ impl Response {
             directory,
             body,
             what,
-            socket,
+            socket: -1,
         })
     }
 
@@ -361,7 +369,7 @@ impl<R: BufRead> Read for Chunked<R> {
         }
         if self.left == 0 {
             let mut line = String::new();
-            if self.inner.read_line(&mut line)? == 0 {
+            if read_line(&mut self.inner, &mut line)? == 0 {
                 return Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
                     "connection closed inside a chunked body",
@@ -375,7 +383,7 @@ impl<R: BufRead> Read for Chunked<R> {
                 // Trailers, then the final empty line.
                 loop {
                     line.clear();
-                    if self.inner.read_line(&mut line)? == 0 || line.trim().is_empty() {
+                    if read_line(&mut self.inner, &mut line)? == 0 || line.trim().is_empty() {
                         return Ok(0);
                     }
                 }
@@ -393,9 +401,26 @@ impl<R: BufRead> Read for Chunked<R> {
         if self.left == 0 {
             let mut crlf = [0u8; 2];
             self.inner.read_exact(&mut crlf)?;
+            if &crlf != b"\r\n" {
+                return Err(io::Error::other("a chunk not followed by CRLF"));
+            }
         }
         Ok(n)
     }
+}
+
+/// The longest status, header or chunk-size line taken.
+pub const MAX_LINE: u64 = 64 * 1024;
+
+/// `read_line`, refusing a line longer than [`MAX_LINE`] (or not UTF-8).
+fn read_line(reader: &mut impl BufRead, line: &mut String) -> io::Result<usize> {
+    let n = reader.take(MAX_LINE).read_line(line)?;
+    if n as u64 == MAX_LINE && !line.ends_with('\n') {
+        return Err(io::Error::other(format!(
+            "a line longer than {MAX_LINE} bytes"
+        )));
+    }
+    Ok(n)
 }
 
 #[cfg(test)]
