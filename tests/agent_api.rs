@@ -15,19 +15,6 @@ fn events_file(agent: &Agent) -> Vec<serde_json::Value> {
         .collect()
 }
 
-fn store_files(agent: &Agent) -> Vec<String> {
-    let out = std::process::Command::new("find")
-        .arg(agent.dir.join("data/store"))
-        .args(["-type", "f"])
-        .output()
-        .unwrap();
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(str::to_owned)
-        .collect()
-}
-
 #[test]
 fn a_token_opens_only_its_own_task_and_nothing_is_written_otherwise() {
     let dir = Dir::new("agent-auth");
@@ -78,9 +65,9 @@ fn a_token_opens_only_its_own_task_and_nothing_is_written_otherwise() {
         "a refused request made an event"
     );
     assert!(
-        store_files(&agent).is_empty(),
+        agent.store_files().is_empty(),
         "a refused upload wrote {:?}",
-        store_files(&agent)
+        agent.store_files()
     );
 
     let (got, _) = http(
@@ -192,7 +179,7 @@ fn bad_input_is_refused_with_a_message_that_names_it() {
     }
     let (status, _) = http(agent.api, "GET", "/v1/elsewhere", &[], b"");
     assert_eq!(status, 404);
-    assert!(store_files(&agent).is_empty());
+    assert!(agent.store_files().is_empty());
 
     let (status, _) = http(agent.api, "PUT", "/v1/tasks/t/0/outputs/a.txt", &auth, b"x");
     assert_eq!(status, 200);
@@ -525,7 +512,7 @@ fn an_upload_outliving_the_shutdown_timeout_is_cut_and_an_empty_outbox_is_not_re
         "nothing was left to drain: {log}"
     );
     // The cut upload's temporary file went with it.
-    assert!(store_files(&agent).is_empty(), "{:?}", store_files(&agent));
+    assert!(agent.store_files().is_empty(), "{:?}", agent.store_files());
     drop(stream);
 }
 
@@ -595,7 +582,7 @@ fn a_client_silent_mid_body_is_cut_off_and_nothing_is_stored() {
         "{:?}",
         started.elapsed()
     );
-    assert!(store_files(&agent).is_empty(), "{:?}", store_files(&agent));
+    assert!(agent.store_files().is_empty(), "{:?}", agent.store_files());
 }
 
 #[test]
@@ -693,4 +680,40 @@ fn progress_written_in_a_tight_loop_is_reported_at_most_once_a_second_ending_wit
         reported.len()
     );
     assert_eq!(reported.last().unwrap(), "100/100", "{reported:?}");
+}
+
+/// Outputs too large for one result body are reported as the step's error, not lost with a
+/// 413 that leaves the controller without any result.
+#[test]
+fn outputs_too_large_to_report_fail_the_step_with_a_result_that_says_so() {
+    let dir = Dir::new("agent-outputs-too-large");
+    let agent = Agent::start(dir.join("agent"), &[]);
+    let params: Vec<_> = (0..5)
+        .map(|i| {
+            let path = dir.join(format!("p{i}"));
+            std::fs::write(&path, "v".repeat(250_000)).unwrap();
+            serde_json::json!({"name": format!("p{i}"), "valueFrom": {"path": path}})
+        })
+        .collect();
+    let spec = serde_json::json!({
+        "container": {"command": ["true"]},
+        "outputs": {"parameters": params}
+    });
+    let mut cmd = emissary(["run", "--root", dir.join("root").to_str().unwrap()]);
+    cmd.env("EMISSARY_TEMPLATE", spec.to_string());
+    agent.emissary_env(&mut cmd, "wf", "t", 0);
+    let out = run(&mut cmd, b"", Duration::from_secs(60));
+    assert_eq!(out.code, Some(125), "{}", out.dump());
+    let events = events_file(&agent);
+    let result = events
+        .iter()
+        .find(|e| e.get("exit_code").is_some())
+        .unwrap_or_else(|| panic!("no result reached the agent{}", out.dump()));
+    assert_eq!(result["error"]["kind"], "user", "{result:#}");
+    assert_eq!(result["error"]["retryable"], false, "{result:#}");
+    let message = result["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("more than the 1048576 bytes a result carries"),
+        "{message}"
+    );
 }

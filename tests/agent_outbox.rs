@@ -426,31 +426,6 @@ fn sigterm_flushes_the_outbox_to_a_controller_that_came_back() {
     );
 }
 
-/// A size-limited tmpfs mounted at a directory for as long as it lives (the tests run as root).
-struct Tmpfs(std::path::PathBuf);
-
-impl Tmpfs {
-    fn mount(at: &Path, size: &str) -> Tmpfs {
-        std::fs::create_dir_all(at).unwrap();
-        let status = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(at)
-            .status()
-            .unwrap();
-        assert!(status.success(), "mount tmpfs at {}", at.display());
-        Tmpfs(at.to_owned())
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.0)
-            .status();
-    }
-}
-
 #[test]
 fn a_disk_full_mid_event_loses_none_of_the_events_journaled_after_it() {
     let dir = Dir::new("outbox-enospc");

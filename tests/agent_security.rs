@@ -10,16 +10,6 @@ use crate::agent_util::*;
 use crate::controller::{self, Controller};
 use crate::util::*;
 
-fn auth(token: &str) -> [(&'static str, String); 1] {
-    [("Authorization", bearer(token))]
-}
-
-fn request(agent: &Agent, token: &str, method: &str, path: &str, body: &[u8]) -> (u16, String) {
-    let [(name, value)] = auth(token);
-    let (status, body) = http(agent.api, method, path, &[(name, &value)], body);
-    (status, String::from_utf8_lossy(&body).into_owned())
-}
-
 fn result_body(parameters: &[(&str, String)]) -> Vec<u8> {
     let parameters: Vec<_> = parameters
         .iter()
@@ -481,7 +471,7 @@ fn uploads_are_bounded_per_attempt_and_by_the_free_space_kept() {
     }
     let (status, body) = request(&agent, &many, "PUT", "/v1/tasks/many/0/outputs/c", b"x");
     assert_eq!(status, 429, "{body}");
-    let mut files = store_files(&agent);
+    let mut files = agent.store_files();
     files.sort();
     assert_eq!(files, ["default/wf/many/0/a", "default/wf/many/0/b"]);
 
@@ -492,30 +482,7 @@ fn uploads_are_bounded_per_attempt_and_by_the_free_space_kept() {
     let token = full.token("wf", "t", 0, "1h");
     let (status, body) = request(&full, &token, "PUT", "/v1/tasks/t/0/outputs/f", b"x");
     assert_eq!(status, 507, "{body}");
-    assert!(store_files(&full).is_empty());
-}
-
-/// Every file under the agent's local store, relative to it.
-fn store_files(agent: &Agent) -> Vec<String> {
-    fn walk(dir: &std::path::Path, root: &std::path::Path, out: &mut Vec<String>) {
-        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-            let path = entry.path();
-            if path.is_dir() {
-                walk(&path, root, out);
-            } else {
-                out.push(
-                    path.strip_prefix(root)
-                        .unwrap()
-                        .to_string_lossy()
-                        .into_owned(),
-                );
-            }
-        }
-    }
-    let root = agent.dir.join("data/store");
-    let mut out = Vec::new();
-    walk(&root, &root, &mut out);
-    out
+    assert!(full.store_files().is_empty());
 }
 
 /// Finding 7: the shipped placeholder, a short key or a pattern is no key.

@@ -162,6 +162,25 @@ impl Agent {
         out.stdout().trim().to_owned()
     }
 
+    /// Every file under the agent's local store, relative to it.
+    pub fn store_files(&self) -> Vec<String> {
+        fn walk(dir: &Path, root: &Path, out: &mut Vec<String>) {
+            for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+                let path = entry.path();
+                if path.is_dir() {
+                    walk(&path, root, out);
+                } else {
+                    let relative = path.strip_prefix(root).unwrap();
+                    out.push(relative.to_string_lossy().into_owned());
+                }
+            }
+        }
+        let root = self.dir.join("data/store");
+        let mut out = Vec::new();
+        walk(&root, &root, &mut out);
+        out
+    }
+
     pub fn metric(&self, name: &str) -> f64 {
         let (_, body) = http(self.admin, "GET", "/metrics", &[], b"");
         let text = String::from_utf8_lossy(&body).into_owned();
@@ -281,4 +300,15 @@ pub fn read_response(stream: impl Read) -> (u16, Vec<u8>) {
 
 pub fn bearer(token: &str) -> String {
     format!("Bearer {token}")
+}
+
+pub fn auth(token: &str) -> [(&'static str, String); 1] {
+    [("Authorization", bearer(token))]
+}
+
+/// One request to the agent's API with `token`; the status and the body as text.
+pub fn request(agent: &Agent, token: &str, method: &str, path: &str, body: &[u8]) -> (u16, String) {
+    let [(name, value)] = auth(token);
+    let (status, body) = http(agent.api, method, path, &[(name, &value)], body);
+    (status, String::from_utf8_lossy(&body).into_owned())
 }

@@ -16,6 +16,7 @@ mod agent_util;
 mod cgroup;
 mod corpus;
 mod deploy;
+mod disk_full;
 mod inject;
 mod k8s;
 mod k8s_argo;

@@ -38,6 +38,8 @@ pub struct Cache {
 /// downloaded, an input is streamed through uncached, so that a burst of new inputs cannot fill
 /// the node's disk before eviction runs.
 const FILLS: usize = 16;
+/// Free space a fill leaves on the cache's disk at least (the journal may share it).
+const DISK_MARGIN: u64 = 64 << 20;
 
 /// Where a lookup found the object.
 pub enum Lookup {
@@ -129,9 +131,12 @@ impl Cache {
             match downloads.get(&name) {
                 Some(fill) => (fill.clone(), false),
                 None if touch(&path) => return Ok(Lookup::Hit(path)), // it just finished
-                None if downloads.len() >= FILLS
-                    || downloads.values().map(|f| f.size).sum::<u64>() + meta.size
-                        > self.max_bytes =>
+                None if downloads.len() >= FILLS || {
+                    let filling = downloads.values().map(|f| f.size).sum::<u64>() + meta.size;
+                    // A full disk is no reason to fail a download: it goes around the cache.
+                    let free = crate::store::free_bytes(&self.dir).unwrap_or(0);
+                    filling > self.max_bytes || filling.saturating_add(DISK_MARGIN) > free
+                } =>
                 {
                     return Ok(Lookup::Bypass);
                 }

@@ -32,7 +32,7 @@ use crate::outbox::{AppendError, Outbox};
 use crate::store::{Store, StoreError, stream_file};
 use crate::token::{Claims, Secret};
 
-const JSON_LIMIT: usize = 1 << 20;
+const JSON_LIMIT: usize = api::JSON_BODY_LIMIT;
 /// JSON bodies being read at once, node-wide: their memory is `JSON_LIMIT` each at most.
 pub const JSON_BODIES: usize = 64;
 /// The most files of one unarchived directory an input may have.

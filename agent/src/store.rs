@@ -597,9 +597,7 @@ fn local_path(root: &Path, key: &str) -> PathBuf {
 /// Refuses to go on writing to `root`'s filesystem once fewer than `reserve` bytes are free:
 /// the journal and the node cache live there too, and the node's own disk pressure.
 pub fn check_free_space(root: &Path, reserve: u64) -> Result<(), String> {
-    let stat = nix::sys::statvfs::statvfs(root)
-        .map_err(|e| format!("free space of {}: {e}", root.display()))?;
-    let free = stat.blocks_available() as u64 * stat.fragment_size() as u64;
+    let free = free_bytes(root).map_err(|e| format!("free space of {}: {e}", root.display()))?;
     if free < reserve {
         return Err(format!(
             "the store's filesystem ({}) has {free} bytes free, under the {reserve} it keeps \
@@ -608,6 +606,12 @@ pub fn check_free_space(root: &Path, reserve: u64) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// Bytes an unprivileged writer may still use on `path`'s filesystem.
+pub fn free_bytes(path: &Path) -> nix::Result<u64> {
+    let stat = nix::sys::statvfs::statvfs(path)?;
+    Ok(stat.blocks_available() as u64 * stat.fragment_size() as u64)
 }
 
 async fn put_local(

@@ -30,6 +30,8 @@ use crate::summary::{ExitReason, RunSummary, TaskError};
 
 /// Prefix of every path of the emissary API.
 pub const TASKS: &str = "/v1/tasks";
+/// The largest JSON request body the agent reads (a result with its inline outputs): 413 past it.
+pub const JSON_BODY_LIMIT: usize = 1 << 20;
 
 /// Where an Argo pod exchanges its ServiceAccount token for a task token.
 pub const ARGO_LOGIN_PATH: &str = "/v1/argo/login";

@@ -233,5 +233,69 @@ pub fn result(stdout: &File, from: u64) -> io::Result<(String, bool)> {
         // The cut may split a UTF-8 sequence; drop the broken head rather than mangle it.
         text = text.trim_start_matches('\u{fffd}').to_owned();
     }
+    // Binary output grows up to six times as JSON (`\u0000`): keep the tail that fits twice
+    // the limit, so that the result always fits the body the agent takes.
+    let mut encoded = 0;
+    let cut = text.char_indices().rev().find_map(|(i, c)| {
+        encoded += json_len(c);
+        (encoded > 2 * RESULT_LIMIT as usize).then_some(i + c.len_utf8())
+    });
+    if let Some(cut) = cut {
+        text.drain(..cut);
+        return Ok((text, true));
+    }
     Ok((text, truncated))
+}
+
+/// Bytes of `c` inside a JSON string, as serde_json writes it.
+fn json_len(c: char) -> usize {
+    match c {
+        '"' | '\\' | '\n' | '\r' | '\t' | '\u{8}' | '\u{c}' => 2,
+        c if (c as u32) < 0x20 => 6,
+        c => c.len_utf8(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_len_is_what_serde_json_writes() {
+        for c in (0..0x110000)
+            .filter_map(char::from_u32)
+            .step_by(7)
+            .chain(['"', '\\', '\n'])
+        {
+            let quoted = serde_json::to_string(&c.to_string()).unwrap();
+            assert_eq!(json_len(c), quoted.len() - 2, "{c:?}");
+        }
+    }
+
+    #[test]
+    fn binary_output_is_cut_to_a_result_that_fits_the_agents_body() {
+        let mut stdout = tempfile_with(&vec![0u8; 2_000_000]);
+        let (text, truncated) = result(&stdout, 0).unwrap();
+        assert!(truncated);
+        let encoded = serde_json::to_string(&text).unwrap().len();
+        assert!(encoded <= 2 * RESULT_LIMIT as usize + 2, "{encoded}");
+        assert!(encoded > 2 * RESULT_LIMIT as usize - 6, "{encoded}");
+        stdout = tempfile_with(b"plain text\n");
+        assert_eq!(
+            result(&stdout, 0).unwrap(),
+            ("plain text".to_owned(), false)
+        );
+    }
+
+    fn tempfile_with(bytes: &[u8]) -> File {
+        let path = std::env::temp_dir().join(format!(
+            "emissary-outputs-test-{}-{}",
+            std::process::id(),
+            bytes.len()
+        ));
+        std::fs::write(&path, bytes).unwrap();
+        let file = File::open(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        file
+    }
 }

@@ -16,7 +16,7 @@ use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
-use protocol::api::{Outputs, TaskResult};
+use protocol::api::{self, Outputs, TaskResult};
 use protocol::spec::{Container, Template};
 use protocol::{ExitReason, TaskError, exit, time};
 
@@ -464,6 +464,23 @@ impl Task {
             inputs_digest: inputs_digest.clone(),
             summary: Some(outcome.summary()),
         };
+        if self.owns_outputs && self.agent.is_some() {
+            let size = serde_json::to_vec(&build(&outcome, result_outputs.clone()))
+                .map_or(0, |json| json.len());
+            if size > api::JSON_BODY_LIMIT {
+                // Refused whole by the agent, it would report nothing: report why instead.
+                outcome.fail(TaskError::user(
+                    format!(
+                        "the outputs are {size} bytes as JSON, more than the {} bytes a \
+                         result carries: pass large values as output artifacts",
+                        api::JSON_BODY_LIMIT
+                    ),
+                    false,
+                ));
+                result_outputs.parameters.clear();
+                result_outputs.result = None;
+            }
+        }
         if self.owns_outputs
             && let Some(agent) = &self.agent
             && let Err(message) = agent.result(&build(&outcome, result_outputs.clone()))
