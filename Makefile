@@ -17,9 +17,11 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Debian packages, installed only when missing.
 TEST_PACKAGES := util-linux procps zstd gzip diffutils findutils python3 python3-venv buildah ca-certificates busybox-static python-is-python3
 BENCH_PACKAGES := tini hyperfine zstd
-# Offline Kubernetes schema validation (the PyPI package bundles the v1.32 schemas).
+# Python test tools: offline Kubernetes schema validation (the PyPI package bundles the v1.32
+# schemas) and schemathesis, which tests the agent against protocol/openapi.yaml.
 VENV := .tools/venv
 KUBERNETES_VALIDATE := $(VENV)/bin/kubernetes-validate
+SCHEMATHESIS := $(VENV)/bin/schemathesis
 IMAGE_DIR := target/images
 # The test cluster's third-party programs (etcd, kube-apiserver, Argo), built from their Go
 # modules into a cache outside the repository and linked here (tests/cluster/build.sh).
@@ -62,7 +64,8 @@ lint:
 ## test: lint, size, images, the test cluster, then every unit and black-box test against the static emissary
 test: deps-test deps-manifests lint size build image cluster-bin
 	$(call phase,tests,EMISSARY_BIN=$(CURDIR)/$(STATIC_BIN) AGENT_IMAGE_BIN=$(CURDIR)/$(AGENT_STATIC_BIN) IMAGE_DIR=$(CURDIR)/$(IMAGE_DIR) \
-	CLUSTER_BIN=$(CURDIR)/$(CLUSTER_BIN) KUBERNETES_VALIDATE=$(CURDIR)/$(KUBERNETES_VALIDATE) $(CARGO) test --workspace)
+	CLUSTER_BIN=$(CURDIR)/$(CLUSTER_BIN) KUBERNETES_VALIDATE=$(CURDIR)/$(KUBERNETES_VALIDATE) \
+	SCHEMATHESIS=$(CURDIR)/$(SCHEMATHESIS) $(CARGO) test --workspace)
 
 ## cluster-bin: etcd, kube-apiserver and Argo's controllers from their Go modules (cached; minutes cold, seconds warm)
 cluster-bin:
@@ -127,6 +130,7 @@ deps-test:
 deps-manifests:
 	@command -v kubectl >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq kubectl; }
 	@[ -x $(KUBERNETES_VALIDATE) ] || { python3 -m venv $(VENV) && $(VENV)/bin/pip install -q kubernetes-validate==1.37.0; }
+	@[ -x $(SCHEMATHESIS) ] || $(VENV)/bin/pip install -q schemathesis==4.32.5
 
 deps-bench:
 	$(call apt_install,$(BENCH_PACKAGES))

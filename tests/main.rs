@@ -32,6 +32,7 @@ mod run_exit;
 mod run_reaping;
 mod run_signals;
 mod run_timeouts;
+mod schemathesis;
 mod tarball;
 mod task_artifacts;
 mod task_pod;

@@ -169,8 +169,7 @@ async fn route(
     let path = req.uri().path().to_owned();
     if path == api::ARGO_LOGIN_PATH {
         if req.method() != Method::POST {
-            let refusal = Refusal::new(StatusCode::METHOD_NOT_ALLOWED, "POST only");
-            return ("argo-login", Err(refusal));
+            return ("argo-login", Ok(method_not_allowed(&Method::POST, &path)));
         }
         return ("argo-login", argo_login(app, &req).await);
     }
@@ -184,14 +183,14 @@ async fn route(
             )),
         );
     };
-    let route = match (req.method(), rest) {
-        (&Method::POST, ["start"]) => "start",
-        (&Method::POST, ["progress"]) => "progress",
-        (&Method::POST, ["result"]) => "result",
-        (&Method::GET, ["inputs", _]) => "inputs",
-        (&Method::PUT, ["outputs", _, ..]) => "outputs",
-        (&Method::GET, ["commands"]) => "commands",
-        (&Method::GET, ["containers", _]) => "containers",
+    let (route, method) = match rest {
+        ["start"] => ("start", Method::POST),
+        ["progress"] => ("progress", Method::POST),
+        ["result"] => ("result", Method::POST),
+        ["inputs", _] => ("inputs", Method::GET),
+        ["outputs", _, ..] => ("outputs", Method::PUT),
+        ["commands"] => ("commands", Method::GET),
+        ["containers", _] => ("containers", Method::GET),
         _ => {
             return (
                 "unknown",
@@ -202,6 +201,9 @@ async fn route(
             );
         }
     };
+    if req.method() != method {
+        return (route, Ok(method_not_allowed(&method, &path)));
+    }
     let result = async {
         if !api::valid_name(task) {
             return Err(Refusal::new(
@@ -242,6 +244,18 @@ async fn route(
     }
     .await;
     (route, result)
+}
+
+/// 405, naming the one method `path` takes.
+fn method_not_allowed(method: &Method, path: &str) -> Response<Body> {
+    let message = format!("{path} takes {method} only");
+    let mut response = json_response(
+        StatusCode::METHOD_NOT_ALLOWED,
+        &serde_json::json!({ "error": message }),
+    );
+    let allow = hyper::header::HeaderValue::from_str(method.as_str()).expect("a method name");
+    response.headers_mut().insert(hyper::header::ALLOW, allow);
+    response
 }
 
 fn authorize(
@@ -748,7 +762,6 @@ fn argo_of(app: &App) -> Result<&Arc<Argo>, Refusal> {
 
 /// `POST /v1/argo/login`: the pod's ServiceAccount token for a task token (`crate::argo`).
 async fn argo_login(app: &App, req: &Request<Incoming>) -> Result<Response<Body>, Refusal> {
-    let argo = argo_of(app)?;
     let token = req
         .headers()
         .get("authorization")
@@ -762,7 +775,7 @@ async fn argo_login(app: &App, req: &Request<Incoming>) -> Result<Response<Body>
                 "missing Authorization: Bearer with the pod's ServiceAccount token",
             )
         })?;
-    let (pod, token, exp) = argo.login(&app.secret, token).await?;
+    let (pod, token, exp) = argo_of(app)?.login(&app.secret, token).await?;
     info!(pod = %format!("{}/{}", pod.pod.ns, pod.pod.name), node_id = %pod.node_id, "argo pod logged in");
     Ok(json_response(
         StatusCode::OK,
