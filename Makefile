@@ -102,8 +102,9 @@ FUZZ_CARGO = CARGO_PROFILE_RELEASE_LTO=false CARGO_PROFILE_RELEASE_CODEGEN_UNITS
 FUZZ_TARGETS ?= $(basename $(notdir $(wildcard tests/fuzz/fuzz_targets/*.rs)))
 
 ## fuzz: every parser of untrusted input under libFuzzer, FUZZ_SECONDS each (nightly and
-## cargo-fuzz, installed if missing); findings land in tests/fuzz/findings/, which make test replays
-fuzz:
+## cargo-fuzz, installed if missing; findings land in tests/fuzz/findings/, which make test
+## replays), then schemathesis on the agent's API with 1000 examples per operation
+fuzz: deps-manifests build
 	@rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
 	@$(CARGO) +nightly fuzz --version >/dev/null 2>&1 || $(CARGO) install cargo-fuzz --locked
 	$(call phase,fuzz build,$(FUZZ_CARGO) build --fuzz-dir tests/fuzz --features libfuzzer)
@@ -115,6 +116,8 @@ fuzz:
 			-max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=512 -timeout=10 \
 			-artifact_prefix=tests/fuzz/findings/$$t/ -print_final_stats=1 || exit 1; \
 	done
+	$(call phase,schemathesis,SCHEMATHESIS=$(CURDIR)/$(SCHEMATHESIS) SCHEMATHESIS_MAX_EXAMPLES=1000 \
+		$(CARGO) test -p emissary-tests --test blackbox schemathesis)
 
 ## static-agent: the agent, statically linked and stripped, for its FROM scratch image
 static-agent:
