@@ -41,7 +41,7 @@ define apt_install
 	fi
 endef
 
-.PHONY: build static static-agent size lint test run bench bench-argo fuzz image clean deps-test deps-bench deps-manifests cluster-bin cluster
+.PHONY: build static static-agent size lint test run bench bench-argo fuzz soak image clean deps-test deps-bench deps-manifests cluster-bin cluster
 
 ## build: debug builds of every binary
 build:
@@ -118,6 +118,15 @@ fuzz: deps-manifests build
 	done
 	$(call phase,schemathesis,SCHEMATHESIS=$(CURDIR)/$(SCHEMATHESIS) SCHEMATHESIS_MAX_EXAMPLES=1000 \
 		$(CARGO) test -p emissary-tests --test blackbox schemathesis)
+
+SOAK_MINUTES ?= 30
+SOAK_ATTEMPTS ?= 1000
+
+## soak: the agent under chaos (kill -9, controller and S3 outages, a full journal disk) for
+## SOAK_MINUTES, then checked: nothing acknowledged lost, nothing torn, nothing left over, flat RSS
+soak:
+	$(CARGO) build --release -p emissary-agent -p emissary-tests --bin emissary-agent --bin emissary-soak
+	SOAK_MINUTES=$(SOAK_MINUTES) SOAK_ATTEMPTS=$(SOAK_ATTEMPTS) target/release/emissary-soak
 
 ## static-agent: the agent, statically linked and stripped, for its FROM scratch image
 static-agent:

@@ -6,3 +6,5 @@ pub mod cluster;
 pub mod controller;
 #[path = "support/s3.rs"]
 pub mod s3;
+#[path = "support/tmpfs.rs"]
+pub mod tmpfs;

@@ -468,27 +468,4 @@ pub fn cuts_off_a_silent_client(
     }
 }
 
-/// A size-limited tmpfs mounted at a directory for as long as it lives (the tests run as root).
-pub struct Tmpfs(std::path::PathBuf);
-
-impl Tmpfs {
-    pub fn mount(at: &Path, size: &str) -> Tmpfs {
-        std::fs::create_dir_all(at).unwrap();
-        let status = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(at)
-            .status()
-            .unwrap();
-        assert!(status.success(), "mount tmpfs at {}", at.display());
-        Tmpfs(at.to_owned())
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.0)
-            .status();
-    }
-}
+pub use emissary_tests::tmpfs::Tmpfs;
