@@ -8,14 +8,6 @@ use crate::agent_util::*;
 use crate::s3::{self, S3Server};
 use crate::util::*;
 
-fn s3_agent(dir: &Dir, server: &S3Server) -> Agent {
-    s3_agent_with(dir, server, &[])
-}
-
-fn s3_agent_with(dir: &Dir, server: &S3Server, extra: &[&str]) -> Agent {
-    s3_agent_at(dir, &server.endpoint(), extra)
-}
-
 /// An agent on `server` seen through a proxy that sends its answers at `bytes_per_sec` (a slow
 /// store); the proxy lives as long as the agent needs it.
 fn slow_s3_agent(dir: &Dir, server: &S3Server, bytes_per_sec: usize) -> (SlowProxy, Agent) {
@@ -24,35 +16,11 @@ fn slow_s3_agent(dir: &Dir, server: &S3Server, bytes_per_sec: usize) -> (SlowPro
     (slow, agent)
 }
 
-/// An agent on the S3 server at `endpoint` (e.g. through a proxy).
-fn s3_agent_at(dir: &Dir, endpoint: &str, extra: &[&str]) -> Agent {
-    let store = format!("s3://{}/emissary", s3::BUCKET);
-    let mut args = vec![
-        "--store",
-        &store,
-        "--s3-endpoint",
-        endpoint,
-        "--s3-region",
-        "us-east-1",
-        "--s3-path-style",
-    ];
-    args.extend_from_slice(extra);
-    // Credentials come through the standard AWS environment variables.
-    Agent::start_with_env(
-        dir.join("agent"),
-        &args,
-        &[
-            ("AWS_ACCESS_KEY_ID", s3::ACCESS_KEY),
-            ("AWS_SECRET_ACCESS_KEY", s3::SECRET_KEY),
-        ],
-    )
-}
-
 #[test]
 fn artifacts_go_to_s3_in_parts_and_come_back_through_the_node_cache() {
     let dir = Dir::new("s3-roundtrip");
     let server = S3Server::start(&dir.join("s3"), 0);
-    let mut agent = s3_agent(&dir, &server);
+    let mut agent = s3_agent(&dir, &server, &[]);
     let token = agent.token("wf", "gen", 0, "1h");
     let auth = bearer(&token);
     let auth = [("Authorization", auth.as_str())];
@@ -127,7 +95,7 @@ fn a_token_reads_nothing_outside_the_agents_store_prefix() {
     let elsewhere = dir.join("s3").join(s3::BUCKET).join("other-team/secret");
     std::fs::create_dir_all(elsewhere.parent().unwrap()).unwrap();
     std::fs::write(&elsewhere, b"not yours").unwrap();
-    let agent = s3_agent(&dir, &server);
+    let agent = s3_agent(&dir, &server, &[]);
     let auth = bearer(&agent.token("wf", "t", 0, "1h"));
     for key in [
         "other-team/secret",
@@ -151,7 +119,7 @@ fn a_token_reads_nothing_outside_the_agents_store_prefix() {
 fn concurrent_requests_for_one_input_download_it_once() {
     let dir = Dir::new("s3-single-flight");
     let server = S3Server::start(&dir.join("s3"), 0);
-    let agent = s3_agent(&dir, &server);
+    let agent = s3_agent(&dir, &server, &[]);
     let token = agent.token("wf", "gen", 0, "1h");
     let payload = noise(8 << 20, 6);
     let (status, _) = http(
@@ -332,7 +300,7 @@ fn concurrent_uploads_share_a_bounded_part_memory() {
 fn an_s3_outage_is_a_retryable_error_not_a_hang() {
     let dir = Dir::new("s3-down");
     let mut server = S3Server::start(&dir.join("s3"), 0);
-    let agent = s3_agent(&dir, &server);
+    let agent = s3_agent(&dir, &server, &[]);
     server.stop();
     std::thread::sleep(Duration::from_millis(100));
     let token = agent.token("wf", "t", 0, "1h");
@@ -368,7 +336,7 @@ fn an_s3_outage_is_a_retryable_error_not_a_hang() {
 fn during_an_s3_outage_inputs_already_on_the_node_are_still_served() {
     let dir = Dir::new("s3-stale-if-error");
     let mut server = S3Server::start(&dir.join("s3"), 0);
-    let agent = s3_agent(&dir, &server);
+    let agent = s3_agent(&dir, &server, &[]);
     let token = agent.token("wf", "gen", 0, "1h");
     let auth = bearer(&token);
     let auth = [("Authorization", auth.as_str())];
@@ -407,7 +375,7 @@ fn the_node_cache_evicts_the_least_recently_used_past_its_bound() {
     let dir = Dir::new("s3-cache-lru");
     let server = S3Server::start(&dir.join("s3"), 0);
     // Room for two of the three 1 MB objects.
-    let agent = s3_agent_with(&dir, &server, &["--cache-max-bytes", "2500000"]);
+    let agent = s3_agent(&dir, &server, &["--cache-max-bytes", "2500000"]);
     let token = agent.token("wf", "gen", 0, "1h");
     let auth = bearer(&token);
     let auth = [("Authorization", auth.as_str())];

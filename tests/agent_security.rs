@@ -608,41 +608,8 @@ fn a_node_key_serves_its_own_node_only() {
 fn an_input_larger_than_the_node_cache_is_streamed_through_uncached() {
     let dir = Dir::new("security-cache-bound");
     let server = crate::s3::S3Server::start(&dir.join("s3"), 0);
-    let store = format!("s3://{}/emissary", crate::s3::BUCKET);
-    let endpoint = server.endpoint();
-    let agent = Agent::start_with_env(
-        dir.join("agent"),
-        &[
-            "--store",
-            &store,
-            "--s3-endpoint",
-            &endpoint,
-            "--s3-region",
-            "us-east-1",
-            "--s3-path-style",
-            "--cache-max-bytes",
-            "1048576",
-        ],
-        &[
-            ("AWS_ACCESS_KEY_ID", crate::s3::ACCESS_KEY),
-            ("AWS_SECRET_ACCESS_KEY", crate::s3::SECRET_KEY),
-        ],
-    );
-    let token = agent.token("wf", "t", 0, "1h");
-    // In parts (a single PUT's object has no ETag here, and is never cached).
-    let payload = noise(9 << 20, 5);
-    let (status, body) = request(&agent, &token, "PUT", "/v1/tasks/t/0/outputs/big", &payload);
-    assert_eq!(status, 200, "{body}");
-    let [(name, value)] = auth(&token);
-    let (status, got) = http(
-        agent.api,
-        "GET",
-        "/v1/tasks/t/0/inputs/big?key=emissary/default/wf/t/0/big",
-        &[(name, &value)],
-        b"",
-    );
-    assert_eq!(status, 200);
-    assert!(got == payload, "the input came back changed");
+    let agent = s3_agent(&dir, &server, &["--cache-max-bytes", "1048576"]);
+    upload_and_read_back(&agent, &noise(9 << 20, 5), 1);
     let cached: u64 = std::fs::read_dir(agent.dir.join("data/cache"))
         .unwrap()
         .flatten()

@@ -60,40 +60,8 @@ fn a_full_node_cache_disk_streams_the_input_around_the_cache() {
     let cache = dir.join("agent/data/cache");
     let _disk = Tmpfs::mount(&cache, "4m");
     let server = crate::s3::S3Server::start(&dir.join("s3"), 0);
-    let store = format!("s3://{}/emissary", crate::s3::BUCKET);
-    let agent = Agent::start_with_env(
-        dir.join("agent"),
-        &[
-            "--store",
-            &store,
-            "--s3-endpoint",
-            &server.endpoint(),
-            "--s3-region",
-            "us-east-1",
-            "--s3-path-style",
-        ],
-        &[
-            ("AWS_ACCESS_KEY_ID", crate::s3::ACCESS_KEY),
-            ("AWS_SECRET_ACCESS_KEY", crate::s3::SECRET_KEY),
-        ],
-    );
-    let token = agent.token("wf", "t", 0, "1h");
-    // In parts: only an object with an ETag is ever cached.
-    let payload = noise(9 << 20, 7);
-    let (status, body) = request(&agent, &token, "PUT", "/v1/tasks/t/0/outputs/big", &payload);
-    assert_eq!(status, 200, "{body}");
-    for _ in 0..2 {
-        let [(name, value)] = auth(&token);
-        let (status, got) = http(
-            agent.api,
-            "GET",
-            "/v1/tasks/t/0/inputs/big?key=emissary/default/wf/t/0/big",
-            &[(name, &value)],
-            b"",
-        );
-        assert_eq!(status, 200);
-        assert!(got == payload, "the input came back changed");
-    }
+    let agent = s3_agent(&dir, &server, &[]);
+    upload_and_read_back(&agent, &noise(9 << 20, 7), 2);
     let left: Vec<_> = std::fs::read_dir(&cache)
         .unwrap()
         .flatten()
