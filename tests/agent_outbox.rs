@@ -465,3 +465,20 @@ fn a_disk_full_mid_event_loses_none_of_the_events_journaled_after_it() {
         .collect();
     assert_eq!(progress, ["1/100", "2/100", "3/100", "4/100"]);
 }
+
+/// Two agents on one data directory would interleave journal appends and deliver twice: the
+/// second refuses to start, saying why, and starts once the first is gone.
+#[test]
+fn a_second_agent_on_the_same_data_directory_refuses_to_start() {
+    let dir = Dir::new("outbox-two-agents");
+    let first = Agent::start(dir.join("agent"), &[]);
+    let out = run(
+        &mut serve_command(&dir.join("agent"), "127.0.0.1:0"),
+        b"",
+        Duration::from_secs(30),
+    );
+    assert_ne!(out.code, Some(0), "{}", out.dump());
+    out.assert_stderr_contains("another agent is running on this data directory");
+    drop(first);
+    let _again = Agent::start(dir.join("agent"), &[]);
+}

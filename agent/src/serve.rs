@@ -32,6 +32,7 @@ const CONNECTIONS: usize = 4096;
 
 pub async fn serve(settings: Settings) -> Result<(), String> {
     let secret = Secret::from_file(&settings.secret_file)?;
+    let _owner = own_data_dir(&settings.data_dir)?;
     let s3 = S3Settings {
         endpoint: settings.s3_endpoint.clone(),
         region: settings.s3_region.clone(),
@@ -257,4 +258,28 @@ async fn kubernetes(settings: &Settings) -> Result<Option<kube::Client>, String>
     kube::Client::try_from(config)
         .map(Some)
         .map_err(|e| format!("Kubernetes client: {e}"))
+}
+
+/// Holds `DATA_DIR/lock` for as long as the agent runs. Two agents on one data directory (a
+/// DaemonSet update that surges the new pod beside the old one) would interleave journal
+/// appends, deliver events twice and sweep each other's uploads as leftovers: the second one
+/// waits for its turn by failing to start, and Kubernetes restarts it.
+fn own_data_dir(dir: &std::path::Path) -> Result<nix::fcntl::Flock<std::fs::File>, String> {
+    let path = dir.join("lock");
+    let fail = |e: &dyn std::fmt::Display| format!("{}: {e}", path.display());
+    std::fs::create_dir_all(dir).map_err(|e| fail(&e))?;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| fail(&e))?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(
+        |(_, errno)| match errno {
+            nix::errno::Errno::EWOULDBLOCK => {
+                fail(&"another agent is running on this data directory")
+            }
+            other => fail(&other),
+        },
+    )
 }

@@ -168,7 +168,11 @@ pub fn token(data: &[u8]) {
 /// The outbox journal read back after a crash: whatever the segment holds, recovery and
 /// delivery end, and deliver no more records than it has lines.
 pub fn journal(data: &[u8]) {
-    let dir = scratch("journal");
+    // A directory per input: the last input's journal writer may still be finishing in its own.
+    static RUNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let run = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let _ = fs::remove_dir_all(scratch_path(&format!("journal-{}", run.wrapping_sub(2))));
+    let dir = scratch(&format!("journal-{run}"));
     fs::write(dir.join("00000000000000000001.jsonl"), data).unwrap();
     let outbox = Outbox::open(&dir, 1 << 30, 1 << 30).expect("a journal that does not open");
     let mut reader = Reader::open(&outbox).unwrap();
@@ -281,10 +285,28 @@ fn config() -> &'static Config {
 
 /// An empty directory of this process for `what`.
 fn scratch(what: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("emissary-fuzz-{}-{what}", std::process::id()));
+    let dir = scratch_path(what);
     let _ = fs::remove_dir_all(&dir);
     fs::create_dir_all(&dir).unwrap();
     dir
+}
+
+/// Removes what the checks of this process left in the temporary directory.
+pub fn clean_up() {
+    let prefix = format!("emissary-fuzz-{}-", std::process::id());
+    for entry in fs::read_dir(std::env::temp_dir())
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        if entry.file_name().to_string_lossy().starts_with(&prefix) {
+            let _ = fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+fn scratch_path(what: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("emissary-fuzz-{}-{what}", std::process::id()))
 }
 
 /// Bytes of regular files and number of entries under `dir`, not following links.

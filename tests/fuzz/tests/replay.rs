@@ -24,4 +24,5 @@ fn every_seed_and_finding_passes_its_check() {
         }
         assert!(seeds > 0, "{target} has no seeds in seeds/{target}");
     }
+    emissary_fuzz::clean_up();
 }
