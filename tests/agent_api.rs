@@ -117,19 +117,22 @@ fn bad_input_is_refused_with_a_message_that_names_it() {
         &vec![b' '; 2 << 20],
     );
     assert_eq!(status, 413);
-    for path in [
-        "/v1/tasks/t/0/outputs/a%20b",
-        "/v1/tasks/t/0/outputs/..",
-        "/v1/tasks/t/zero/start",
-        "/v1/tasks/t%2Fx/0/start",
+    for (method, path) in [
+        ("PUT", "/v1/tasks/t/0/outputs/a%20b"),
+        ("PUT", "/v1/tasks/t/0/outputs/.."),
+        ("POST", "/v1/tasks/t/zero/start"),
+        ("POST", "/v1/tasks/t%2Fx/0/start"),
     ] {
-        let (status, body) = http(agent.api, "PUT", path, &auth, b"x");
+        let (status, body) = http(agent.api, method, path, &auth, b"x");
         assert!(
             status == 400 || status == 404,
             "{path}: {status} {}",
             String::from_utf8_lossy(&body)
         );
     }
+    let (status, body) = http(agent.api, "PUT", "/v1/tasks/t/0/start", &auth, b"x");
+    assert_eq!(status, 405, "{}", String::from_utf8_lossy(&body));
+    assert!(String::from_utf8_lossy(&body).contains("takes POST only"));
     let (status, _) = http(agent.api, "GET", "/v1/tasks/t/0/inputs/x", &auth, b"");
     assert_eq!(status, 400, "an input needs ?key=");
     let (status, _) = http(
