@@ -66,6 +66,11 @@ fn artifacts_go_to_s3_in_parts_and_come_back_through_the_node_cache() {
         "the cache should have served rounds 2 and 3"
     );
     assert_eq!(agent.metric("emissary_agent_cache_hits"), 2.0);
+    assert_eq!(
+        agent.metric("emissary_agent_cache_revalidations"),
+        1.0,
+        "warm hits within the freshness window asked the store again"
+    );
 
     // The cache outlives the agent: after a kill -9, the same input comes from the node's disk.
     agent.crash_and_restart();
@@ -336,7 +341,8 @@ fn an_s3_outage_is_a_retryable_error_not_a_hang() {
 fn during_an_s3_outage_inputs_already_on_the_node_are_still_served() {
     let dir = Dir::new("s3-stale-if-error");
     let mut server = S3Server::start(&dir.join("s3"), 0);
-    let agent = s3_agent(&dir, &server, &[]);
+    // Every read asks the store, so the one in the outage finds it gone.
+    let agent = s3_agent(&dir, &server, &["--cache-fresh-for", "0s"]);
     let token = agent.token("wf", "gen", 0, "1h");
     let auth = bearer(&token);
     let auth = [("Authorization", auth.as_str())];

@@ -6,12 +6,16 @@
 //! (and only then) that entry is served unverified: stale-if-error, as HTTP caches do. Argo
 //! writes each artifact under a fresh key, so the entry is almost always the object itself; a
 //! key overwritten during the outage is the price of running through it.
+//!
+//! A version the store gave (HEAD: size and ETag) holds for `--cache-fresh-for`: the readers of one
+//! input within it cost one round trip to the store, and an object replaced in the store
+//! under the same key is served as it was for that long at most.
 
 use std::collections::HashMap;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt;
@@ -32,7 +36,17 @@ pub struct Cache {
     total: Mutex<u64>,
     /// Downloads in progress, by entry name: every request for the entry reads this one.
     downloads: Mutex<HashMap<String, Fill>>,
+    /// The version the store last gave for a key, and when: within `fresh_for` a read is
+    /// served without asking again.
+    checked: Mutex<HashMap<String, (ObjectMeta, Instant)>>,
+    /// How long a version the store gave holds (`--cache-fresh-for`): a fan-out of readers of
+    /// one input costs one HEAD, not one each, and an object replaced in the store is seen
+    /// within this much.
+    fresh_for: Duration,
 }
+
+/// Versions remembered at once, at most (stale ones are dropped first).
+const CHECKED: usize = 4096;
 
 /// Downloads into the cache at once: past it, or past the cache's bound in bytes being
 /// downloaded, an input is streamed through uncached, so that a burst of new inputs cannot fill
@@ -69,7 +83,7 @@ enum FillState {
 }
 
 impl Cache {
-    pub fn open(dir: &Path, max_bytes: u64) -> std::io::Result<Cache> {
+    pub fn open(dir: &Path, max_bytes: u64, fresh_for: Duration) -> std::io::Result<Cache> {
         std::fs::create_dir_all(dir.join(LATEST))?;
         let mut total = 0;
         for entry in std::fs::read_dir(dir)?.flatten() {
@@ -89,6 +103,8 @@ impl Cache {
             max_bytes,
             total: Mutex::new(total),
             downloads: Mutex::default(),
+            checked: Mutex::default(),
+            fresh_for,
         };
         cache.prune_pointers();
         Ok(cache)
@@ -181,6 +197,25 @@ impl Cache {
             Err(_) => Err(StoreError::Failed(format!("the download of {key} stopped"))),
             Ok(_) => Ok(Lookup::Filling { fill, started }),
         }
+    }
+
+    /// The version of `key` the store gave less than `fresh_for` ago.
+    pub fn fresh(&self, store: &Store, key: &str) -> Option<ObjectMeta> {
+        let checked = self.checked.lock().unwrap();
+        let (meta, at) = checked.get(&identity(store, key))?;
+        (at.elapsed() < self.fresh_for).then(|| meta.clone())
+    }
+
+    /// Notes the version of `key` the store just gave.
+    pub fn checked(&self, store: &Store, key: &str, meta: &ObjectMeta) {
+        let mut checked = self.checked.lock().unwrap();
+        if checked.len() >= CHECKED {
+            checked.retain(|_, (_, at)| at.elapsed() < self.fresh_for);
+            if checked.len() >= CHECKED {
+                checked.clear();
+            }
+        }
+        checked.insert(identity(store, key), (meta.clone(), Instant::now()));
     }
 
     /// The entry last served for `key` of `store`, if it is still cached (see the module docs).

@@ -56,6 +56,10 @@ pub struct ServeArgs {
     /// The node input cache's size bound [default: 10737418240, 10 GiB].
     #[arg(long, value_name = "BYTES", env = "EMISSARY_AGENT_CACHE_MAX_BYTES")]
     pub cache_max_bytes: Option<u64>,
+    /// How long a version the store gave for a cached input holds before a read asks again
+    /// (HEAD) [default: 10s].
+    #[arg(long, value_name = "DURATION", env = "EMISSARY_AGENT_CACHE_FRESH_FOR")]
+    pub cache_fresh_for: Option<String>,
     /// Undelivered events kept on disk at most; beyond it new events are refused (503) and the
     /// emissaries retry [default: 268435456, 256 MiB].
     #[arg(long, value_name = "BYTES", env = "EMISSARY_AGENT_JOURNAL_MAX_BYTES")]
@@ -122,6 +126,7 @@ pub struct Settings {
     pub node: String,
     pub inline_limit: usize,
     pub cache_max_bytes: u64,
+    pub cache_fresh_for: Duration,
     pub journal_max_bytes: u64,
     pub quotas: Quotas,
     pub shutdown_timeout: Duration,
@@ -153,6 +158,7 @@ impl ServeArgs {
             &mut self.shutdown_timeout,
             &mut self.body_idle_timeout,
             &mut self.clock_skew,
+            &mut self.cache_fresh_for,
         ] {
             if text.as_deref() == Some("") {
                 *text = None;
@@ -204,6 +210,8 @@ impl ServeArgs {
             "store-reserve-bytes",
             "shutdown-timeout",
             "body-idle-timeout",
+            "clock-skew",
+            "cache-fresh-for",
             "ready-file",
             "kubeconfig",
         ];
@@ -266,6 +274,10 @@ impl ServeArgs {
             .body_idle_timeout
             .or(text("body-idle-timeout")?)
             .unwrap_or_else(|| "60s".into());
+        let cache_fresh_for = self
+            .cache_fresh_for
+            .or(text("cache-fresh-for")?)
+            .unwrap_or_else(|| "10s".into());
         let clock_skew = self
             .clock_skew
             .or(text("clock-skew")?)
@@ -336,6 +348,8 @@ impl ServeArgs {
                 .map_err(|e| format!("body-idle-timeout: {e}"))?,
             clock_skew: protocol::duration::parse(&clock_skew)
                 .map_err(|e| format!("clock-skew: {e}"))?,
+            cache_fresh_for: protocol::duration::parse(&cache_fresh_for)
+                .map_err(|e| format!("cache-fresh-for: {e}"))?,
             ready_file: self.ready_file.or(text("ready-file")?.map(PathBuf::from)),
             kubeconfig: self.kubeconfig.or(text("kubeconfig")?.map(PathBuf::from)),
             data_dir,

@@ -27,6 +27,7 @@ pub struct Metrics {
     pub cache_hits: Counter,
     pub cache_misses: Counter,
     pub cache_stale_hits: Counter,
+    pub cache_revalidations: Counter,
     pub store_downloads: Counter,
     journal_bytes: Gauge,
     journal_source: Arc<AtomicU64>,
@@ -46,6 +47,7 @@ impl Metrics {
             cache_hits: Counter::default(),
             cache_misses: Counter::default(),
             cache_stale_hits: Counter::default(),
+            cache_revalidations: Counter::default(),
             store_downloads: Counter::default(),
             journal_bytes: Gauge::default(),
             journal_source: journal_bytes_source,
@@ -100,6 +102,11 @@ impl Metrics {
             "cache_stale_hits",
             "Inputs served from the node cache unverified, while the store was unreachable",
             m.cache_stale_hits.clone(),
+        );
+        registry.register(
+            "cache_revalidations",
+            "Inputs whose version was asked of the store (HEAD) before they were served",
+            m.cache_revalidations.clone(),
         );
         registry.register(
             "store_downloads",

@@ -62,7 +62,12 @@ pub async fn serve(settings: Settings) -> Result<(), String> {
     })?;
     let attempts = Attempts::open(data, settings.quotas.clone())
         .map_err(|e| format!("cannot open {}: {e}", data.join("closed").display()))?;
-    let cache = Cache::open(&data.join("cache"), settings.cache_max_bytes).map_err(|e| {
+    let cache = Cache::open(
+        &data.join("cache"),
+        settings.cache_max_bytes,
+        settings.cache_fresh_for,
+    )
+    .map_err(|e| {
         format!(
             "cannot open the node cache in {}: {e}",
             data.join("cache").display()

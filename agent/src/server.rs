@@ -586,7 +586,18 @@ async fn serve_object(app: &App, store: &Store, key: &str) -> Result<Response<Bo
     };
     let (size, body) = match &app.cache {
         Some(cache) if !store.is_local() => {
-            let path = match store.head(&key).await {
+            let head = match cache.fresh(store, &key) {
+                Some(meta) => Ok(Some(meta)),
+                None => {
+                    app.metrics.cache_revalidations.inc();
+                    let head = store.head(&key).await;
+                    if let Ok(Some(meta)) = &head {
+                        cache.checked(store, &key, meta);
+                    }
+                    head
+                }
+            };
+            let path = match head {
                 Ok(meta) => {
                     let meta = meta.ok_or_else(not_found)?;
                     let lookup = if meta.etag.is_empty() {
