@@ -7,9 +7,9 @@
 //! writes each artifact under a fresh key, so the entry is almost always the object itself; a
 //! key overwritten during the outage is the price of running through it.
 //!
-//! A version the store gave (HEAD: size and ETag) holds for `--cache-fresh-for`: the readers of one
-//! input within it cost one round trip to the store, and an object replaced in the store
-//! under the same key is served as it was for that long at most.
+//! A version the store gave (HEAD: size and ETag) holds for `--cache-fresh-for`: the readers
+//! of one input within it cost one round trip to the store, and an object replaced in the
+//! store under the same key is served as it was for that long at most.
 
 use std::collections::HashMap;
 use std::os::unix::fs::FileExt;
