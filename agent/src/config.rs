@@ -266,22 +266,15 @@ impl ServeArgs {
             }
             (None, None) => false,
         };
-        let timeout = self
-            .shutdown_timeout
-            .or(text("shutdown-timeout")?)
-            .unwrap_or_else(|| "30s".into());
-        let body_idle = self
-            .body_idle_timeout
-            .or(text("body-idle-timeout")?)
-            .unwrap_or_else(|| "60s".into());
-        let cache_fresh_for = self
-            .cache_fresh_for
-            .or(text("cache-fresh-for")?)
-            .unwrap_or_else(|| "10s".into());
-        let clock_skew = self
-            .clock_skew
-            .or(text("clock-skew")?)
-            .unwrap_or_else(|| crate::token::CLOCK_SKEW.into());
+        // A duration from the flag or environment, else the file, else `default`.
+        let duration = |given: Option<String>, key: &str, default: &str| {
+            let value = given.or(text(key)?).unwrap_or_else(|| default.into());
+            protocol::duration::parse(&value).map_err(|e| format!("{key}: {e}"))
+        };
+        let shutdown_timeout = duration(self.shutdown_timeout, "shutdown-timeout", "30s")?;
+        let body_idle_timeout = duration(self.body_idle_timeout, "body-idle-timeout", "60s")?;
+        let cache_fresh_for = duration(self.cache_fresh_for, "cache-fresh-for", "10s")?;
+        let clock_skew = duration(self.clock_skew, "clock-skew", crate::token::CLOCK_SKEW)?;
         let settings = Settings {
             listen: match self.listen {
                 Some(a) => a,
@@ -342,14 +335,10 @@ impl ServeArgs {
                     .or(number("store-reserve-bytes")?)
                     .unwrap_or(1 << 30),
             },
-            shutdown_timeout: protocol::duration::parse(&timeout)
-                .map_err(|e| format!("shutdown-timeout: {e}"))?,
-            body_idle_timeout: protocol::duration::parse(&body_idle)
-                .map_err(|e| format!("body-idle-timeout: {e}"))?,
-            clock_skew: protocol::duration::parse(&clock_skew)
-                .map_err(|e| format!("clock-skew: {e}"))?,
-            cache_fresh_for: protocol::duration::parse(&cache_fresh_for)
-                .map_err(|e| format!("cache-fresh-for: {e}"))?,
+            shutdown_timeout,
+            body_idle_timeout,
+            clock_skew,
+            cache_fresh_for,
             ready_file: self.ready_file.or(text("ready-file")?.map(PathBuf::from)),
             kubeconfig: self.kubeconfig.or(text("kubeconfig")?.map(PathBuf::from)),
             data_dir,
