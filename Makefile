@@ -4,12 +4,13 @@ SHELL := /bin/bash
 
 CARGO ?= cargo
 TARGET := x86_64-unknown-linux-gnu
-# Static glibc needs nothing beyond the toolchain (musl would need a rustup download).
-# relocation-model=static drops PIE relocation work at start-up (supervision.md section 5).
-# --icf=all: the linker (rust-lld) folds identical functions, monomorphized copies mostly:
-# 23 KB off the budget; Rust never promises distinct function addresses.
-STATIC_RUSTFLAGS := -C target-feature=+crt-static -C relocation-model=static -C link-arg=-Wl,--icf=all
-STATIC_BIN := target/$(TARGET)/static/emissary
+# The shipped emissary is static musl: glibc's static start-up asks the CPU about itself
+# (cpuid) some 20 times, and in a VM each is a trap, ~4 µs here: 300 µs of every exec, more
+# than all else the wrapper does (BENCHMARKS.md). The target comes from rustup; zstd's C code
+# builds with musl-gcc (musl-tools). relocation-model=static: no PIE relocation at start-up.
+STATIC_TARGET := x86_64-unknown-linux-musl
+STATIC_RUSTFLAGS := -C target-feature=+crt-static -C relocation-model=static
+STATIC_BIN := target/$(STATIC_TARGET)/static/emissary
 AGENT_STATIC_BIN := target/$(TARGET)/agent-image/emissary-agent
 SIZE_LIMIT := 2000000
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
@@ -41,15 +42,15 @@ define apt_install
 	fi
 endef
 
-.PHONY: build static static-agent size lint test run bench bench-argo fuzz soak image clean deps-test deps-bench deps-manifests cluster-bin cluster
+.PHONY: build static static-agent size lint test run bench bench-argo fuzz soak image clean deps-test deps-bench deps-static deps-manifests cluster-bin cluster
 
 ## build: debug builds of every binary
 build:
 	$(call phase,build,$(CARGO) build --workspace --bins)
 
-## static: the shipped emissary, statically linked and stripped
-static:
-	$(call phase,static emissary,RUSTFLAGS="$(STATIC_RUSTFLAGS)" $(CARGO) build --profile static --target $(TARGET) -p emissary)
+## static: the shipped emissary, statically linked (musl) and stripped
+static: deps-static
+	$(call phase,static emissary,RUSTFLAGS="$(STATIC_RUSTFLAGS)" $(CARGO) build --profile static --target $(STATIC_TARGET) -p emissary)
 
 ## size: fails when the static emissary exceeds its budget
 size: static
@@ -146,6 +147,10 @@ deps-manifests:
 
 deps-bench:
 	$(call apt_install,$(BENCH_PACKAGES))
+
+deps-static:
+	$(call apt_install,musl-tools)
+	@rustup target list --installed | grep -qx $(STATIC_TARGET) || rustup target add $(STATIC_TARGET)
 
 clean:
 	$(CARGO) clean
