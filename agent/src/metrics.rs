@@ -34,7 +34,7 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn new(journal_bytes_source: Arc<AtomicU64>) -> Metrics {
+    pub fn new(journal_bytes_source: Arc<AtomicU64>, journal_syncs: Counter) -> Metrics {
         let mut registry = Registry::with_prefix("emissary_agent");
         let m = Metrics {
             requests: Family::default(),
@@ -112,6 +112,11 @@ impl Metrics {
             "store_downloads",
             "Objects read from the store",
             m.store_downloads.clone(),
+        );
+        registry.register(
+            "journal_syncs",
+            "Group commits of the event journal, one fsync each",
+            journal_syncs,
         );
         registry.register(
             "journal_bytes",

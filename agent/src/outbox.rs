@@ -20,6 +20,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use prometheus_client::metrics::counter::Counter;
 use protocol::api::{Event, Phase};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, mpsc, oneshot};
@@ -76,6 +77,8 @@ pub struct Outbox {
     pub bytes: Arc<AtomicU64>,
     /// The same, per attempt.
     live: Live,
+    /// Group commits (one fsync each).
+    pub syncs: Counter,
     pub dir: PathBuf,
 }
 
@@ -116,6 +119,7 @@ impl Outbox {
         let live = Arc::new(std::sync::Mutex::new(live));
         let appended = Arc::new(Notify::new());
         let (tx, rx) = mpsc::channel(1024);
+        let syncs = Counter::default();
         let writer = Writer {
             dir: dir.to_owned(),
             seqs,
@@ -126,6 +130,7 @@ impl Outbox {
             max_bytes,
             attempt_max_bytes,
             appended: appended.clone(),
+            syncs: syncs.clone(),
         };
         std::thread::Builder::new()
             .name("journal".into())
@@ -135,6 +140,7 @@ impl Outbox {
             appended,
             bytes,
             live,
+            syncs,
             dir: dir.to_owned(),
         })
     }
@@ -196,6 +202,7 @@ struct Writer {
     max_bytes: u64,
     attempt_max_bytes: u64,
     appended: Arc<Notify>,
+    syncs: Counter,
 }
 
 impl Writer {
@@ -227,8 +234,11 @@ impl Writer {
                 }
             }
             let synced = match &mut self.current {
-                Some((file, _)) => file.sync_data().map_err(|e| e.to_string()),
-                None => Ok(()),
+                Some((file, _)) if !written.is_empty() => {
+                    self.syncs.inc();
+                    file.sync_data().map_err(|e| e.to_string())
+                }
+                _ => Ok(()),
             };
             // A failed append was answered; the records written before it stand on the fsync.
             for (done, event) in written {

@@ -83,7 +83,7 @@ pub async fn serve(settings: Settings) -> Result<(), String> {
     if let Some(argo) = &argo {
         tokio::spawn(crate::argo::reconcile::run(argo.clone(), commands.clone()));
     }
-    let metrics = Arc::new(Metrics::new(outbox.bytes.clone()));
+    let metrics = Arc::new(Metrics::new(outbox.bytes.clone(), outbox.syncs.clone()));
     let undelivered = outbox.bytes.clone();
     let app = Arc::new(App {
         secret: secret.clone(),

@@ -44,8 +44,8 @@ fn main() {
     if wanted("agent-upload") {
         agent::upload(&emissary, &scratch, &mut report);
     }
-    if wanted("agent-longpoll") {
-        agent::longpoll(&scratch, &mut report);
+    if wanted("agent-events") {
+        agent::events(&scratch, &mut report);
     }
     let _ = fs::remove_dir_all(&scratch);
     println!("\n{report}");

@@ -152,6 +152,11 @@ impl Controller {
         self.state.0.lock().unwrap().events.clone()
     }
 
+    /// Forgets the events received so far (a long benchmark's would fill memory).
+    pub fn clear_events(&self) {
+        self.state.0.lock().unwrap().events.clear();
+    }
+
     pub fn heartbeats(&self) -> usize {
         self.state.0.lock().unwrap().heartbeats.len()
     }
