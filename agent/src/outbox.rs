@@ -273,6 +273,11 @@ impl Writer {
             .as_ref()
             .is_none_or(|(_, size)| *size >= SEGMENT_BYTES);
         if rotate {
+            // Records of this group commit may be in the segment being left: the commit's one
+            // fsync is of the new segment, so this one is synced now.
+            if let Some((old, _)) = &self.current {
+                old.sync_data().map_err(io)?;
+            }
             // The snapshot covers every record of the segments delivery may now delete.
             self.save_seqs().map_err(io)?;
             let path = self.dir.join(format!("{:020}.jsonl", record.id));
