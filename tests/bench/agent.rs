@@ -155,25 +155,7 @@ pub fn upload(emissary: &Path, scratch: &Path, report: &mut String) {
         .enable_all()
         .build()
         .unwrap();
-    let client = runtime.block_on(async {
-        let config = aws_sdk_s3::Config::builder()
-            .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
-            .region(aws_sdk_s3::config::Region::new("us-east-1"))
-            .endpoint_url(server.endpoint())
-            .force_path_style(true)
-            .credentials_provider(aws_sdk_s3::config::Credentials::new(
-                s3::ACCESS_KEY,
-                s3::SECRET_KEY,
-                None,
-                None,
-                "bench",
-            ))
-            .request_checksum_calculation(
-                aws_sdk_s3::config::RequestChecksumCalculation::WhenRequired,
-            )
-            .build();
-        aws_sdk_s3::Client::from_conf(config)
-    });
+    let client = sdk_client(&server);
     let (mut ours, mut direct, mut multiparts) = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..3 {
         let task = format!("upload-{round}");
@@ -225,6 +207,131 @@ pub fn upload(emissary: &Path, scratch: &Path, report: &mut String) {
     .unwrap();
     drop(runtime);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A 1 GiB input read through the agent, cold (the agent fetches it from S3 and fills the
+/// node cache as it streams) and warm (from the node cache), against the SDK's own GET of the
+/// same object; each round a new object, all three reads interleaved.
+pub fn download(scratch: &Path, report: &mut String) {
+    let dir = scratch.join("agent-download");
+    let server = S3Server::start(&dir.join("s3"), 0);
+    let agent = Agent::start(
+        &dir.join("agent"),
+        &[
+            "--store",
+            &format!("s3://{}/bench", s3::BUCKET),
+            "--s3-endpoint",
+            &server.endpoint(),
+            "--s3-path-style",
+        ],
+    );
+    let token = agent.token("reader");
+    let size: usize = 1 << 30;
+    let content: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let client = sdk_client(&server);
+    let (mut sdk, mut cold, mut warm) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..3 {
+        // The token's own workflow (`default/bench`) under the store's prefix.
+        let key = format!("bench/default/bench/input-{round}.bin");
+        runtime.block_on(async {
+            client
+                .put_object()
+                .bucket(s3::BUCKET)
+                .key(&key)
+                .body(content.clone().into())
+                .send()
+                .await
+                .unwrap();
+        });
+        let start = Instant::now();
+        let read = runtime.block_on(async {
+            let object = client
+                .get_object()
+                .bucket(s3::BUCKET)
+                .key(&key)
+                .send()
+                .await
+                .unwrap();
+            let mut body = object.body.into_async_read();
+            tokio::io::copy(&mut body, &mut tokio::io::sink())
+                .await
+                .unwrap()
+        });
+        sdk.push(start.elapsed().as_secs_f64());
+        assert_eq!(read, size as u64);
+        for samples in [&mut cold, &mut warm] {
+            let start = Instant::now();
+            let read = get_input(agent.api, &token, &key);
+            samples.push(start.elapsed().as_secs_f64());
+            assert!(read >= size as u64, "the agent served {read} bytes");
+        }
+    }
+    let mb = size as f64 / 1e6;
+    let (sdk, cold, warm) = (mb / median(sdk), mb / median(cold), mb / median(warm));
+    writeln!(
+        report,
+        "| 1 GiB input through the agent from S3 (s3s-fs), median of 3: cold (fills the node cache) / warm (cache hit) | cold {cold:.0} MB/s, warm {warm:.0} MB/s; agent peak RSS {:.1} MB | aws-sdk-s3 `get_object` of the same object: {sdk:.0} MB/s | cold {:.2}×, warm {:.1}× cold | cold ≥ 0.9×, warm ≥ 5× cold |",
+        agent.peak_rss_mb(),
+        cold / sdk,
+        warm / cold
+    )
+    .unwrap();
+    drop(runtime);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Reads input `key` through the agent's API to the end; the bytes of the answer's body
+/// (chunk framing included, if it is chunked).
+fn get_input(api: SocketAddr, token: &str, key: &str) -> u64 {
+    let mut stream = TcpStream::connect(api).unwrap();
+    write!(stream, "GET /v1/tasks/reader/0/inputs/in?key={key} HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut buf = vec![0u8; 256 * 1024];
+    let (mut head, mut body) = (Vec::new(), 0u64);
+    loop {
+        let n = stream.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        if body == 0 && !head.ends_with(b"\r\n\r\n") {
+            head.extend_from_slice(&buf[..n]);
+            if let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+                assert!(
+                    head.starts_with(b"HTTP/1.1 200"),
+                    "{}",
+                    String::from_utf8_lossy(&head)
+                );
+                body = (head.len() - end - 4) as u64;
+                head.truncate(end + 4);
+            }
+        } else {
+            body += n as u64;
+        }
+    }
+    body
+}
+
+/// The SDK as the anchors use it: path-style, checksums only where S3 requires them.
+fn sdk_client(server: &S3Server) -> aws_sdk_s3::Client {
+    let config = aws_sdk_s3::Config::builder()
+        .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
+        .region(aws_sdk_s3::config::Region::new("us-east-1"))
+        .endpoint_url(server.endpoint())
+        .force_path_style(true)
+        .credentials_provider(aws_sdk_s3::config::Credentials::new(
+            s3::ACCESS_KEY,
+            s3::SECRET_KEY,
+            None,
+            None,
+            "bench",
+        ))
+        .request_checksum_calculation(aws_sdk_s3::config::RequestChecksumCalculation::WhenRequired)
+        .build();
+    aws_sdk_s3::Client::from_conf(config)
 }
 
 /// The SDK uploading `file` in 8 MiB parts, three at a time: the agent's scheme without the

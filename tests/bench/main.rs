@@ -44,6 +44,9 @@ fn main() {
     if wanted("agent-upload") {
         agent::upload(&emissary, &scratch, &mut report);
     }
+    if wanted("agent-download") {
+        agent::download(&scratch, &mut report);
+    }
     if wanted("agent-events") {
         agent::events(&scratch, &mut report);
     }
