@@ -247,12 +247,21 @@ fn tar_tree(source: &Path, sink: &mut dyn Write) -> io::Result<()> {
         .unwrap_or_else(|| PathBuf::from("root"));
     let mut tar = tar::Builder::new(sink);
     tar.follow_symlinks(false);
-    append(&mut tar, source, &name)?;
+    // Files as they are, holes as zeros (as GNU tar without --sparse): no SEEK_DATA/SEEK_HOLE
+    // probing of every file, and an archive any reader takes.
+    tar.sparse(false);
+    let mut buf = vec![0; PIPE_CHUNK];
+    append(&mut tar, source, &name, &mut buf)?;
     tar.finish()
 }
 
 /// Appends one path, recursing into directories in sorted order (stable archives).
-fn append(tar: &mut tar::Builder<&mut dyn Write>, path: &Path, name: &Path) -> io::Result<()> {
+fn append(
+    tar: &mut tar::Builder<&mut dyn Write>,
+    path: &Path,
+    name: &Path,
+    buf: &mut [u8],
+) -> io::Result<()> {
     let meta = fs::symlink_metadata(path)?;
     let kind = meta.file_type();
     if kind.is_dir() {
@@ -260,14 +269,22 @@ fn append(tar: &mut tar::Builder<&mut dyn Write>, path: &Path, name: &Path) -> i
         let mut children: Vec<_> = fs::read_dir(path)?.collect::<Result<_, _>>()?;
         children.sort_by_key(|e| e.file_name());
         for child in children {
-            append(tar, &child.path(), &name.join(child.file_name()))?;
+            append(tar, &child.path(), &name.join(child.file_name()), buf)?;
         }
         Ok(())
     } else if kind.is_file() {
         // Opened as an output is (/proc refused), and described by what was opened.
-        let mut file = fsutil::open_regular(path)
+        let file = fsutil::open_regular(path)
             .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
-        tar.append_file(name, &mut file)
+        let mut header = tar::Header::new_gnu();
+        header.set_metadata_in_mode(&file.metadata()?, tar::HeaderMode::Complete);
+        let content = LargeReads {
+            file,
+            buf,
+            start: 0,
+            end: 0,
+        };
+        tar.append_data(&mut header, name, content)
     } else if kind.is_symlink() {
         tar.append_path_with_name(path, name)
     } else {
@@ -277,6 +294,28 @@ fn append(tar: &mut tar::Builder<&mut dyn Write>, path: &Path, name: &Path) -> i
             path.display()
         );
         Ok(())
+    }
+}
+
+/// A file read [`PIPE_CHUNK`] at a time for tar, which copies in 8 KiB pieces: one read call
+/// per 256 KiB, not 32.
+struct LargeReads<'a> {
+    file: File,
+    buf: &'a mut [u8],
+    start: usize,
+    end: usize,
+}
+
+impl Read for LargeReads<'_> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        if self.start == self.end {
+            self.end = self.file.read(self.buf)?;
+            self.start = 0;
+        }
+        let n = out.len().min(self.end - self.start);
+        out[..n].copy_from_slice(&self.buf[self.start..self.start + n]);
+        self.start += n;
+        Ok(n)
     }
 }
 
