@@ -164,12 +164,7 @@ pub fn upload(emissary: &Path, scratch: &Path, report: &mut String) {
     let spec = serde_json::json!({"container": {"command": ["true"]},
                                   "outputs": {"artifacts": [{"name": "big", "path": file, "archive": {"none": {}}}]}})
     .to_string();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let client = sdk_client(&server);
+    let (runtime, client) = sdk(&server);
     let (mut ours, mut direct, mut multiparts) = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..3 {
         let task = format!("upload-{round}");
@@ -242,12 +237,7 @@ pub fn download(scratch: &Path, report: &mut String) {
     let token = agent.token("reader");
     let size: usize = 1 << 30;
     let content: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let client = sdk_client(&server);
+    let (runtime, client) = sdk(&server);
     let (mut sdk, mut cold, mut warm) = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..3 {
         // The token's own workflow (`default/bench`) under the store's prefix.
@@ -329,7 +319,17 @@ fn get_input(api: SocketAddr, token: &str, key: &str) -> u64 {
     body
 }
 
-/// The SDK as the anchors use it: path-style, checksums only where S3 requires them.
+/// The SDK as the anchors use it (path-style, checksums only where S3 requires them), with a
+/// two-thread runtime to drive it.
+fn sdk(server: &S3Server) -> (tokio::runtime::Runtime, aws_sdk_s3::Client) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    (runtime, sdk_client(server))
+}
+
 fn sdk_client(server: &S3Server) -> aws_sdk_s3::Client {
     let config = aws_sdk_s3::Config::builder()
         .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
