@@ -465,11 +465,10 @@ fn probes_and_metrics_are_served_on_the_admin_port() {
     }
     assert!(text.ends_with("# EOF\n"));
     assert_eq!(agent.metric("emissary_agent_journal_syncs_total"), 0.0);
-    let auth = [("Authorization", bearer(&agent.token("wf", "t", 0, "1h")))];
-    let auth: Vec<(&str, &str)> = auth.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let token = agent.token("wf", "t", 0, "1h");
     let progress = br#"{"container": "main", "progress": "1/2"}"#;
-    let (status, body) = http(agent.api, "POST", "/v1/tasks/t/0/progress", &auth, progress);
-    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let (status, body) = request(&agent, &token, "POST", "/v1/tasks/t/0/progress", progress);
+    assert_eq!(status, 200, "{body}");
     assert_eq!(
         agent.metric("emissary_agent_journal_syncs_total"),
         1.0,
