@@ -207,43 +207,18 @@ struct Writer {
 }
 
 impl Writer {
-    /// Group commit: takes every append waiting, writes them, one fsync, then answers all.
+    /// Group commit: takes every append waiting, writes them with one write(2), one fsync,
+    /// then answers all.
     fn run(mut self, mut rx: mpsc::Receiver<Append>) {
+        let mut lines = Vec::new();
         while let Some(first) = rx.blocking_recv() {
             let mut batch = vec![first];
             while let Ok(more) = rx.try_recv() {
                 batch.push(more);
             }
-            let mut written = Vec::with_capacity(batch.len());
-            for append in batch {
-                // The last quarter is for final events: results land while a flood waits.
-                let total = self.bytes.load(Ordering::Relaxed);
-                let limit = if is_final(append.event.phase) {
-                    self.max_bytes
-                } else {
-                    self.max_bytes / 4 * 3
-                };
-                if total >= limit {
-                    let _ = append.done.send(Err(AppendError::Full));
-                    continue;
-                }
-                match self.write(append.event) {
-                    Ok(event) => written.push((append.done, event)),
-                    Err(e) => {
-                        let _ = append.done.send(Err(e));
-                    }
-                }
-            }
-            let synced = match &mut self.current {
-                Some((file, _)) if !written.is_empty() => {
-                    self.syncs.inc();
-                    file.sync_data().map_err(|e| e.to_string())
-                }
-                _ => Ok(()),
-            };
-            // A failed append was answered; the records written before it stand on the fsync.
-            for (done, event) in written {
-                let _ = done.send(synced.clone().map(|()| event).map_err(AppendError::Io));
+            self.commit(batch, &mut lines);
+            if lines.capacity() > SEGMENT_BYTES as usize {
+                lines = Vec::new(); // after a commit of large results
             }
             self.appended.notify_one();
         }
@@ -253,64 +228,116 @@ impl Writer {
         let _ = self.save_seqs();
     }
 
-    fn write(&mut self, mut event: Event) -> Result<Event, AppendError> {
-        let key = seq_key(&event);
-        let state = self.seqs.entry(key.clone()).or_default();
-        event.seq = state.seq + 1;
-        let record = Record {
-            id: self.next_id,
-            event,
-        };
-        let io = |e: io::Error| AppendError::Io(e.to_string());
-        let mut line = serde_json::to_vec(&record).map_err(|e| AppendError::Io(e.to_string()))?;
-        line.push(b'\n');
-        let len = line.len() as u64;
-        let waiting = self.live.lock().unwrap().get(&key).copied().unwrap_or(0);
-        if waiting + len > self.attempt_max_bytes {
-            return Err(AppendError::Quota(self.attempt_max_bytes));
-        }
+    /// Journals what of `batch` fits, in `lines` (a reused buffer). Nothing of the batch is
+    /// counted (seq, ids, bytes) unless its write landed whole.
+    fn commit(&mut self, batch: Vec<Append>, lines: &mut Vec<u8>) {
+        // Rotation is between commits: every record of the segment left behind was fsynced
+        // by its own commit, and the snapshot covers all the segments delivery may delete.
         let rotate = self
             .current
             .as_ref()
             .is_none_or(|(_, size)| *size >= SEGMENT_BYTES);
-        if rotate {
-            // Records of this group commit may be in the segment being left: the commit's one
-            // fsync is of the new segment, so this one is synced now.
-            if let Some((old, _)) = &self.current {
-                old.sync_data().map_err(io)?;
+        if rotate && let Err(e) = self.rotate() {
+            for append in batch {
+                let _ = append.done.send(Err(AppendError::Io(e.to_string())));
             }
-            // The snapshot covers every record of the segments delivery may now delete.
-            self.save_seqs().map_err(io)?;
-            let path = self.dir.join(format!("{:020}.jsonl", record.id));
-            let file = OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)
-                .map_err(io)?;
-            let size = file.metadata().map_err(io)?.len();
-            self.current = Some((file, size));
+            return;
         }
-        let (file, size) = self.current.as_mut().expect("opened above");
-        if let Err(e) = file.write_all(&line) {
+        lines.clear();
+        // Per attempt: the last seq and the bytes this commit adds.
+        let mut staged: HashMap<SeqKey, (u64, u64)> = HashMap::new();
+        let mut written = Vec::with_capacity(batch.len());
+        let total = self.bytes.load(Ordering::Relaxed);
+        for Append { mut event, done } in batch {
+            // The last quarter is for final events: results land while a flood waits.
+            let limit = if is_final(event.phase) {
+                self.max_bytes
+            } else {
+                self.max_bytes / 4 * 3
+            };
+            if total + lines.len() as u64 >= limit {
+                let _ = done.send(Err(AppendError::Full));
+                continue;
+            }
+            let key = seq_key(&event);
+            let (seq, waiting) = match staged.get(&key) {
+                Some(&(seq, bytes)) => (seq, bytes),
+                None => (self.seqs.get(&key).map_or(0, |s| s.seq), 0),
+            };
+            event.seq = seq + 1;
+            let record = Record {
+                id: self.next_id + written.len() as u64,
+                event,
+            };
+            let start = lines.len();
+            if let Err(e) = serde_json::to_writer(&mut *lines, &record) {
+                lines.truncate(start);
+                let _ = done.send(Err(AppendError::Io(e.to_string())));
+                continue;
+            }
+            lines.push(b'\n');
+            let len = (lines.len() - start) as u64;
+            let live = self.live.lock().unwrap().get(&key).copied().unwrap_or(0);
+            if live + waiting + len > self.attempt_max_bytes {
+                lines.truncate(start);
+                let _ = done.send(Err(AppendError::Quota(self.attempt_max_bytes)));
+                continue;
+            }
+            staged.insert(key, (record.event.seq, waiting + len));
+            written.push((done, record.event));
+        }
+        if written.is_empty() {
+            return;
+        }
+        let (file, size) = self.current.as_mut().expect("rotated above");
+        if let Err(e) = file.write_all(lines) {
             // A short write (disk full) leaves a torn line, and a reader stops at a torn line:
             // cut it off, or failing that start a new segment, so later records are read.
             if file.set_len(*size).is_err() {
-                let _ = file.sync_data(); // for the records before it in this group commit
                 self.current = None;
-                self.next_id += 1; // the new segment's name must differ from the torn one's
+                self.next_id += written.len() as u64; // the new segment's name must differ
             }
-            return Err(io(e));
+            for (done, _) in written {
+                let _ = done.send(Err(AppendError::Io(e.to_string())));
+            }
+            return;
         }
-        *size += len;
-        self.bytes.fetch_add(len, Ordering::Relaxed);
-        *self.live.lock().unwrap().entry(key.clone()).or_default() += len;
-        self.next_id += 1;
-        let state = self.seqs.get_mut(&key).expect("entered above");
-        state.seq = record.event.seq;
-        if is_final(record.event.phase) {
-            state.final_at = Some(crate::token::now());
+        *size += lines.len() as u64;
+        self.next_id += written.len() as u64;
+        self.bytes.fetch_add(lines.len() as u64, Ordering::Relaxed);
+        let now = crate::token::now();
+        {
+            let mut live = self.live.lock().unwrap();
+            for (key, (_, bytes)) in &staged {
+                *live.entry(key.clone()).or_default() += bytes;
+            }
         }
-        Ok(record.event)
+        for (key, (seq, _)) in staged {
+            self.seqs.entry(key).or_default().seq = seq;
+        }
+        for (_, event) in &written {
+            if is_final(event.phase) {
+                self.seqs
+                    .get_mut(&seq_key(event))
+                    .expect("staged above")
+                    .final_at = Some(now);
+            }
+        }
+        self.syncs.inc();
+        let synced = file.sync_data().map_err(|e| e.to_string());
+        for (done, event) in written {
+            let _ = done.send(synced.clone().map(|()| event).map_err(AppendError::Io));
+        }
+    }
+
+    /// Starts a segment named by the next record's id, after snapshotting the seqs.
+    fn rotate(&mut self) -> io::Result<()> {
+        self.save_seqs()?;
+        let path = self.dir.join(format!("{:020}.jsonl", self.next_id));
+        let file = OpenOptions::new().create(true).append(true).open(path)?;
+        let size = file.metadata()?.len();
+        self.current = Some((file, size));
+        Ok(())
     }
 
     fn save_seqs(&mut self) -> io::Result<()> {
@@ -428,6 +455,8 @@ pub struct Reader {
     pending: Option<(u64, u64, u64)>,
     /// The last peeked batch's bytes per attempt.
     pending_live: HashMap<SeqKey, u64>,
+    /// `cursor`, opened at the first acknowledgement.
+    cursor_file: Option<File>,
     bytes: Arc<AtomicU64>,
     live: Live,
 }
@@ -440,6 +469,7 @@ impl Reader {
             position: None,
             pending: None,
             pending_live: HashMap::new(),
+            cursor_file: None,
             bytes: outbox.bytes.clone(),
             live: outbox.live.clone(),
         })
@@ -504,9 +534,20 @@ impl Reader {
         // Not fsynced: a cursor lost in a crash only sends delivered events again, which the
         // controller drops as duplicates. Syncing it cost a second fsync per delivery, taken
         // from the journal's group commits on the same disk (and a 4 ms stall of a worker).
-        let tmp = self.dir.join("cursor.tmp");
-        fs::write(&tmp, id.to_string())?;
-        fs::rename(&tmp, self.dir.join("cursor"))?;
+        // Written in place, one fixed-width line in the file's first sector: a crash leaves
+        // the old id, the new one, or an unreadable line (read as 0).
+        let file = match &mut self.cursor_file {
+            Some(file) => file,
+            None => {
+                let file = OpenOptions::new()
+                    .create(true)
+                    .write(true)
+                    .truncate(false)
+                    .open(self.dir.join("cursor"))?;
+                self.cursor_file.insert(file)
+            }
+        };
+        std::os::unix::fs::FileExt::write_all_at(file, format!("{id:020}\n").as_bytes(), 0)?;
         if let Some((first, offset, bytes)) = self.pending.take() {
             self.position = Some((first, offset));
             self.bytes.fetch_sub(bytes, Ordering::Relaxed);
@@ -603,7 +644,10 @@ mod tests {
         let mut reader = Reader::open(&outbox).unwrap();
         assert_eq!(reader.peek(2, 1 << 20).unwrap().len(), 2);
         reader.ack(2).unwrap();
-        assert_eq!(fs::read_to_string(dir.join("cursor")).unwrap(), "2");
+        assert_eq!(
+            fs::read_to_string(dir.join("cursor")).unwrap(),
+            "00000000000000000002\n"
+        );
         drop(reader);
         fs::write(dir.join("cursor"), "").unwrap(); // as a crash may leave an unsynced file
         let seqs: Vec<u64> = Reader::open(&outbox)
