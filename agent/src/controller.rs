@@ -31,6 +31,9 @@ use crate::token::{self, NodeClaims, Secret};
 const BATCH: usize = 500;
 /// What one delivery holds in memory, about twice over (records, then the body).
 const BATCH_BYTES: u64 = 4 << 20;
+/// Under load, one delivery per this interval carries all that was journaled meanwhile: each
+/// delivery costs a request to the controller and a cursor write, whatever its size.
+const DELIVERY_INTERVAL: Duration = Duration::from_millis(5);
 const HEARTBEAT: Duration = Duration::from_secs(10);
 
 /// Where events go.
@@ -233,7 +236,12 @@ pub async fn deliver(
     // After a refused batch: one event at a time, until past the one refused.
     let mut singly = 0usize;
     let refused_file = outbox.dir.with_file_name("refused-events.jsonl");
+    // Paced after a partial batch only: a backlog drains at full speed.
+    let mut next_delivery = tokio::time::Instant::now();
     loop {
+        if next_delivery > tokio::time::Instant::now() {
+            tokio::time::sleep_until(next_delivery).await;
+        }
         let max = if singly > 0 { 1 } else { BATCH };
         let batch = match tokio::task::block_in_place(|| reader.peek(max, BATCH_BYTES)) {
             Ok(batch) => batch,
@@ -283,6 +291,9 @@ pub async fn deliver(
         match sent {
             Ok(delivered) => {
                 metrics.events_delivered.inc_by(delivered);
+                if count < max {
+                    next_delivery = tokio::time::Instant::now() + DELIVERY_INTERVAL;
+                }
                 if let Err(e) = tokio::task::block_in_place(|| reader.ack(last)) {
                     warn!(error = %e, "recording delivery in the journal");
                 }
