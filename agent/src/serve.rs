@@ -129,8 +129,16 @@ pub async fn serve(settings: Settings) -> Result<(), String> {
         metrics.clone(),
         stop.clone(),
     ));
-    tokio::spawn(controller::relay_commands(
-        sink.clone(),
+    // Its own client: a pooled connection answers on the runtime that opened it.
+    let relay = relay_runtime().map_err(|e| format!("cannot start the command relay: {e}"))?;
+    relay.spawn(controller::relay_commands(
+        Sink::new(
+            settings.controller_url.as_deref(),
+            settings.controller_ca.as_deref(),
+            &secret,
+            &settings.node,
+            data.join("events.jsonl"),
+        )?,
         settings.node.clone(),
         commands.clone(),
         stop.clone(),
@@ -204,13 +212,26 @@ pub async fn serve(settings: Settings) -> Result<(), String> {
             );
             continue;
         };
-        let app = app.clone();
-        let service = service_fn(move |req| server::handle(app.clone(), req));
-        let connection = server::http1().serve_connection(TokioIo::new(stream), service);
-        let watched = graceful.watch(connection);
+        let (app, watcher, relay) = (app.clone(), graceful.watcher(), relay.clone());
         tokio::spawn(async move {
-            let _ = watched.await;
-            drop(slot);
+            let serve = async move |stream: tokio::net::TcpStream| {
+                let service = service_fn(move |req| server::handle(app.clone(), req));
+                let connection = server::http1().serve_connection(TokioIo::new(stream), service);
+                let _ = watcher.watch(connection).await;
+                drop(slot);
+            };
+            if !waits_for_commands(&stream).await {
+                return serve(stream).await;
+            }
+            // Moved to the relay's thread: registered with its reactor, not this one's.
+            let Ok(stream) = stream.into_std() else {
+                return;
+            };
+            relay.spawn(async move {
+                if let Ok(stream) = tokio::net::TcpStream::from_std(stream) {
+                    serve(stream).await;
+                }
+            });
         });
     }
 
@@ -237,6 +258,40 @@ pub async fn serve(settings: Settings) -> Result<(), String> {
     }
     info!("stopped");
     Ok(())
+}
+
+/// A thread of its own for commands: the controller's command poll and the tasks' commands
+/// long-polls. On a busy node the API's runtime has hundreds of requests queued; a signal
+/// relayed there would wait behind them all.
+fn relay_runtime() -> std::io::Result<tokio::runtime::Handle> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let handle = runtime.handle().clone();
+    std::thread::Builder::new()
+        .name("relay".into())
+        .spawn(move || runtime.block_on(std::future::pending::<()>()))?;
+    Ok(handle)
+}
+
+/// Whether a new connection's first request is a task's commands long-poll (the emissary
+/// opens one connection per request). Anything else, or nothing within the header timeout,
+/// is served as usual.
+async fn waits_for_commands(stream: &tokio::net::TcpStream) -> bool {
+    let mut head = [0u8; 256];
+    let Ok(Ok(n)) = tokio::time::timeout(server::HEADER_TIMEOUT, stream.peek(&mut head)).await
+    else {
+        return false;
+    };
+    let Some(target) = head[..n]
+        .strip_prefix(b"GET /v1/tasks/")
+        .and_then(|rest| rest.split(|&b| b == b' ').next())
+    else {
+        return false;
+    };
+    let path = target.split(|&b| b == b'?').next().unwrap_or_default();
+    // Cut short by the peek: the target never reached its end, so it is not one.
+    n > 14 + target.len() && path.ends_with(b"/commands")
 }
 
 /// The Kubernetes API client of the Argo adapter: from `--kubeconfig`, else in-cluster when
