@@ -374,7 +374,7 @@ impl Store for Agent {
             // Large chunks: one chunk header and one write per 256 KiB, not per 8 KiB copy.
             let mut upload =
                 std::io::BufWriter::with_capacity(256 * 1024, self.client.put_stream(&path)?);
-            let packed = archive::pack(source, packing, &mut upload).and_then(|_| upload.flush());
+            let packed = archive::pack_unhashed(source, packing, &mut upload);
             if let Err(e) = packed {
                 let (upload, _) = upload.into_parts();
                 if !upload.broken() {

@@ -162,13 +162,28 @@ impl Write for Upload {
         if buf.is_empty() {
             return Ok(0);
         }
-        // One chunk per write: the caller writes in large pieces.
-        let mut frame = format!("{:x}\r\n", buf.len()).into_bytes();
-        frame.extend_from_slice(buf);
-        frame.extend_from_slice(b"\r\n");
-        self.stream
-            .write_all(&frame)
-            .inspect_err(|_| self.broken = true)?;
+        // One chunk per write (the caller writes in large pieces), framed without a copy.
+        let size = format!("{:x}\r\n", buf.len());
+        let mut frame = [
+            io::IoSlice::new(size.as_bytes()),
+            io::IoSlice::new(buf),
+            io::IoSlice::new(b"\r\n"),
+        ];
+        let mut unsent = &mut frame[..];
+        while !unsent.is_empty() {
+            match self.stream.write_vectored(unsent) {
+                Ok(0) => {
+                    self.broken = true;
+                    return Err(io::ErrorKind::WriteZero.into());
+                }
+                Ok(n) => io::IoSlice::advance_slices(&mut unsent, n),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    self.broken = true;
+                    return Err(e);
+                }
+            }
+        }
         Ok(buf.len())
     }
 
