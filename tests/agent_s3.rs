@@ -4,6 +4,8 @@
 use std::io::{Read, Write};
 use std::time::Duration;
 
+use sha2::Digest as _;
+
 use crate::agent_util::*;
 use crate::s3::{self, S3Server};
 use crate::util::*;
@@ -46,6 +48,13 @@ fn artifacts_go_to_s3_in_parts_and_come_back_through_the_node_cache() {
         server.object("emissary/default/wf/gen/0/data.tgz").unwrap() == payload,
         "S3 holds different bytes"
     );
+    // The digest covers the parts in order (each is hashed while the next is received).
+    let sha256: String = sha2::Sha256::digest(&payload)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(stored["sha256"], sha256.as_str());
+    assert_eq!(stored["size"], payload.len());
 
     let consumer = agent.token("wf", "use", 0, "1h");
     let path = "/v1/tasks/use/0/inputs/data?key=emissary/default/wf/gen/0/data.tgz";

@@ -672,7 +672,7 @@ async fn put_s3(
     source: &mut impl Chunks,
     part_buffers: &Arc<Semaphore>,
 ) -> Result<StoredArtifact, StoreError> {
-    let (mut hasher, mut size) = (Sha256::new(), 0u64);
+    let (mut hash, mut size) = (PartHash::default(), 0u64);
     // The part's memory is reserved when its first bytes arrive: a client that connects and
     // sends nothing holds none of the node's budget.
     let mut room = None;
@@ -698,7 +698,6 @@ async fn put_s3(
                 if room.is_none() {
                     room = reserve(part_buffers, parts.len() + upload.in_flight.len()).await?;
                 }
-                hasher.update(chunk);
                 size += chunk.len() as u64;
                 part.extend_from_slice(chunk);
             }
@@ -725,16 +724,17 @@ async fn put_s3(
                 // Parts go up while the next one is received: a few in flight, no more (each
                 // is PART_SIZE of memory).
                 let number = (parts.len() + upload.in_flight.len()) as i32 + 1;
+                // A fresh buffer for the next part: growing the old one would double it.
+                let body =
+                    std::mem::replace(&mut part, BytesMut::with_capacity(PART_SIZE)).freeze();
+                hash.update(body.clone()).await?;
                 let request = client
                     .upload_part()
                     .bucket(bucket)
                     .key(key)
                     .upload_id(id)
                     .part_number(number)
-                    // A fresh buffer for the next part: growing the old one would double it.
-                    .body(ByteStream::from(
-                        std::mem::replace(&mut part, BytesMut::with_capacity(PART_SIZE)).freeze(),
-                    ));
+                    .body(ByteStream::from(body));
                 let key = key.to_owned();
                 let sending = room.take();
                 upload.in_flight.push_back(tokio::spawn(async move {
@@ -779,6 +779,7 @@ async fn put_s3(
             None => {
                 // Small enough for one request.
                 let body: Bytes = part.split().freeze();
+                hash.update(body.clone()).await?;
                 client
                     .put_object()
                     .bucket(bucket)
@@ -792,7 +793,7 @@ async fn put_s3(
         Ok(StoredArtifact {
             key: key.to_owned(),
             size,
-            sha256: hex(&hasher.finalize()),
+            sha256: hash.finish().await?,
         })
     }
     .await;
@@ -828,6 +829,39 @@ impl Drop for MultipartGuard {
         runtime.spawn(async move {
             let _ = request.send().await;
         });
+    }
+}
+
+/// The SHA-256 of an upload, each part hashed on a blocking thread while the next one is
+/// received: hashed inline, on the runtime's thread, the body stalled for it.
+#[derive(Default)]
+struct PartHash {
+    /// The hash of every part so far, once the last one is in.
+    hashing: Option<JoinHandle<Sha256>>,
+}
+
+impl PartHash {
+    async fn take(&mut self) -> Result<Sha256, StoreError> {
+        match self.hashing.take() {
+            Some(hashing) => hashing
+                .await
+                .map_err(|e| StoreError::Failed(format!("hashing the upload: {e}"))),
+            None => Ok(Sha256::new()),
+        }
+    }
+
+    /// Hashes `part` after the parts before it.
+    async fn update(&mut self, part: Bytes) -> Result<(), StoreError> {
+        let mut hasher = self.take().await?;
+        self.hashing = Some(tokio::task::spawn_blocking(move || {
+            hasher.update(&part);
+            hasher
+        }));
+        Ok(())
+    }
+
+    async fn finish(mut self) -> Result<String, StoreError> {
+        Ok(hex(&self.take().await?.finalize()))
     }
 }
 
