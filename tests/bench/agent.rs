@@ -412,8 +412,9 @@ async fn multipart(client: &aws_sdk_s3::Client, file: &Path, key: &str) {
 /// The event journal's ceiling: 1000 tasks long-poll for commands while each also posts
 /// progress events on a connection of its own, open-loop, at rising total rates (each request
 /// has a due time fixed in advance, and its latency counts from then, so a stalled agent
-/// cannot slow the load down and hide it). The ceiling is the highest rate answered in full with p99 ≤ 50 ms; at that rate, a
-/// longer run measures the relay of signals from the controller to the tasks' long-polls.
+/// cannot slow the load down and hide it). The ceiling is the highest rate answered in full
+/// with p99 ≤ 50 ms, in 4 s (one of two tries) and then for 12 s; that run also measures the
+/// relay of signals from the controller to the tasks' long-polls.
 pub fn events(scratch: &Path, report: &mut String) {
     const TASKS: usize = 1000;
     // The gigabytes the groups before wrote are still being written back; the journal's
@@ -436,23 +437,28 @@ pub fn events(scratch: &Path, report: &mut String) {
     for rate in [
         5_000, 10_000, 20_000, 30_000, 40_000, 50_000, 60_000, 80_000, 100_000,
     ] {
-        let (syncs, cpu) = (
-            agent.metric("emissary_agent_journal_syncs_total"),
-            agent.cpu_seconds(),
-        );
-        let step = load.block_on(open_loop(agent.api, &tokens, rate, Duration::from_secs(4)));
-        let fsyncs = agent.metric("emissary_agent_journal_syncs_total") - syncs;
-        let cpu = agent.cpu_seconds() - cpu;
-        eprintln!(
-            "events at {rate}/s: {} of {} answered, p50 {:.1} ms, p99 {:.1} ms, {:.0} events per fsync, agent CPU {:.0} µs per event",
-            step.ok,
-            step.sent,
-            step.p50,
-            step.p99,
-            step.ok as f64 / fsyncs.max(1.0),
-            cpu * 1e6 / step.ok.max(1) as f64
-        );
-        if !step.holds() {
+        // A step that misses runs once more: one fsync stalled 100 ms on this VM's disk
+        // queues enough appends to blow a 4 s step's p99 alone.
+        let holds = (0..2).any(|_| {
+            let (syncs, cpu) = (
+                agent.metric("emissary_agent_journal_syncs_total"),
+                agent.cpu_seconds(),
+            );
+            let step = load.block_on(open_loop(agent.api, &tokens, rate, Duration::from_secs(4)));
+            let fsyncs = agent.metric("emissary_agent_journal_syncs_total") - syncs;
+            let cpu = agent.cpu_seconds() - cpu;
+            eprintln!(
+                "events at {rate}/s: {} of {} answered, p50 {:.1} ms, p99 {:.1} ms, {:.0} events per fsync, agent CPU {:.0} µs per event",
+                step.ok,
+                step.sent,
+                step.p50,
+                step.p99,
+                step.ok as f64 / fsyncs.max(1.0),
+                cpu * 1e6 / step.ok.max(1) as f64
+            );
+            step.holds()
+        });
+        if !holds {
             break;
         }
         held.push(rate);
