@@ -279,19 +279,26 @@ fn relay_runtime() -> std::io::Result<tokio::runtime::Handle> {
 /// is served as usual.
 async fn waits_for_commands(stream: &tokio::net::TcpStream) -> bool {
     let mut head = [0u8; 256];
-    let Ok(Ok(n)) = tokio::time::timeout(server::HEADER_TIMEOUT, stream.peek(&mut head)).await
-    else {
+    match tokio::time::timeout(server::HEADER_TIMEOUT, stream.peek(&mut head)).await {
+        Ok(Ok(n)) => is_commands_poll(&head[..n]),
+        _ => false,
+    }
+}
+
+/// Whether the first bytes of a request are `GET /v1/tasks/TASK/ATTEMPT/commands[?...] `.
+fn is_commands_poll(head: &[u8]) -> bool {
+    let Some(rest) = head.strip_prefix(b"GET /v1/tasks/") else {
         return false;
     };
-    let Some(target) = head[..n]
-        .strip_prefix(b"GET /v1/tasks/")
-        .and_then(|rest| rest.split(|&b| b == b' ').next())
-    else {
+    // A target cut short by the peek, with no space after it, is not taken for one.
+    let Some(end) = rest.iter().position(|&b| b == b' ') else {
         return false;
     };
-    let path = target.split(|&b| b == b'?').next().unwrap_or_default();
-    // Cut short by the peek: the target never reached its end, so it is not one.
-    n > 14 + target.len() && path.ends_with(b"/commands")
+    let path = rest[..end].split(|&b| b == b'?').next().unwrap_or_default();
+    matches!(
+        path.split(|&b| b == b'/').collect::<Vec<_>>()[..],
+        [_, _, b"commands"]
+    )
 }
 
 /// The Kubernetes API client of the Argo adapter: from `--kubeconfig`, else in-cluster when
@@ -342,4 +349,31 @@ fn own_data_dir(dir: &std::path::Path) -> Result<nix::fcntl::Flock<std::fs::File
             other => fail(&other),
         },
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_commands_poll;
+
+    #[test]
+    fn only_a_whole_commands_request_line_goes_to_the_relay() {
+        assert!(is_commands_poll(
+            b"GET /v1/tasks/t1/0/commands?wait=30s&container=main HTTP/1.1\r\n"
+        ));
+        assert!(is_commands_poll(b"GET /v1/tasks/t1/0/commands HTTP/1.1"));
+        for other in [
+            &b"GET /v1/tasks/t1/0/commands?wait=30s"[..], // cut short: maybe /commandsX
+            b"GET /v1/tasks/t1/0/commandsX HTTP/1.1",
+            b"POST /v1/tasks/t1/0/commands HTTP/1.1",
+            b"GET /v1/tasks/t1/0/inputs/commands HTTP/1.1",
+            b"GET /v1/tasks/t1/0/containers/main?wait=5s HTTP/1.1",
+            b"",
+        ] {
+            assert!(
+                !is_commands_poll(other),
+                "{}",
+                String::from_utf8_lossy(other)
+            );
+        }
+    }
 }
