@@ -244,8 +244,8 @@ impl Writer {
             return;
         }
         lines.clear();
-        // Per attempt: the last seq and the bytes this commit adds.
-        let mut staged: HashMap<SeqKey, (u64, u64)> = HashMap::new();
+        // Per attempt: the last seq, the bytes this commit adds, whether one event was final.
+        let mut staged: HashMap<SeqKey, (u64, u64, bool)> = HashMap::new();
         let mut written = Vec::with_capacity(batch.len());
         let total = self.bytes.load(Ordering::Relaxed);
         for Append { mut event, done } in batch {
@@ -260,9 +260,9 @@ impl Writer {
                 continue;
             }
             let key = seq_key(&event);
-            let (seq, waiting) = match staged.get(&key) {
-                Some(&(seq, bytes)) => (seq, bytes),
-                None => (self.seqs.get(&key).map_or(0, |s| s.seq), 0),
+            let (seq, waiting, ended) = match staged.get(&key) {
+                Some(&staged) => staged,
+                None => (self.seqs.get(&key).map_or(0, |s| s.seq), 0, false),
             };
             event.seq = seq + 1;
             let record = Record {
@@ -283,7 +283,8 @@ impl Writer {
                 let _ = done.send(Err(AppendError::Quota(self.attempt_max_bytes)));
                 continue;
             }
-            staged.insert(key, (record.event.seq, waiting + len));
+            let ended = ended || is_final(record.event.phase);
+            staged.insert(key, (record.event.seq, waiting + len, ended));
             written.push((done, record.event));
         }
         if written.is_empty() {
@@ -308,19 +309,15 @@ impl Writer {
         let now = crate::token::now();
         {
             let mut live = self.live.lock().unwrap();
-            for (key, (_, bytes)) in &staged {
+            for (key, (_, bytes, _)) in &staged {
                 *live.entry(key.clone()).or_default() += bytes;
             }
         }
-        for (key, (seq, _)) in staged {
-            self.seqs.entry(key).or_default().seq = seq;
-        }
-        for (_, event) in &written {
-            if is_final(event.phase) {
-                self.seqs
-                    .get_mut(&seq_key(event))
-                    .expect("staged above")
-                    .final_at = Some(now);
+        for (key, (seq, _, ended)) in staged {
+            let state = self.seqs.entry(key).or_default();
+            state.seq = seq;
+            if ended {
+                state.final_at = Some(now);
             }
         }
         self.syncs.inc();
