@@ -836,7 +836,7 @@ impl Drop for MultipartGuard {
 /// received: hashed inline, on the runtime's thread, the body stalled for it.
 #[derive(Default)]
 struct PartHash {
-    /// The hash of every part so far, once the last one is in.
+    /// The parts so far being hashed: a blocking task that hands the hasher back.
     hashing: Option<JoinHandle<Sha256>>,
 }
 
