@@ -235,6 +235,47 @@ fn a_large_input_streams_while_the_node_cache_fills_and_a_reader_leaving_stops_n
 }
 
 #[test]
+fn a_reader_slower_than_the_store_gets_every_byte_from_the_node_cache() {
+    let dir = Dir::new("s3-slow-reader");
+    let server = S3Server::start(&dir.join("s3"), 0);
+    let agent = s3_agent(&dir, &server, &[]);
+    let token = agent.token("wf", "gen", 0, "1h");
+    let auth = bearer(&token);
+    // Far more than the socket buffers hold: the download runs ahead of its reader, whose
+    // bytes then come from the file where the ones handed over directly stopped.
+    let payload = noise(48 << 20, 11);
+    let (status, _) = http(
+        agent.api,
+        "PUT",
+        "/v1/tasks/gen/0/outputs/big",
+        &[("Authorization", &auth)],
+        &payload,
+    );
+    assert_eq!(status, 200);
+    let mut stream = std::net::TcpStream::connect(agent.api).unwrap();
+    write!(
+        stream,
+        "GET /v1/tasks/gen/0/inputs/big?key=emissary/default/wf/gen/0/big HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut answer = Vec::new();
+    let mut chunk = vec![0u8; 64 << 10];
+    loop {
+        let n = stream.read(&mut chunk).unwrap();
+        if n == 0 {
+            break;
+        }
+        answer.extend_from_slice(&chunk[..n]);
+        std::thread::sleep(Duration::from_micros(200)); // still slower than the store
+    }
+    let head = answer.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    assert!(answer.starts_with(b"HTTP/1.1 200"));
+    assert!(answer[head..] == payload[..], "bytes differ");
+    assert_eq!(agent.metric("emissary_agent_store_downloads"), 1.0);
+}
+
+#[test]
 fn an_upload_whose_client_leaves_mid_way_is_aborted_in_the_store() {
     let dir = Dir::new("s3-upload-left");
     let server = S3Server::start(&dir.join("s3"), 0);

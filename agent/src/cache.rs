@@ -14,13 +14,17 @@
 use std::collections::HashMap;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http_body_util::BodyExt;
+use hyper::body::{Body as HttpBody, Frame};
 use sha2::{Digest, Sha256};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
 
 use crate::body::{Body, channel};
 use crate::store::{ObjectMeta, Store, StoreError, hex};
@@ -29,6 +33,9 @@ use crate::store::{ObjectMeta, Store, StoreError, hex};
 const LATEST: &str = "latest";
 /// Downloads are written, and their readers fed, in pieces of this size.
 const PIECE: usize = 256 * 1024;
+/// Pieces queued for the request that started a download, at most: past them it reads the
+/// file instead, and the download does not wait for it.
+const FEED_PIECES: usize = 4;
 
 pub struct Cache {
     dir: PathBuf,
@@ -61,7 +68,7 @@ pub enum Lookup {
     Hit(PathBuf),
     /// Being downloaded, by this request (`started`) or an earlier one: read as it fills, so
     /// the first bytes go out at once however large the object.
-    Filling { fill: Fill, started: bool },
+    Filling { body: Body, started: bool },
     /// Not cached: too many downloads, or too many bytes, are in progress.
     Bypass,
 }
@@ -145,7 +152,7 @@ impl Cache {
         let (fill, started) = {
             let mut downloads = self.downloads.lock().unwrap();
             match downloads.get(&name) {
-                Some(fill) => (fill.clone(), false),
+                Some(fill) => (fill.clone(), None),
                 None if touch(&path) => return Ok(Lookup::Hit(path)), // it just finished
                 None if downloads.len() >= FILLS || {
                     let filling = downloads.values().map(|f| f.size).sum::<u64>() + meta.size;
@@ -167,6 +174,7 @@ impl Cache {
                             StoreError::Failed(format!("node cache {}: {e}", tmp.display()))
                         })?;
                     let (progress, state) = watch::channel(FillState::Opening);
+                    let (feed, fed) = mpsc::channel(FEED_PIECES);
                     let fill = Fill {
                         file: Arc::new(file),
                         state,
@@ -181,9 +189,10 @@ impl Cache {
                         tmp,
                         file: fill.file.clone(),
                         progress,
+                        feed: Some(feed),
                     };
                     tokio::spawn(self.clone().download(download));
-                    (fill, true)
+                    (fill, Some(fed))
                 }
             }
         };
@@ -195,7 +204,20 @@ impl Cache {
         match first {
             Ok(FillState::Failed(e)) => Err(e),
             Err(_) => Err(StoreError::Failed(format!("the download of {key} stopped"))),
-            Ok(_) => Ok(Lookup::Filling { fill, started }),
+            Ok(_) => Ok(Lookup::Filling {
+                started: started.is_some(),
+                body: match started {
+                    Some(fed) => StarterBody {
+                        fed: Some(fed),
+                        ready: Vec::new().into_iter(),
+                        at: 0,
+                        fill,
+                        file: None,
+                    }
+                    .boxed(),
+                    None => fill.body_from(0),
+                },
+            }),
         }
     }
 
@@ -247,8 +269,8 @@ impl Cache {
         }
     }
 
-    async fn download(self: Arc<Self>, d: Download) {
-        let outcome = match self.fetch(&d).await {
+    async fn download(self: Arc<Self>, mut d: Download) {
+        let outcome = match self.fetch(&mut d).await {
             Ok(size) => std::fs::rename(&d.tmp, self.dir.join(&d.name))
                 .map(|()| size)
                 .map_err(|e| StoreError::Failed(format!("node cache {}: {e}", d.tmp.display()))),
@@ -270,7 +292,7 @@ impl Cache {
     }
 
     /// Copies the object into the download's file, publishing how far it got; its size.
-    async fn fetch(&self, d: &Download) -> Result<u64, StoreError> {
+    async fn fetch(&self, d: &mut Download) -> Result<u64, StoreError> {
         let Some((got, mut body)) = d.store.get(&d.key).await? else {
             return Err(StoreError::Failed(format!(
                 "{} vanished from the store",
@@ -282,8 +304,19 @@ impl Cache {
             return Err(changed());
         }
         d.progress.send_replace(FillState::Writing(0));
-        let mut size = 0u64;
-        let mut pending = BytesMut::new();
+        // Received so far, and the piece being gathered (the frames themselves, not a copy).
+        let (mut size, mut piece, mut piece_len) = (0u64, Vec::new(), 0);
+        // The piece being written, on a blocking thread while the next one arrives.
+        let mut writing: Option<JoinHandle<std::io::Result<u64>>> = None;
+        let written = |writing: JoinHandle<std::io::Result<u64>>| async {
+            let at = writing
+                .await
+                .map_err(std::io::Error::other)
+                .and_then(|written| written)
+                .map_err(|e| StoreError::Failed(format!("node cache {}: {e}", d.tmp.display())))?;
+            d.progress.send_replace(FillState::Writing(at));
+            Ok::<_, StoreError>(())
+        };
         loop {
             let frame = body.frame().await;
             let end = frame.is_none();
@@ -291,25 +324,40 @@ impl Cache {
                 let frame = frame
                     .map_err(|e| StoreError::Unavailable(format!("reading {}: {e}", d.key)))?;
                 if let Ok(data) = frame.into_data() {
-                    pending.extend_from_slice(&data);
+                    piece_len += data.len();
+                    piece.push(data);
                 }
             }
-            if pending.len() >= PIECE || (end && !pending.is_empty()) {
-                let piece = pending.split().freeze();
-                let (file, at, len) = (d.file.clone(), size, piece.len() as u64);
-                tokio::task::spawn_blocking(move || file.write_all_at(&piece, at))
-                    .await
-                    .map_err(std::io::Error::other)
-                    .and_then(|written| written)
-                    .map_err(|e| {
-                        StoreError::Failed(format!("node cache {}: {e}", d.tmp.display()))
-                    })?;
-                size += len;
-                d.progress.send_replace(FillState::Writing(size));
+            if piece_len >= PIECE || (end && piece_len > 0) {
+                let piece = std::mem::take(&mut piece);
+                // Full (the client is slower than the store) or gone: it reads the file from
+                // where the feed stopped.
+                if d.feed
+                    .as_ref()
+                    .is_some_and(|feed| feed.try_send(piece.clone()).is_err())
+                {
+                    d.feed = None;
+                }
+                if let Some(writing) = writing.take() {
+                    written(writing).await?;
+                }
+                let (file, mut at) = (d.file.clone(), size);
+                writing = Some(tokio::task::spawn_blocking(move || {
+                    for bytes in &piece {
+                        file.write_all_at(bytes, at)?;
+                        at += bytes.len() as u64;
+                    }
+                    Ok(at)
+                }));
+                size += piece_len as u64;
+                piece_len = 0;
             }
             if end {
                 break;
             }
+        }
+        if let Some(writing) = writing.take() {
+            written(writing).await?;
         }
         if size != d.meta.size {
             return Err(changed());
@@ -370,15 +418,17 @@ struct Download {
     tmp: PathBuf,
     file: Arc<std::fs::File>,
     progress: watch::Sender<FillState>,
+    /// The pieces for the request that started the download, while it keeps up.
+    feed: Option<mpsc::Sender<Vec<Bytes>>>,
 }
 
 impl Fill {
-    /// The object as a response body: what is written so far, then the rest as it lands.
-    pub fn body(&self) -> Body {
+    /// The object from byte `at` as a response body: what is written so far, then the rest
+    /// as it lands.
+    fn body_from(&self, mut at: u64) -> Body {
         let (tx, body) = channel(4);
         let (file, mut state) = (self.file.clone(), self.state.clone());
         tokio::spawn(async move {
-            let mut at = 0u64;
             let mut closed = false;
             loop {
                 let now = state.borrow_and_update().clone();
@@ -418,6 +468,43 @@ impl Fill {
             }
         });
         body
+    }
+}
+
+/// The body of the request that started a download: the pieces as they arrive, with no
+/// read back from the file, while it keeps up; from the file where they stopped (a client
+/// slower than the store, or the end).
+struct StarterBody {
+    fed: Option<mpsc::Receiver<Vec<Bytes>>>,
+    ready: std::vec::IntoIter<Bytes>,
+    /// Bytes handed out so far.
+    at: u64,
+    fill: Fill,
+    file: Option<Body>,
+}
+
+impl HttpBody for StarterBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        let this = &mut *self;
+        loop {
+            if let Some(bytes) = this.ready.next() {
+                this.at += bytes.len() as u64;
+                return Poll::Ready(Some(Ok(Frame::data(bytes))));
+            }
+            let Some(fed) = &mut this.fed else { break };
+            match std::task::ready!(fed.poll_recv(cx)) {
+                Some(piece) => this.ready = piece.into_iter(),
+                None => this.fed = None,
+            }
+        }
+        let (fill, at) = (&this.fill, this.at);
+        Pin::new(this.file.get_or_insert_with(|| fill.body_from(at))).poll_frame(cx)
     }
 }
 

@@ -621,7 +621,7 @@ async fn serve_object(app: &App, store: &Store, key: &str) -> Result<Response<Bo
                             app.metrics.cache_hits.inc();
                             path
                         }
-                        Lookup::Filling { fill, started } => {
+                        Lookup::Filling { body, started } => {
                             if started {
                                 app.metrics.cache_misses.inc();
                                 app.metrics.store_downloads.inc();
@@ -629,7 +629,7 @@ async fn serve_object(app: &App, store: &Store, key: &str) -> Result<Response<Bo
                                 app.metrics.cache_hits.inc();
                             }
                             app.metrics.download_bytes.inc_by(meta.size);
-                            return Ok(octet_stream(meta.size, fill.body()));
+                            return Ok(octet_stream(meta.size, body));
                         }
                     }
                 }

@@ -13,6 +13,7 @@ use aws_sdk_s3::Client;
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use bytes::{Bytes, BytesMut};
+use http_body_util::BodyExt;
 use protocol::api::StoredArtifact;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -488,21 +489,8 @@ impl Store {
                     size: object.content_length().unwrap_or(0).max(0) as u64,
                     etag: object.e_tag().unwrap_or_default().to_owned(),
                 };
-                let (tx, body) = channel(4);
-                let mut stream = object.body;
-                tokio::spawn(async move {
-                    loop {
-                        let chunk = match stream.next().await {
-                            None => break,
-                            Some(Ok(bytes)) => Ok(bytes),
-                            Some(Err(e)) => Err(io::Error::other(e)),
-                        };
-                        let failed = chunk.is_err();
-                        if tx.send(chunk).await.is_err() || failed {
-                            break;
-                        }
-                    }
-                });
+                // Polled where it is read: a task relaying it would cost a hand-off per frame.
+                let body = object.body.into_inner().map_err(io::Error::other).boxed();
                 Ok(Some((meta, body)))
             }
             Store::Http { .. } => {
@@ -510,8 +498,8 @@ impl Store {
                     return Ok(None);
                 };
                 let meta = http_meta(&response);
-                let body = http_body_util::BodyExt::map_err(response.into_body(), io::Error::other);
-                Ok(Some((meta, http_body_util::BodyExt::boxed(body))))
+                let body = response.into_body().map_err(io::Error::other).boxed();
+                Ok(Some((meta, body)))
             }
         }
     }
