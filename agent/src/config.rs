@@ -417,6 +417,7 @@ mod tests {
         .resolve()
         .unwrap_err();
         assert!(err.contains("inline-limit"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
@@ -435,6 +436,7 @@ mod tests {
         .unwrap();
         assert_eq!(s.node, "from-file");
         assert!(s.store.starts_with("file:///"), "{}", s.store);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
