@@ -169,10 +169,18 @@ pub fn token(data: &[u8]) {
 /// delivery end, and deliver no more records than it has lines.
 pub fn journal(data: &[u8]) {
     // A directory per input: the last input's journal writer may still be finishing in its own.
+    // The ones before are removed, and one whose removal raced its writer is tried again later.
     static RUNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    static LEFT: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
     let run = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let _ = fs::remove_dir_all(scratch_path(&format!("journal-{}", run.wrapping_sub(2))));
     let dir = scratch(&format!("journal-{run}"));
+    {
+        let mut left = LEFT.lock().unwrap();
+        let last = left.pop();
+        left.retain(|old| fs::remove_dir_all(old).is_err() && old.exists());
+        left.extend(last);
+        left.push(dir.clone());
+    }
     fs::write(dir.join("00000000000000000001.jsonl"), data).unwrap();
     let outbox = Outbox::open(&dir, 1 << 30, 1 << 30).expect("a journal that does not open");
     let mut reader = Reader::open(&outbox).unwrap();
