@@ -171,7 +171,7 @@ async fn route(
         if req.method() != Method::POST {
             return ("argo-login", Ok(method_not_allowed(&Method::POST, &path)));
         }
-        return ("argo-login", argo_login(app, &req).await);
+        return ("argo-login", Box::pin(argo_login(app, &req)).await);
     }
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     let ["v1", "tasks", task, attempt, rest @ ..] = segments.as_slice() else {
@@ -221,25 +221,30 @@ async fn route(
         // How a sibling ended stays worth asking after the result (a sidecar waits on main).
         let mut entered = app.attempts.enter(&claims, route == "containers")?;
         let argo = match &claims.pod {
-            Some(pod) => Some(argo_of(app)?.pod(pod).await?),
+            Some(pod) => Some(Box::pin(argo_of(app)?.pod(pod)).await?),
             None => None,
         };
         let entered = &mut entered;
+        // Every request's future is as large as its largest arm, and is moved into place per
+        // request: the transfers and the Argo calls (kilobytes of state) are boxed, the
+        // frequent small events are not.
         match (route, argo) {
             ("start", None) => start(app, &claims, entered, req).await,
             ("start", Some(_)) => Ok(json_response(StatusCode::OK, &serde_json::json!({}))),
             ("progress", None) => progress(app, &claims, entered, req).await,
-            ("progress", Some(pod)) => argo_progress(app, &pod, entered, req).await,
-            ("result", None) => result(app, &claims, entered, req).await,
-            ("result", Some(pod)) => argo_result(app, &claims, &pod, entered, req).await,
-            ("inputs", None) => input(app, &claims, &req, rest[1]).await,
-            ("inputs", Some(pod)) => argo_input(app, &pod, rest[1]).await,
-            ("outputs", None) => output(app, &claims, entered, req, &rest[1..].join("/")).await,
-            ("outputs", Some(pod)) => {
-                argo_output(app, &pod, entered, req, &rest[1..].join("/")).await
+            ("progress", Some(pod)) => Box::pin(argo_progress(app, &pod, entered, req)).await,
+            ("result", None) => Box::pin(result(app, &claims, entered, req)).await,
+            ("result", Some(pod)) => Box::pin(argo_result(app, &claims, &pod, entered, req)).await,
+            ("inputs", None) => Box::pin(input(app, &claims, &req, rest[1])).await,
+            ("inputs", Some(pod)) => Box::pin(argo_input(app, &pod, rest[1])).await,
+            ("outputs", None) => {
+                Box::pin(output(app, &claims, entered, req, &rest[1..].join("/"))).await
             }
-            ("containers", _) => container_exit(app, &claims, &req, rest[1]).await,
-            _ => commands(app, &claims, entered, &req).await,
+            ("outputs", Some(pod)) => {
+                Box::pin(argo_output(app, &pod, entered, req, &rest[1..].join("/"))).await
+            }
+            ("containers", _) => Box::pin(container_exit(app, &claims, &req, rest[1])).await,
+            _ => Box::pin(commands(app, &claims, entered, &req)).await,
         }
     }
     .await;
