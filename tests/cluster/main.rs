@@ -4,7 +4,8 @@
 //! emissary-cluster up [--dir DIR] [--ready-file FILE] [--keep]
 //!     etcd + kube-apiserver (from CLUSTER_BIN, `tests/cluster/build.sh`), a test kubelet
 //!     for node emissary-node-1 and its scheduler; runs until SIGTERM or Ctrl-C, then stops
-//!     every container, the API server and etcd, and removes DIR (unless --keep).
+//!     every container, the API server and etcd, and removes DIR, FILE and DIR.log (unless
+//!     --keep).
 //! emissary-cluster shim SPEC
 //!     starts one container (the kubelet's runtime; see runtime.rs).
 //! emissary-cluster netns PORT -- CMD ARGS...
@@ -181,6 +182,10 @@ fn up(args: &[String]) -> Result<(), String> {
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     if !options.keep {
         let _ = std::fs::remove_dir_all(&options.dir);
+        if let Some(path) = &options.ready_file {
+            let _ = std::fs::remove_file(path);
+        }
+        let _ = std::fs::remove_file(cluster::log_path(&options.dir));
     }
     Ok(())
 }

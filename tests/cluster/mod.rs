@@ -61,6 +61,12 @@ fn env_dir(var: &str, default: &str) -> PathBuf {
 
 static SHARED: OnceLock<Cluster> = OnceLock::new();
 
+/// Where the test harness writes the log of `emissary-cluster up --dir DIR`: beside DIR, and
+/// removed with it (unless `--keep`).
+pub fn log_path(dir: &Path) -> PathBuf {
+    dir.with_extension("log")
+}
+
 impl Cluster {
     /// The cluster every test of this process shares, started on first use by running
     /// `binary up` (the `emissary-cluster` binary). It stops when this process exits; with
@@ -74,7 +80,7 @@ impl Cluster {
         let dir = std::env::temp_dir().join(format!("emissary-cluster-{}", std::process::id()));
         let ready_file = dir.with_extension("ready.json");
         let _ = std::fs::remove_file(&ready_file);
-        let log = dir.with_extension("log");
+        let log = log_path(&dir);
         let mut cmd = Command::new(binary);
         cmd.arg("up")
             .arg("--dir")
