@@ -168,6 +168,31 @@ fn concurrent_requests_for_one_input_download_it_once() {
     assert_eq!(agent.metric("emissary_agent_store_downloads"), 1.0);
 }
 
+/// Stores `payload` as task gen/0's output `big`, then asks for it as an input on a connection
+/// of its own, read at the caller's pace; when it was asked.
+fn store_then_ask(
+    agent: &Agent,
+    auth: &str,
+    payload: &[u8],
+) -> (std::net::TcpStream, std::time::Instant) {
+    let (status, _) = http(
+        agent.api,
+        "PUT",
+        "/v1/tasks/gen/0/outputs/big",
+        &[("Authorization", auth)],
+        payload,
+    );
+    assert_eq!(status, 200);
+    let asked = std::time::Instant::now();
+    let mut stream = std::net::TcpStream::connect(agent.api).unwrap();
+    write!(
+        stream,
+        "GET /v1/tasks/gen/0/inputs/big?key=emissary/default/wf/gen/0/big HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    (stream, asked)
+}
+
 #[test]
 fn a_large_input_streams_while_the_node_cache_fills_and_a_reader_leaving_stops_nothing() {
     let dir = Dir::new("s3-fill");
@@ -176,23 +201,8 @@ fn a_large_input_streams_while_the_node_cache_fills_and_a_reader_leaving_stops_n
     let token = agent.token("wf", "gen", 0, "1h");
     let auth = bearer(&token);
     let payload = noise(8 << 20, 9);
-    let (status, _) = http(
-        agent.api,
-        "PUT",
-        "/v1/tasks/gen/0/outputs/big",
-        &[("Authorization", &auth)],
-        &payload,
-    );
-    assert_eq!(status, 200);
-
     // The store needs ~4 s to send it: the answer must start long before.
-    let asked = std::time::Instant::now();
-    let mut stream = std::net::TcpStream::connect(agent.api).unwrap();
-    write!(
-        stream,
-        "GET /v1/tasks/gen/0/inputs/big?key=emissary/default/wf/gen/0/big HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\n\r\n"
-    )
-    .unwrap();
+    let (mut stream, asked) = store_then_ask(&agent, &auth, &payload);
     let mut first = [0u8; 12];
     stream.read_exact(&mut first).unwrap();
     assert_eq!(&first, b"HTTP/1.1 200");
@@ -244,20 +254,7 @@ fn a_reader_slower_than_the_store_gets_every_byte_from_the_node_cache() {
     // Far more than the socket buffers hold: the download runs ahead of its reader, whose
     // bytes then come from the file where the ones handed over directly stopped.
     let payload = noise(48 << 20, 11);
-    let (status, _) = http(
-        agent.api,
-        "PUT",
-        "/v1/tasks/gen/0/outputs/big",
-        &[("Authorization", &auth)],
-        &payload,
-    );
-    assert_eq!(status, 200);
-    let mut stream = std::net::TcpStream::connect(agent.api).unwrap();
-    write!(
-        stream,
-        "GET /v1/tasks/gen/0/inputs/big?key=emissary/default/wf/gen/0/big HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
+    let (mut stream, _) = store_then_ask(&agent, &auth, &payload);
     std::thread::sleep(Duration::from_millis(1500));
     let mut answer = Vec::new();
     let mut chunk = vec![0u8; 64 << 10];
