@@ -243,8 +243,8 @@ async fn route(
             ("outputs", Some(pod)) => {
                 Box::pin(argo_output(app, &pod, entered, req, &rest[1..].join("/"))).await
             }
-            ("containers", _) => Box::pin(container_exit(app, &claims, &req, rest[1])).await,
-            _ => Box::pin(commands(app, &claims, entered, &req)).await,
+            ("containers", _) => container_exit(app, &claims, &req, rest[1]).await,
+            _ => commands(app, &claims, entered, &req).await,
         }
     }
     .await;
