@@ -204,6 +204,9 @@ pub async fn serve(settings: Settings) -> Result<(), String> {
                 continue;
             }
         };
+        // An answer goes out whole at once: Nagle would hold one written while the one
+        // before is unacknowledged (a pipelining client), until its delayed ACK, 40 ms.
+        let _ = stream.set_nodelay(true);
         // Past the bound a connection is closed at once: each costs buffers and a task.
         let Ok(slot) = connections.clone().try_acquire_owned() else {
             warn!(
