@@ -103,16 +103,7 @@ impl Agent {
 
     /// CPU seconds the agent has used (user + system).
     fn cpu_seconds(&self) -> f64 {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap();
-        // Fields after the command name (which may hold spaces) ends with ')'.
-        let fields: Vec<&str> = stat
-            .rsplit_once(')')
-            .unwrap()
-            .1
-            .split_whitespace()
-            .collect();
-        let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
-        ticks / 100.0 // USER_HZ
+        cpu_seconds(&self.child.id().to_string())
     }
 
     /// The agent's own peak RSS so far, MB.
@@ -444,21 +435,24 @@ pub fn events(scratch: &Path, report: &mut String) {
         // A step that misses runs once more: one fsync stalled 100 ms on this VM's disk
         // queues enough appends to blow a 4 s step's p99 alone.
         let holds = (0..2).any(|_| {
-            let (syncs, cpu) = (
+            let (syncs, cpu, load_cpu) = (
                 agent.metric("emissary_agent_journal_syncs_total"),
                 agent.cpu_seconds(),
+                cpu_seconds("self"),
             );
             let step = load.block_on(open_loop(agent.api, &tokens, rate, Duration::from_secs(4)));
             let fsyncs = agent.metric("emissary_agent_journal_syncs_total") - syncs;
             let cpu = agent.cpu_seconds() - cpu;
+            let load_cpu = cpu_seconds("self") - load_cpu;
             eprintln!(
-                "events at {rate}/s: {} of {} answered, p50 {:.1} ms, p99 {:.1} ms, {:.0} events per fsync, agent CPU {:.0} µs per event",
+                "events at {rate}/s: {} of {} answered, p50 {:.1} ms, p99 {:.1} ms, {:.0} events per fsync, CPU per event: agent {:.0} µs, load generator and controller {:.0} µs",
                 step.ok,
                 step.sent,
                 step.p50,
                 step.p99,
                 step.ok as f64 / fsyncs.max(1.0),
-                cpu * 1e6 / step.ok.max(1) as f64
+                cpu * 1e6 / step.ok.max(1) as f64,
+                load_cpu * 1e6 / step.ok.max(1) as f64
             );
             step.holds()
         });
@@ -539,6 +533,20 @@ pub fn events(scratch: &Path, report: &mut String) {
     .unwrap();
     drop(controller);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// User and system CPU seconds of process `pid` ("self" for this one) so far.
+fn cpu_seconds(pid: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which may hold spaces) ends with ')'.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    ticks / 100.0 // USER_HZ
 }
 
 /// One long-poll at a time per task, for the whole benchmark; each command's arrival is
