@@ -18,7 +18,7 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use protocol::api::{Command, EventBatch, Heartbeat, NodeCommands, TaskRef};
+use protocol::api::{Command, Heartbeat, NodeCommands, TaskRef};
 use tokio::sync::watch;
 use tokio_rustls::rustls;
 use tracing::{debug, info, warn};
@@ -263,12 +263,14 @@ pub async fn deliver(
             continue;
         }
         let (last, count) = (batch.last().expect("not empty").id, batch.len());
-        let events: Vec<_> = batch.into_iter().map(|r| r.event).collect();
-        let sent = match send(&sink, &node, events.clone()).await {
+        let events: Vec<Bytes> = batch.into_iter().map(|r| r.event).collect();
+        let sent = match send(&sink, &node, &events).await {
             Err(e) if e.refused_content() && count == 1 => {
-                let event = &events[0];
+                let event: serde_json::Value =
+                    serde_json::from_slice(&events[0]).unwrap_or_default();
                 warn!(
-                    error = %e, task = %event.task_id, attempt = event.attempt, seq = event.seq,
+                    error = %e, task = event["task_id"].as_str().unwrap_or_default(),
+                    attempt = event["attempt"].as_u64(), seq = event["seq"].as_u64(),
                     file = %refused_file.display(),
                     "the controller refuses this event: set aside, so the others go on"
                 );
@@ -315,11 +317,11 @@ pub async fn deliver(
     }
 }
 
-/// Appends `events` to `path` as JSON lines, fsynced.
-fn append_lines(path: &Path, events: &[protocol::api::Event]) -> Result<(), String> {
-    let mut lines = Vec::new();
+/// Appends `events` (JSON each) to `path` as lines, fsynced.
+fn append_lines(path: &Path, events: &[Bytes]) -> Result<(), String> {
+    let mut lines = Vec::with_capacity(events.iter().map(|e| e.len() + 1).sum());
     for event in events {
-        serde_json::to_writer(&mut lines, event).map_err(|e| e.to_string())?;
+        lines.extend_from_slice(event);
         lines.push(b'\n');
     }
     let mut file = std::fs::OpenOptions::new()
@@ -332,15 +334,12 @@ fn append_lines(path: &Path, events: &[protocol::api::Event]) -> Result<(), Stri
         .map_err(|e| format!("{}: {e}", path.display()))
 }
 
-async fn send(
-    sink: &Sink,
-    node: &str,
-    events: Vec<protocol::api::Event>,
-) -> Result<u64, SendError> {
+/// Sends `events` (JSON each) to the sink.
+async fn send(sink: &Sink, node: &str, events: &[Bytes]) -> Result<u64, SendError> {
     let count = events.len() as u64;
     match sink {
         Sink::File(path) => {
-            let path = path.clone();
+            let (path, events) = (path.clone(), events.to_vec());
             tokio::task::spawn_blocking(move || append_lines(&path, &events))
                 .await
                 .map_err(|e| SendError::new(e.to_string()))?
@@ -348,11 +347,19 @@ async fn send(
             Ok(count)
         }
         Sink::Controller(controller) => {
-            let body = serde_json::to_vec(&EventBatch {
-                node: node.to_owned(),
-                events,
-            })
-            .map_err(|e| SendError::new(e.to_string()))?;
+            // An `EventBatch`, of events that are JSON already.
+            let mut body =
+                Vec::with_capacity(events.iter().map(|e| e.len() + 1).sum::<usize>() + 64);
+            body.extend_from_slice(b"{\"node\":");
+            serde_json::to_writer(&mut body, node).map_err(|e| SendError::new(e.to_string()))?;
+            body.extend_from_slice(b",\"events\":[");
+            for (i, event) in events.iter().enumerate() {
+                if i > 0 {
+                    body.push(b',');
+                }
+                body.extend_from_slice(event);
+            }
+            body.extend_from_slice(b"]}");
             controller
                 .send(
                     hyper::Method::POST,

@@ -7,6 +7,8 @@
 //! half-written last line is ignored on restart, records after the cursor are sent again (the
 //! controller deduplicates by `(workflow, task_id, attempt, seq)`), and `seq` never repeats.
 //! Records and `seqs.json` are fsynced; the cursor is not (a stale one only repeats events).
+//! What was committed lately is also kept in memory, bounded, so that delivery sends it without
+//! reading it back from disk and parsing it again.
 //!
 //! Full journal (`--journal-max-bytes`): new events are refused with 503 and the emissary
 //! retries with backoff; nothing is ever dropped to make room. One task cannot fill it for the
@@ -14,13 +16,14 @@
 //! and the last quarter is kept for final events, so results still land while starts and
 //! progress wait.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use bytes::Bytes;
 use prometheus_client::metrics::counter::Counter;
 use protocol::api::{Event, Phase};
 use serde::{Deserialize, Serialize};
@@ -31,6 +34,8 @@ use tracing::warn;
 const SEGMENT_BYTES: u64 = 8 << 20;
 /// Attempts whose last event was final are forgotten from the seq map after this long.
 const SEQ_RETENTION_SECS: u64 = 7 * 24 * 3600;
+/// Committed lines kept in memory for delivery; past it, delivery reads them from the segments.
+const TAIL_BYTES: u64 = 4 << 20;
 
 /// One journal line.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -65,7 +70,43 @@ impl std::fmt::Display for AppendError {
 
 struct Append {
     event: Event,
-    done: oneshot::Sender<Result<Event, AppendError>>,
+    /// The event's seq, once journaled.
+    done: oneshot::Sender<Result<u64, AppendError>>,
+}
+
+/// A journaled event, as delivery takes it: its record id and its JSON.
+pub struct Journaled {
+    pub id: u64,
+    pub event: Bytes,
+}
+
+/// Records committed lately, in journal order, for delivery to take without reading them back.
+/// Not every record passes through here (past [`TAIL_BYTES`], or from before a restart): the
+/// reader takes an entry only where it starts exactly where the reader stands, else it reads
+/// the segments.
+#[derive(Default)]
+struct Tail {
+    entries: VecDeque<Committed>,
+    bytes: u64,
+}
+
+/// A record of the commit being written: its answer, and where it is in the commit's lines.
+struct Written {
+    done: oneshot::Sender<Result<u64, AppendError>>,
+    seq: u64,
+    key: SeqKey,
+    line: std::ops::Range<usize>,
+    event: std::ops::Range<usize>,
+}
+
+struct Committed {
+    id: u64,
+    /// The segment (its first id) and the line's byte range in it.
+    segment: u64,
+    from: u64,
+    to: u64,
+    key: SeqKey,
+    event: Bytes,
 }
 
 /// The writing side, shared by request handlers.
@@ -78,6 +119,7 @@ pub struct Outbox {
     pub bytes: Arc<AtomicU64>,
     /// The same, per attempt.
     live: Live,
+    tail: Arc<std::sync::Mutex<Tail>>,
     /// Group commits (one fsync each).
     pub syncs: Counter,
     pub dir: PathBuf,
@@ -118,6 +160,7 @@ impl Outbox {
         }
         let bytes = Arc::new(AtomicU64::new(live_bytes));
         let live = Arc::new(std::sync::Mutex::new(live));
+        let tail = Arc::default();
         let appended = Arc::new(Notify::new());
         let (tx, rx) = mpsc::channel(1024);
         let syncs = Counter::default();
@@ -128,6 +171,7 @@ impl Outbox {
             current: None,
             bytes: bytes.clone(),
             live: live.clone(),
+            tail: Arc::clone(&tail),
             max_bytes,
             attempt_max_bytes,
             appended: appended.clone(),
@@ -141,13 +185,14 @@ impl Outbox {
             appended,
             bytes,
             live,
+            tail,
             syncs,
             dir: dir.to_owned(),
         })
     }
 
-    /// Journals `event` (its `seq` is assigned here); returns it once it is on disk.
-    pub async fn append(&self, event: Event) -> Result<Event, AppendError> {
+    /// Journals `event` and returns the `seq` it was given, once it is on disk.
+    pub async fn append(&self, event: Event) -> Result<u64, AppendError> {
         let (done, wait) = oneshot::channel();
         self.tx
             .send(Append { event, done })
@@ -197,9 +242,11 @@ struct Writer {
     dir: PathBuf,
     seqs: HashMap<SeqKey, SeqState>,
     next_id: u64,
-    current: Option<(File, u64)>,
+    /// The segment written to: its file, first id and size.
+    current: Option<(File, u64, u64)>,
     bytes: Arc<AtomicU64>,
     live: Live,
+    tail: Arc<std::sync::Mutex<Tail>>,
     max_bytes: u64,
     attempt_max_bytes: u64,
     appended: Arc<Notify>,
@@ -222,7 +269,7 @@ impl Writer {
             }
             self.appended.notify_one();
         }
-        if let Some((file, _)) = &self.current {
+        if let Some((file, ..)) = &self.current {
             let _ = file.sync_all();
         }
         let _ = self.save_seqs();
@@ -236,7 +283,7 @@ impl Writer {
         let rotate = self
             .current
             .as_ref()
-            .is_none_or(|(_, size)| *size >= SEGMENT_BYTES);
+            .is_none_or(|&(_, _, size)| size >= SEGMENT_BYTES);
         if rotate && let Err(e) = self.rotate() {
             for append in batch {
                 let _ = append.done.send(Err(AppendError::Io(e.to_string())));
@@ -265,17 +312,19 @@ impl Writer {
                 None => (self.seqs.get(&key).map_or(0, |s| s.seq), 0, false),
             };
             event.seq = seq + 1;
-            let record = Record {
-                id: self.next_id + written.len() as u64,
-                event,
-            };
+            // A `Record`, written so that the event's own JSON is known to be
+            // `lines[start + prefix..end]`.
+            let id = self.next_id + written.len() as u64;
             let start = lines.len();
-            if let Err(e) = serde_json::to_writer(&mut *lines, &record) {
+            write!(lines, "{{\"id\":{id},\"event\":").expect("writing to memory");
+            let event_start = lines.len();
+            if let Err(e) = serde_json::to_writer(&mut *lines, &event) {
                 lines.truncate(start);
                 let _ = done.send(Err(AppendError::Io(e.to_string())));
                 continue;
             }
-            lines.push(b'\n');
+            let end = lines.len();
+            lines.extend_from_slice(b"}\n");
             let len = (lines.len() - start) as u64;
             let live = self.live.lock().unwrap().get(&key).copied().unwrap_or(0);
             if live + waiting + len > self.attempt_max_bytes {
@@ -283,14 +332,20 @@ impl Writer {
                 let _ = done.send(Err(AppendError::Quota(self.attempt_max_bytes)));
                 continue;
             }
-            let ended = ended || is_final(record.event.phase);
-            staged.insert(key, (record.event.seq, waiting + len, ended));
-            written.push((done, record.event));
+            let ended = ended || is_final(event.phase);
+            staged.insert(key.clone(), (event.seq, waiting + len, ended));
+            written.push(Written {
+                done,
+                seq: event.seq,
+                key,
+                line: start..lines.len(),
+                event: event_start..end,
+            });
         }
         if written.is_empty() {
             return;
         }
-        let (file, size) = self.current.as_mut().expect("rotated above");
+        let (file, segment, size) = self.current.as_mut().expect("rotated above");
         if let Err(e) = file.write_all(lines) {
             // A short write (disk full) leaves a torn line, and a reader stops at a torn line:
             // cut it off, or failing that start a new segment, so later records are read.
@@ -298,11 +353,12 @@ impl Writer {
                 self.current = None;
                 self.next_id += written.len() as u64; // the new segment's name must differ
             }
-            for (done, _) in written {
+            for Written { done, .. } in written {
                 let _ = done.send(Err(AppendError::Io(e.to_string())));
             }
             return;
         }
+        let (segment, offset) = (*segment, *size);
         *size += lines.len() as u64;
         self.next_id += written.len() as u64;
         self.bytes.fetch_add(lines.len() as u64, Ordering::Relaxed);
@@ -322,8 +378,33 @@ impl Writer {
         }
         self.syncs.inc();
         let synced = file.sync_data().map_err(|e| e.to_string());
-        for (done, event) in written {
-            let _ = done.send(synced.clone().map(|()| event).map_err(AppendError::Io));
+        if synced.is_ok() {
+            self.keep(lines, segment, offset, &mut written);
+        }
+        for Written { done, seq, .. } in written {
+            let _ = done.send(synced.clone().map(|()| seq).map_err(AppendError::Io));
+        }
+    }
+
+    /// Keeps the records just committed (`lines`, written at `offset` of `segment`) in the
+    /// tail, if it has room for them all (a partial commit there would only be read again).
+    fn keep(&self, lines: &[u8], segment: u64, offset: u64, written: &mut [Written]) {
+        let mut tail = self.tail.lock().unwrap();
+        if tail.bytes + lines.len() as u64 > TAIL_BYTES {
+            return;
+        }
+        tail.bytes += lines.len() as u64;
+        let shared = Bytes::copy_from_slice(lines);
+        let first_id = self.next_id - written.len() as u64;
+        for (id, record) in (first_id..).zip(written) {
+            tail.entries.push_back(Committed {
+                id,
+                segment,
+                from: offset + record.line.start as u64,
+                to: offset + record.line.end as u64,
+                key: std::mem::take(&mut record.key),
+                event: shared.slice(record.event.clone()),
+            });
         }
     }
 
@@ -333,7 +414,7 @@ impl Writer {
         let path = self.dir.join(format!("{:020}.jsonl", self.next_id));
         let file = OpenOptions::new().create(true).append(true).open(path)?;
         let size = file.metadata()?.len();
-        self.current = Some((file, size));
+        self.current = Some((file, self.next_id, size));
         Ok(())
     }
 
@@ -456,6 +537,7 @@ pub struct Reader {
     cursor_file: Option<File>,
     bytes: Arc<AtomicU64>,
     live: Live,
+    tail: Arc<std::sync::Mutex<Tail>>,
 }
 
 impl Reader {
@@ -469,15 +551,19 @@ impl Reader {
             cursor_file: None,
             bytes: outbox.bytes.clone(),
             live: outbox.live.clone(),
+            tail: outbox.tail.clone(),
         })
     }
 
     /// Up to `max` records after the cursor, and no more than `max_bytes` of them unless one
     /// alone is larger (without consuming them).
-    pub fn peek(&mut self, max: usize, max_bytes: u64) -> io::Result<Vec<Record>> {
+    pub fn peek(&mut self, max: usize, max_bytes: u64) -> io::Result<Vec<Journaled>> {
+        self.pending_live.clear();
+        if let Some(records) = self.peek_tail(max, max_bytes) {
+            return Ok(records);
+        }
         let mut records = Vec::new();
         let mut bytes = 0u64;
-        self.pending_live.clear();
         let mut end = self.position;
         let segments = segments(&self.dir)?;
         let start = match self.position {
@@ -515,7 +601,14 @@ impl Reader {
                 };
                 bytes += n as u64;
                 *self.pending_live.entry(seq_key(&record.event)).or_default() += n as u64;
-                records.push(record);
+                // Serialized again rather than sliced: a line from an older agent reads
+                // with defaults that its text lacks.
+                records.push(Journaled {
+                    id: record.id,
+                    event: serde_json::to_vec(&record.event)
+                        .map_err(io::Error::other)?
+                        .into(),
+                });
                 if records.len() >= max {
                     break 'segments;
                 }
@@ -523,6 +616,32 @@ impl Reader {
         }
         self.pending = end.map(|(first, offset)| (first, offset, bytes));
         Ok(records)
+    }
+
+    /// [`Reader::peek`] from the tail, if the next record is there.
+    fn peek_tail(&mut self, max: usize, max_bytes: u64) -> Option<Vec<Journaled>> {
+        let (segment, mut offset) = self.position?;
+        let tail = self.tail.lock().unwrap();
+        let first = tail
+            .entries
+            .iter()
+            .position(|c| c.segment == segment && c.from == offset)?;
+        let (mut records, mut bytes) = (Vec::new(), 0);
+        for c in tail.entries.range(first..) {
+            let len = c.to - c.from;
+            let next = c.segment == segment && c.from == offset;
+            if !next || records.len() >= max || (!records.is_empty() && bytes + len > max_bytes) {
+                break;
+            }
+            (offset, bytes) = (c.to, bytes + len);
+            *self.pending_live.entry(c.key.clone()).or_default() += len;
+            records.push(Journaled {
+                id: c.id,
+                event: c.event.clone(),
+            });
+        }
+        self.pending = Some((segment, offset, bytes));
+        Some(records)
     }
 
     /// Marks everything up to `id` delivered; drops segments wholly delivered.
@@ -545,6 +664,18 @@ impl Reader {
             }
         };
         std::os::unix::fs::FileExt::write_all_at(file, format!("{id:020}\n").as_bytes(), 0)?;
+        {
+            let mut tail = self.tail.lock().unwrap();
+            while let Some(len) = tail
+                .entries
+                .front()
+                .filter(|c| c.id <= id)
+                .map(|c| c.to - c.from)
+            {
+                tail.bytes -= len;
+                tail.entries.pop_front();
+            }
+        }
         if let Some((first, offset, bytes)) = self.pending.take() {
             self.position = Some((first, offset));
             self.bytes.fetch_sub(bytes, Ordering::Relaxed);
@@ -586,6 +717,13 @@ mod tests {
         ) + "\n"
     }
 
+    fn events(batch: Vec<Journaled>) -> Vec<Event> {
+        batch
+            .iter()
+            .map(|j| serde_json::from_slice(&j.event).unwrap())
+            .collect()
+    }
+
     fn event(workflow: &str) -> Event {
         serde_json::from_value(serde_json::json!({
             "workflow": workflow, "task_id": "t", "attempt": 0, "seq": 0, "phase": "Running",
@@ -608,15 +746,13 @@ mod tests {
         fs::write(dir.join("seqs.json"), r#"[["gone",0,{"seq":7}]]"#).unwrap();
         let outbox = Outbox::open(&dir, 1 << 20, 1 << 20).unwrap();
         let appended = outbox.append(event("wf")).await.unwrap();
-        assert_eq!(appended.seq, 1, "a new workflow's attempt counts from 1");
+        assert_eq!(appended, 1, "a new workflow's attempt counts from 1");
         let legacy_again = outbox.append(event("")).await.unwrap();
-        assert_eq!(legacy_again.seq, 4, "the legacy attempt's seq goes on");
+        assert_eq!(legacy_again, 4, "the legacy attempt's seq goes on");
         let mut reader = Reader::open(&outbox).unwrap();
-        let seen: Vec<(String, u64)> = reader
-            .peek(100, 1 << 20)
-            .unwrap()
+        let seen: Vec<(String, u64)> = events(reader.peek(100, 1 << 20).unwrap())
             .into_iter()
-            .map(|r| (r.event.workflow, r.event.seq))
+            .map(|e| (e.workflow, e.seq))
             .collect();
         assert_eq!(
             seen,
@@ -627,6 +763,50 @@ mod tests {
                 ("wf".into(), 1),
                 (String::new(), 4)
             ]
+        );
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn delivery_reads_the_same_records_from_memory_as_from_the_segments() {
+        let dir = journal_dir("tail");
+        let outbox = Outbox::open(&dir, 1 << 30, 1 << 30).unwrap();
+        // The second event is larger than the tail holds and fills its segment: the third
+        // starts a new one.
+        let mut large = event("wf");
+        large.progress = Some("x".repeat(SEGMENT_BYTES as usize));
+        for e in [event("wf"), large, event("wf"), event("wf")] {
+            outbox.append(e).await.unwrap();
+        }
+        let ids = |reader: &Reader| -> Vec<u64> {
+            let tail = reader.tail.lock().unwrap();
+            tail.entries.iter().map(|c| c.id).collect()
+        };
+        // What a reader of the segments alone sends (a reader starts there).
+        let from_segments = Reader::open(&outbox).unwrap().peek(10, 1 << 30).unwrap();
+        let mut reader = Reader::open(&outbox).unwrap();
+        assert_eq!(ids(&reader), [1, 3, 4], "in memory: what fits");
+        assert_eq!(segments(&dir).unwrap().len(), 2);
+        let mut delivered = Vec::new();
+        for _ in 0..4 {
+            // One at a time: from the segments (1, the large 2, 3 across the new segment's
+            // start), then from memory (4).
+            let batch = reader.peek(1, 1 << 30).unwrap();
+            assert_eq!(batch.len(), 1);
+            reader.ack(batch[0].id).unwrap();
+            delivered.extend(batch);
+        }
+        assert!(ids(&reader).is_empty(), "acknowledged, forgotten");
+        assert!(reader.peek(10, 1 << 30).unwrap().is_empty());
+        let same = delivered.len() == from_segments.len()
+            && delivered
+                .iter()
+                .zip(&from_segments)
+                .all(|(a, b)| a.id == b.id && a.event == b.event);
+        assert!(same, "the records differ from the segments' byte for byte");
+        assert_eq!(
+            events(delivered).iter().map(|e| e.seq).collect::<Vec<_>>(),
+            [1, 2, 3, 4]
         );
         let _ = fs::remove_dir_all(&dir);
     }
@@ -647,12 +827,9 @@ mod tests {
         );
         drop(reader);
         fs::write(dir.join("cursor"), "").unwrap(); // as a crash may leave an unsynced file
-        let seqs: Vec<u64> = Reader::open(&outbox)
-            .unwrap()
-            .peek(100, 1 << 20)
-            .unwrap()
+        let seqs: Vec<u64> = events(Reader::open(&outbox).unwrap().peek(100, 1 << 20).unwrap())
             .iter()
-            .map(|r| r.event.seq)
+            .map(|e| e.seq)
             .collect();
         assert_eq!(seqs, [1, 2, 3], "every journaled event, again");
         let _ = fs::remove_dir_all(&dir);

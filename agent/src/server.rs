@@ -359,11 +359,11 @@ fn event(app: &App, claims: &Claims, phase: Phase) -> Event {
 }
 
 async fn journal(app: &App, event: Event) -> Result<Response<Body>, Refusal> {
-    let event = app.outbox.append(event).await?;
+    let seq = app.outbox.append(event).await?;
     app.metrics.events_appended.inc();
     Ok(json_response(
         StatusCode::OK,
-        &serde_json::json!({ "seq": event.seq }),
+        &serde_json::json!({ "seq": seq }),
     ))
 }
 
