@@ -172,6 +172,7 @@ impl Outbox {
             bytes: bytes.clone(),
             live: live.clone(),
             tail: Arc::clone(&tail),
+            staged: HashMap::new(),
             max_bytes,
             attempt_max_bytes,
             appended: appended.clone(),
@@ -247,6 +248,9 @@ struct Writer {
     bytes: Arc<AtomicU64>,
     live: Live,
     tail: Arc<std::sync::Mutex<Tail>>,
+    /// Per attempt in the commit being written: the last seq, the bytes it adds, whether one
+    /// of its events was final. Kept between commits for its capacity.
+    staged: HashMap<SeqKey, (u64, u64, bool)>,
     max_bytes: u64,
     attempt_max_bytes: u64,
     appended: Arc<Notify>,
@@ -291,8 +295,8 @@ impl Writer {
             return;
         }
         lines.clear();
-        // Per attempt: the last seq, the bytes this commit adds, whether one event was final.
-        let mut staged: HashMap<SeqKey, (u64, u64, bool)> = HashMap::new();
+        let mut staged = std::mem::take(&mut self.staged);
+        staged.clear();
         let mut written = Vec::with_capacity(batch.len());
         let total = self.bytes.load(Ordering::Relaxed);
         for Append { mut event, done } in batch {
@@ -365,17 +369,23 @@ impl Writer {
         let now = crate::token::now();
         {
             let mut live = self.live.lock().unwrap();
-            for (key, (_, bytes, _)) in &staged {
-                *live.entry(key.clone()).or_default() += bytes;
+            for (key, &(_, bytes, _)) in &staged {
+                match live.get_mut(key) {
+                    Some(waiting) => *waiting += bytes,
+                    None => {
+                        live.insert(key.clone(), bytes);
+                    }
+                }
             }
         }
-        for (key, (seq, _, ended)) in staged {
+        for (key, (seq, _, ended)) in staged.drain() {
             let state = self.seqs.entry(key).or_default();
             state.seq = seq;
             if ended {
                 state.final_at = Some(now);
             }
         }
+        self.staged = staged; // its capacity, for the next commit
         self.syncs.inc();
         let synced = file.sync_data().map_err(|e| e.to_string());
         if synced.is_ok() {
