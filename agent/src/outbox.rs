@@ -316,8 +316,8 @@ impl Writer {
                 None => (self.seqs.get(&key).map_or(0, |s| s.seq), 0, false),
             };
             event.seq = seq + 1;
-            // A `Record`, written so that the event's own JSON is known to be
-            // `lines[start + prefix..end]`.
+            // A `Record`, written by hand so that the event's own JSON is known to be
+            // `lines[event_start..end]` (the tail keeps it for delivery).
             let id = self.next_id + written.len() as u64;
             let start = lines.len();
             write!(lines, "{{\"id\":{id},\"event\":").expect("writing to memory");
