@@ -120,6 +120,7 @@ pub struct Outbox {
     /// The same, per attempt.
     live: Live,
     tail: Arc<std::sync::Mutex<Tail>>,
+    durable: Durable,
     /// Group commits (one fsync each).
     pub syncs: Counter,
     pub dir: PathBuf,
@@ -127,6 +128,10 @@ pub struct Outbox {
 
 /// Undelivered bytes per attempt.
 type Live = Arc<std::sync::Mutex<HashMap<SeqKey, u64>>>;
+
+/// Where the records fsynced by this agent end: (segment first id, size). Segments before it
+/// are synced whole, those after it not yet at all; `None` before the first commit.
+type Durable = Arc<std::sync::Mutex<Option<(u64, u64)>>>;
 
 impl Outbox {
     /// Opens (or recovers) the journal in `dir` and starts its writer thread.
@@ -161,6 +166,7 @@ impl Outbox {
         let bytes = Arc::new(AtomicU64::new(live_bytes));
         let live = Arc::new(std::sync::Mutex::new(live));
         let tail = Arc::default();
+        let durable = Durable::default();
         let appended = Arc::new(Notify::new());
         let (tx, rx) = mpsc::channel(1024);
         let syncs = Counter::default();
@@ -172,6 +178,7 @@ impl Outbox {
             bytes: bytes.clone(),
             live: live.clone(),
             tail: Arc::clone(&tail),
+            durable: Arc::clone(&durable),
             staged: HashMap::new(),
             max_bytes,
             attempt_max_bytes,
@@ -187,6 +194,7 @@ impl Outbox {
             bytes,
             live,
             tail,
+            durable,
             syncs,
             dir: dir.to_owned(),
         })
@@ -248,6 +256,7 @@ struct Writer {
     bytes: Arc<AtomicU64>,
     live: Live,
     tail: Arc<std::sync::Mutex<Tail>>,
+    durable: Durable,
     /// Per attempt in the commit being written: the last seq, the bytes it adds, whether one
     /// of its events was final. Kept between commits for its capacity.
     staged: HashMap<SeqKey, (u64, u64, bool)>,
@@ -389,6 +398,7 @@ impl Writer {
         self.syncs.inc();
         let synced = file.sync_data().map_err(|e| e.to_string());
         if synced.is_ok() {
+            *self.durable.lock().unwrap() = Some((segment, offset + lines.len() as u64));
             self.keep(lines, segment, offset, &mut written);
         }
         for Written { done, seq, .. } in written {
@@ -548,6 +558,7 @@ pub struct Reader {
     bytes: Arc<AtomicU64>,
     live: Live,
     tail: Arc<std::sync::Mutex<Tail>>,
+    durable: Durable,
 }
 
 impl Reader {
@@ -562,6 +573,7 @@ impl Reader {
             bytes: outbox.bytes.clone(),
             live: outbox.live.clone(),
             tail: outbox.tail.clone(),
+            durable: outbox.durable.clone(),
         })
     }
 
@@ -583,7 +595,15 @@ impl Reader {
                 .unwrap_or(0),
             None => 0,
         };
+        // Only what is fsynced: a record delivered and then lost in a crash would have its seq
+        // given again, to another event, which the controller would drop as a duplicate.
+        let durable = *self.durable.lock().unwrap();
         'segments: for segment in &segments[start..] {
+            let limit = match durable {
+                Some((first, _)) if segment.first_id > first => break,
+                Some((first, offset)) if segment.first_id == first => offset,
+                _ => u64::MAX,
+            };
             let mut offset = match self.position {
                 Some((first, offset)) if first == segment.first_id => offset,
                 _ => 0,
@@ -595,8 +615,8 @@ impl Reader {
             loop {
                 line.clear();
                 let n = reader.read_until(b'\n', &mut line)?;
-                if n == 0 || !line.ends_with(b"\n") {
-                    break; // the end, or a line still being written
+                if n == 0 || !line.ends_with(b"\n") || offset + n as u64 > limit {
+                    break; // the end, or a line still being written or synced
                 }
                 let record = serde_json::from_slice::<Record>(&line)
                     .ok() // not a record: skipped (at open too)
@@ -817,6 +837,35 @@ mod tests {
         assert_eq!(
             events(delivered).iter().map(|e| e.seq).collect::<Vec<_>>(),
             [1, 2, 3, 4]
+        );
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn delivery_reads_no_record_before_it_is_fsynced() {
+        let dir = journal_dir("durable");
+        let outbox = Outbox::open(&dir, 1 << 30, 1 << 30).unwrap();
+        for _ in 0..2 {
+            outbox.append(event("wf")).await.unwrap();
+        }
+        let segment = segments(&dir).unwrap().remove(0);
+        let text = fs::read_to_string(&segment.path).unwrap();
+        let synced = *outbox.durable.lock().unwrap();
+        assert_eq!(synced, Some((segment.first_id, text.len() as u64)));
+        // As if the second record were written but its fsync not done, and a segment begun
+        // after it: delivery, reading the segments, sees the first record only.
+        let first_line = text.find('\n').unwrap() as u64 + 1;
+        *outbox.durable.lock().unwrap() = Some((segment.first_id, first_line));
+        fs::write(dir.join(format!("{:020}.jsonl", 3)), legacy_line(3, 3)).unwrap();
+        let ids = |batch: Vec<Journaled>| batch.iter().map(|j| j.id).collect::<Vec<_>>();
+        assert_eq!(
+            ids(Reader::open(&outbox).unwrap().peek(10, 1 << 30).unwrap()),
+            [1]
+        );
+        *outbox.durable.lock().unwrap() = Some((3, 1 << 20));
+        assert_eq!(
+            ids(Reader::open(&outbox).unwrap().peek(10, 1 << 30).unwrap()),
+            [1, 2, 3]
         );
         let _ = fs::remove_dir_all(&dir);
     }
