@@ -128,8 +128,9 @@ impl Attempts {
             // The map grows only here, so expired attempts are forgotten here.
             state.live.retain(|_, u| u.exp > now || u.requests > 0);
             state.closed.retain(|_, exp| *exp > now);
+            state.live.insert(id.clone(), Usage::default());
         }
-        let usage = state.live.entry(id.clone()).or_default();
+        let usage = state.live.get_mut(&id).expect("inserted above");
         usage.exp = usage.exp.max(claims.exp);
         if usage.requests >= REQUESTS {
             return Err(Denied(
@@ -147,7 +148,11 @@ impl Attempts {
 
     fn with<T>(&self, id: &str, f: impl FnOnce(&mut Usage) -> T) -> T {
         let mut state = self.state.lock().unwrap();
-        f(state.live.entry(id.to_owned()).or_default())
+        // Looked up before the key is copied: called twice per request, nearly always found.
+        match state.live.get_mut(id) {
+            Some(usage) => f(usage),
+            None => f(state.live.entry(id.to_owned()).or_default()),
+        }
     }
 }
 
