@@ -37,11 +37,11 @@ const SEQ_RETENTION_SECS: u64 = 7 * 24 * 3600;
 /// Committed lines kept in memory for delivery; past it, delivery reads them from the segments.
 const TAIL_BYTES: u64 = 4 << 20;
 
-/// One journal line.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Record {
-    pub id: u64,
-    pub event: Event,
+/// One journal line, as read back (`Writer::commit` writes it by hand, in this shape).
+#[derive(Deserialize)]
+struct Record {
+    id: u64,
+    event: Event,
 }
 
 /// Why an append was refused.
