@@ -35,6 +35,24 @@ impl ControlPlane {
     /// Starts etcd and kube-apiserver from `bin` (`build.sh OUT k8s`) with their state in `dir`.
     /// The error names the component that failed and shows its log's tail.
     pub fn start(bin: &Path, dir: &Path, node: &str) -> Result<ControlPlane, String> {
+        // Their ports are found free a moment before they bind them: another process may
+        // take one in between, and the server exits. Everything starts again, twice at most.
+        let mut tries = 0;
+        loop {
+            match ControlPlane::start_once(bin, dir, node) {
+                Err(e) if e.contains("address already in use") && tries < 2 => {
+                    tries += 1;
+                    eprintln!(
+                        "a control-plane server lost its port to another process: starting again"
+                    );
+                    fs::remove_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+                }
+                started => return started,
+            }
+        }
+    }
+
+    fn start_once(bin: &Path, dir: &Path, node: &str) -> Result<ControlPlane, String> {
         let pki = dir.join("pki");
         fs::create_dir_all(&pki).map_err(|e| format!("{}: {e}", pki.display()))?;
         let write = |name: &str, text: &str| -> Result<PathBuf, String> {

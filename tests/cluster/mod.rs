@@ -72,21 +72,7 @@ impl Cluster {
     /// `binary up` (the `emissary-cluster` binary). It stops when this process exits; with
     /// `EMISSARY_CLUSTER_KEEP` set, its directory (logs, pods) is kept.
     pub fn shared(binary: &Path) -> &'static Cluster {
-        SHARED.get_or_init(|| {
-            // Its servers listen on ports found free a moment before; another test may take
-            // one in between (kube-apiserver then exits: "address already in use"). `up`
-            // stops what it started and starts afresh.
-            for _ in 0..2 {
-                match Cluster::start(binary) {
-                    Ok(cluster) => return cluster,
-                    Err(e) if e.contains("address already in use") => {
-                        eprintln!("the test cluster lost a port to another test; starting again")
-                    }
-                    Err(e) => panic!("{e}"),
-                }
-            }
-            Cluster::start(binary).unwrap_or_else(|e| panic!("{e}"))
-        })
+        SHARED.get_or_init(|| Cluster::start(binary).unwrap_or_else(|e| panic!("{e}")))
     }
 
     fn start(binary: &Path) -> Result<Cluster, String> {
