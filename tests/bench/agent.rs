@@ -129,6 +129,13 @@ impl Drop for Agent {
     }
 }
 
+/// Writes back every dirty page of the machine before a timed section: what the section
+/// before it wrote must not slow this one.
+fn settle() {
+    // SAFETY: sync(2) has no preconditions.
+    unsafe { libc::sync() };
+}
+
 /// 1 GiB through emissary → agent → S3 vs the SDK's direct upload of the same file.
 pub fn upload(emissary: &Path, scratch: &Path, report: &mut String) {
     let dir = scratch.join("agent-upload");
@@ -159,6 +166,10 @@ pub fn upload(emissary: &Path, scratch: &Path, report: &mut String) {
     let (mut ours, mut direct, mut multiparts) = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..3 {
         let task = format!("upload-{round}");
+        // Each candidate leaves a gigabyte or two dirty in the page cache (the file, the
+        // stored object, a multipart upload's parts): written back now, not during the next
+        // candidate's turn, whichever runs after the largest writer would pay for it.
+        settle();
         let start = Instant::now();
         let status = Command::new(emissary)
             .args(["run", "--root"])
@@ -172,6 +183,7 @@ pub fn upload(emissary: &Path, scratch: &Path, report: &mut String) {
             .unwrap();
         assert!(status.success(), "the emissary's upload failed");
         ours.push(start.elapsed().as_secs_f64());
+        settle();
         let start = Instant::now();
         runtime.block_on(async {
             let body = aws_sdk_s3::primitives::ByteStream::from_path(&file)
@@ -187,6 +199,7 @@ pub fn upload(emissary: &Path, scratch: &Path, report: &mut String) {
                 .unwrap();
         });
         direct.push(start.elapsed().as_secs_f64());
+        settle();
         let start = Instant::now();
         runtime.block_on(multipart(&client, &file, &format!("multipart/{round}")));
         multiparts.push(start.elapsed().as_secs_f64());
@@ -245,8 +258,7 @@ pub fn download(scratch: &Path, report: &mut String) {
         });
         // The gigabyte just stored is written back now, not during the reads timed next (the
         // cold read writes its own gigabyte into the node cache, behind it).
-        // SAFETY: sync(2) has no preconditions.
-        unsafe { libc::sync() };
+        settle();
         let start = Instant::now();
         let read = runtime.block_on(async {
             let object = client
@@ -414,8 +426,7 @@ pub fn events(scratch: &Path, report: &mut String) {
     const TASKS: usize = 1000;
     // The gigabytes the groups before wrote are still being written back; the journal's
     // fsyncs would queue behind them.
-    // SAFETY: sync(2) has no preconditions.
-    unsafe { libc::sync() };
+    settle();
     let dir = scratch.join("agent-events");
     let controller = Controller::start();
     controller.drop_events();
