@@ -8,6 +8,14 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use emissary_agent::{config, inject, prepare, serve, token, webhook};
 
+/// jemalloc, not glibc's malloc: at 30,000 events/s glibc's malloc, free and fast-bin
+/// consolidation (set off by hyper's read buffers) took ~15 % of the agent's CPU, and its
+/// per-thread arenas held ~140 MB after a 1 GiB upload unless capped, which then faulted every
+/// 8 MiB part in afresh. jemalloc: 22-24 µs of CPU per event instead of 27-31, 50,000 events/s
+/// held, 45 MB after the upload (BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser)]
 #[command(
     name = "emissary-agent",
@@ -101,31 +109,11 @@ struct InjectArgs {
 }
 
 fn main() -> ExitCode {
-    tune_malloc();
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
             eprintln!("emissary-agent: {message}");
             ExitCode::from(1)
-        }
-    }
-}
-
-/// glibc gives every thread that allocates its own arena and raises its mmap threshold each time
-/// a large buffer is freed, so tokio's workers streaming 8 MiB upload parts kept ~140 MB of freed
-/// memory after a 1 GiB upload. Two arenas and a fixed 128 KiB threshold keep the agent near
-/// 37 MB (BENCHMARKS.md) without depending on how it was started; `MALLOC_ARENA_MAX` and
-/// `MALLOC_MMAP_THRESHOLD_` still win when set.
-#[allow(unsafe_code)]
-fn tune_malloc() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    for (variable, parameter, value) in [
-        ("MALLOC_ARENA_MAX", libc::M_ARENA_MAX, 2),
-        ("MALLOC_MMAP_THRESHOLD_", libc::M_MMAP_THRESHOLD, 128 * 1024),
-    ] {
-        if std::env::var_os(variable).is_none() {
-            // SAFETY: mallopt only sets an allocator parameter; no other thread exists yet.
-            unsafe { libc::mallopt(parameter, value) };
         }
     }
 }
