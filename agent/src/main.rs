@@ -9,10 +9,10 @@ use clap::{Parser, Subcommand};
 use emissary_agent::{config, inject, prepare, serve, token, webhook};
 
 /// jemalloc, not glibc's malloc: at 30,000 events/s glibc's malloc, free and fast-bin
-/// consolidation (set off by hyper's read buffers) took ~15 % of the agent's CPU, and its
-/// per-thread arenas held ~140 MB after a 1 GiB upload unless capped, which then faulted every
-/// 8 MiB part in afresh. jemalloc: 22-24 µs of CPU per event instead of 27-31, 50,000 events/s
-/// held, 45 MB after the upload (BENCHMARKS.md).
+/// consolidation (set off by hyper's read buffers) took ~15 % of the agent's CPU, and the caps
+/// that kept its RSS down after large uploads (two arenas, a fixed mmap threshold) made every
+/// 8 MiB upload part a fresh mmap, faulted in page by page. jemalloc: 22-24 µs of CPU per event
+/// instead of 27-31, 50,000 events/s held, 45 MB after a 1 GiB upload (BENCHMARKS.md).
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
