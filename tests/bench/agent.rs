@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use emissary_tests::controller::Controller;
 use emissary_tests::s3::{self, S3Server};
 
-use crate::median;
+use crate::{median, settle};
 
 struct Agent {
     child: Child,
@@ -127,13 +127,6 @@ impl Drop for Agent {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// Writes back every dirty page of the machine before a timed section: what the section
-/// before it wrote must not slow this one.
-fn settle() {
-    // SAFETY: sync(2) has no preconditions.
-    unsafe { libc::sync() };
 }
 
 /// 1 GiB through emissary → agent → S3 vs the SDK's direct upload of the same file.
