@@ -76,7 +76,7 @@ pub async fn serve(settings: Settings) -> Result<(), String> {
     let argo = kubernetes(&settings).await?.map(|client| {
         let budget = store
             .part_buffers()
-            .unwrap_or_else(|| Arc::new(tokio::sync::Semaphore::new(crate::store::PARTS_BUDGET)));
+            .unwrap_or_else(crate::store::PartBudget::new);
         Arc::new(Argo::new(client, &settings.node, budget))
     });
     let commands = Arc::new(Commands::default());

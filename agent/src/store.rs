@@ -79,7 +79,7 @@ pub enum Store {
         bucket: String,
         prefix: String,
         /// Shared by every upload: see [`PARTS_BUDGET`].
-        part_buffers: Arc<Semaphore>,
+        part_buffers: Arc<PartBudget>,
     },
     /// Read-only: the key is an `http(s)://` URL (Argo's `http` input artifacts), fetched with
     /// these request headers.
@@ -170,7 +170,7 @@ impl Store {
             endpoint: s3.endpoint.clone().unwrap_or_else(|| "aws".into()),
             bucket: bucket.to_owned(),
             prefix: prefix.trim_matches('/').to_owned(),
-            part_buffers: Arc::new(Semaphore::new(PARTS_BUDGET)),
+            part_buffers: PartBudget::new(),
         })
     }
 
@@ -182,7 +182,7 @@ impl Store {
         region: &str,
         credentials: Option<aws_sdk_s3::config::Credentials>,
         bucket: &str,
-        part_buffers: Arc<Semaphore>,
+        part_buffers: Arc<PartBudget>,
     ) -> Store {
         let mut config = aws_sdk_s3::Config::builder()
             .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
@@ -209,7 +209,7 @@ impl Store {
     }
 
     /// The budget of part buffers this store's uploads draw from (S3 only).
-    pub fn part_buffers(&self) -> Option<Arc<Semaphore>> {
+    pub fn part_buffers(&self) -> Option<Arc<PartBudget>> {
         match self {
             Store::Local { .. } => None,
             Store::S3 { part_buffers, .. } => Some(part_buffers.clone()),
@@ -658,13 +658,13 @@ async fn put_s3(
     bucket: &str,
     key: &str,
     source: &mut impl Chunks,
-    part_buffers: &Arc<Semaphore>,
+    part_buffers: &Arc<PartBudget>,
 ) -> Result<StoredArtifact, StoreError> {
     let (mut hash, mut size) = (PartHash::default(), 0u64);
     // The part's memory is reserved when its first bytes arrive: a client that connects and
     // sends nothing holds none of the node's budget.
     let mut room = None;
-    let mut part = BytesMut::with_capacity(PART_SIZE);
+    let mut part = BytesMut::new();
     // Aborts the multipart upload unless it completes, even if this future is dropped (the
     // client went away while parts were in flight): its parts must not linger in the bucket.
     let mut upload = MultipartGuard {
@@ -682,17 +682,25 @@ async fn put_s3(
                 .await
                 .transpose()
                 .map_err(|e| StoreError::Source(e.to_string()))?;
-            if let Some(chunk) = &chunk {
-                if room.is_none() {
-                    room = reserve(part_buffers, parts.len() + upload.in_flight.len()).await?;
-                }
-                size += chunk.len() as u64;
-                part.extend_from_slice(chunk);
-            }
             let last = chunk.is_none();
-            if part.len() >= part_size(parts.len() + upload.in_flight.len())
-                || (last && upload.id.is_some() && !part.is_empty())
-            {
+            let mut chunk = chunk.unwrap_or_default();
+            size += chunk.len() as u64;
+            // A chunk may end one part and begin the next: each part is exactly its size, so
+            // its buffer never grows (a copy into one twice as large).
+            loop {
+                let started = parts.len() + upload.in_flight.len();
+                let target = part_size(started);
+                if !chunk.is_empty() {
+                    if room.is_none() {
+                        let (buffer, reserved) = part_buffers.reserve(started).await?;
+                        (part, room) = (buffer, Some(reserved));
+                    }
+                    let fits = chunk.len().min(target - part.len());
+                    part.extend_from_slice(&chunk.split_to(fits));
+                }
+                if part.len() < target && !(last && upload.id.is_some() && !part.is_empty()) {
+                    break;
+                }
                 let id = match &upload.id {
                     Some(id) => id.clone(),
                     None => {
@@ -711,10 +719,8 @@ async fn put_s3(
                 };
                 // Parts go up while the next one is received: a few in flight, no more (each
                 // is PART_SIZE of memory).
-                let number = (parts.len() + upload.in_flight.len()) as i32 + 1;
-                // A fresh buffer for the next part: growing the old one would double it.
-                let body =
-                    std::mem::replace(&mut part, BytesMut::with_capacity(PART_SIZE)).freeze();
+                let number = started as i32 + 1;
+                let body = std::mem::take(&mut part).freeze();
                 hash.update(body.clone()).await?;
                 let request = client
                     .upload_part()
@@ -722,15 +728,13 @@ async fn put_s3(
                     .key(key)
                     .upload_id(id)
                     .part_number(number)
-                    .body(ByteStream::from(body));
+                    .body(ByteStream::from(body.clone()));
                 let key = key.to_owned();
-                let sending = room.take();
+                let (budget, room) = (part_buffers.clone(), room.take());
                 upload.in_flight.push_back(tokio::spawn(async move {
-                    let _room = sending; // the part's memory, until it is sent
-                    let sent = request
-                        .send()
-                        .await
-                        .map_err(|e| s3_error("upload part", &key, e))?;
+                    let sent = request.send().await;
+                    budget.give_back(body, room);
+                    let sent = sent.map_err(|e| s3_error("upload part", &key, e))?;
                     Ok(CompletedPart::builder()
                         .part_number(number)
                         .set_e_tag(sent.e_tag().map(str::to_owned))
@@ -853,18 +857,54 @@ impl PartHash {
     }
 }
 
-/// Room for the part after `done` parts in the shared budget, waiting for it if need be.
-async fn reserve(
-    part_buffers: &Arc<Semaphore>,
-    done: usize,
-) -> Result<Option<OwnedSemaphorePermit>, StoreError> {
-    let units = (part_size(done) / PART_SIZE).min(PARTS_BUDGET) as u32;
-    part_buffers
-        .clone()
-        .acquire_many_owned(units)
-        .await
-        .map(Some)
-        .map_err(|e| StoreError::Failed(format!("upload budget: {e}")))
+/// The node's memory for upload parts: [`PARTS_BUDGET`] units of `PART_SIZE` that all uploads
+/// share, and the buffers of parts already sent, kept for the next parts while uploads run. A
+/// fresh 8 MiB buffer is faulted in page by page (jemalloc returns allocations that large to
+/// the kernel when freed): a quarter of the agent's CPU in an upload.
+pub struct PartBudget {
+    units: Arc<Semaphore>,
+    spare: std::sync::Mutex<Vec<BytesMut>>,
+}
+
+impl PartBudget {
+    pub fn new() -> Arc<PartBudget> {
+        Arc::new(PartBudget {
+            units: Arc::new(Semaphore::new(PARTS_BUDGET)),
+            spare: std::sync::Mutex::default(),
+        })
+    }
+
+    /// Room for the part after `done` parts, waiting for it if need be, and a buffer to fill.
+    /// A buffer is only made when none is spare, so buffers never outnumber the units held.
+    async fn reserve(&self, done: usize) -> Result<(BytesMut, OwnedSemaphorePermit), StoreError> {
+        let size = part_size(done);
+        let room = self
+            .units
+            .clone()
+            .acquire_many_owned((size / PART_SIZE).min(PARTS_BUDGET) as u32)
+            .await
+            .map_err(|e| StoreError::Failed(format!("upload budget: {e}")))?;
+        let spare = match size {
+            PART_SIZE => self.spare.lock().unwrap().pop(),
+            _ => None,
+        };
+        Ok((spare.unwrap_or_else(|| BytesMut::with_capacity(size)), room))
+    }
+
+    /// A sent part's buffer and room: the buffer is kept for the next part if nothing else
+    /// refers to it and uploads still run; the last one to finish frees what is kept.
+    fn give_back(&self, buffer: Bytes, room: Option<OwnedSemaphorePermit>) {
+        drop(room);
+        let mut spare = self.spare.lock().unwrap();
+        if self.units.available_permits() == PARTS_BUDGET {
+            spare.clear();
+        } else if buffer.len() == PART_SIZE
+            && let Ok(mut buffer) = buffer.try_into_mut()
+        {
+            buffer.clear();
+            spare.push(buffer);
+        }
+    }
 }
 
 /// The size of the next part after `done` parts: 8 MiB, doubling every 2000 parts, so an

@@ -22,9 +22,8 @@ use std::sync::{Arc, Mutex};
 use hyper::StatusCode;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
 use kube::api::Api;
-use tokio::sync::Semaphore;
 
-use crate::store::Store;
+use crate::store::{PartBudget, Store};
 use crate::token::PodRef;
 use template::{S3, Template};
 
@@ -86,14 +85,14 @@ pub struct Argo {
     pub node: String,
     pods: Mutex<HashMap<String, Arc<ArgoPod>>>,
     stores: Mutex<HashMap<S3, Store>>,
-    part_buffers: Arc<Semaphore>,
+    part_buffers: Arc<PartBudget>,
     /// For `http` input artifacts.
     pub http: crate::store::HttpClient,
     pub shutdowns: Arc<shutdown::Shutdowns>,
 }
 
 impl Argo {
-    pub fn new(client: kube::Client, node: &str, part_buffers: Arc<Semaphore>) -> Argo {
+    pub fn new(client: kube::Client, node: &str, part_buffers: Arc<PartBudget>) -> Argo {
         Argo {
             client,
             node: node.to_owned(),
