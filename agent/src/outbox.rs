@@ -466,10 +466,23 @@ enum SeqEntry {
     Legacy(String, u32, SeqState),
 }
 
+/// Unreadable, the agent does not start: restarting the numbers would reuse some, and the
+/// controller drops an event with a number it has seen as a duplicate.
 fn read_seqs(dir: &Path) -> io::Result<HashMap<SeqKey, SeqState>> {
-    match fs::read(dir.join("seqs.json")) {
+    let path = dir.join("seqs.json");
+    match fs::read(&path) {
         Ok(bytes) => {
-            let list: Vec<SeqEntry> = serde_json::from_slice(&bytes).map_err(io::Error::other)?;
+            let list: Vec<SeqEntry> = serde_json::from_slice(&bytes).map_err(|e| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "{} is unreadable ({e}): it holds each task attempt's last event \
+                         number, so that none is reused (the controller drops a reused one as a \
+                         duplicate). Restore it, or remove it once no task on this node runs",
+                        path.display()
+                    ),
+                )
+            })?;
             Ok(list
                 .into_iter()
                 .map(|entry| match entry {
@@ -760,6 +773,20 @@ mod tests {
             "timestamp": "2026-01-01T00:00:00Z", "node": "n"
         }))
         .unwrap()
+    }
+
+    #[test]
+    fn an_unreadable_seqs_file_stops_the_outbox_and_says_which_and_why() {
+        let dir = journal_dir("bad-seqs");
+        fs::write(dir.join("seqs.json"), "[[\"wf\",").unwrap();
+        let error = Outbox::open(&dir, 1 << 20, 1 << 20).err().expect("opened");
+        let message = error.to_string();
+        assert!(
+            message.contains(&dir.join("seqs.json").display().to_string())
+                && message.contains("reused"),
+            "{message}"
+        );
+        let _ = fs::remove_dir_all(&dir);
     }
 
     #[tokio::test]
