@@ -157,12 +157,15 @@ pub fn upload(emissary: &Path, scratch: &Path, report: &mut String) {
     .to_string();
     let (runtime, client) = sdk(&server);
     let (mut ours, mut direct, mut multiparts) = (Vec::new(), Vec::new(), Vec::new());
+    // CPU seconds per candidate: the agent, the emissary; the SDK's own threads.
+    let (mut agent_cpu, mut emissary_cpu, mut sdk_cpu) = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..5 {
         let task = format!("upload-{round}");
         // Each candidate leaves a gigabyte or two dirty in the page cache (the file, the
         // stored object, a multipart upload's parts): written back now, not during the next
         // candidate's turn, whichever runs after the largest writer would pay for it.
         settle();
+        let cpu = (agent.cpu_seconds(), children_cpu_seconds());
         let start = Instant::now();
         let status = Command::new(emissary)
             .args(["run", "--root"])
@@ -176,6 +179,8 @@ pub fn upload(emissary: &Path, scratch: &Path, report: &mut String) {
             .unwrap();
         assert!(status.success(), "the emissary's upload failed");
         ours.push(start.elapsed().as_secs_f64());
+        agent_cpu.push(agent.cpu_seconds() - cpu.0);
+        emissary_cpu.push(children_cpu_seconds() - cpu.1);
         settle();
         let start = Instant::now();
         runtime.block_on(async {
@@ -193,9 +198,17 @@ pub fn upload(emissary: &Path, scratch: &Path, report: &mut String) {
         });
         direct.push(start.elapsed().as_secs_f64());
         settle();
+        let before = sdk_threads_cpu();
         let start = Instant::now();
         runtime.block_on(multipart(&client, &file, &format!("multipart/{round}")));
         multiparts.push(start.elapsed().as_secs_f64());
+        let after = sdk_threads_cpu();
+        sdk_cpu.push(
+            after
+                .iter()
+                .map(|(tid, t)| t - before.get(tid).unwrap_or(&0.0))
+                .sum(),
+        );
     }
     let mb = size as f64 / 1e6;
     let (ours, direct, multipart) = (
@@ -205,8 +218,11 @@ pub fn upload(emissary: &Path, scratch: &Path, report: &mut String) {
     );
     writeln!(
         report,
-        "| 1 GiB artifact, emissary → agent → S3 (s3s-fs), median of 5 | {ours:.0} MB/s, agent peak RSS {:.1} MB | aws-sdk-s3 direct from the file: `put_object` {direct:.0} MB/s; multipart as the agent does it (8 MiB parts, 3 in flight) {multipart:.0} MB/s | {:.2}× / {:.2}× | ≥ 1.0× of multipart, agent RSS ≤ 64 MB |",
+        "| 1 GiB artifact, emissary → agent → S3 (s3s-fs), median of 5 | {ours:.0} MB/s, agent peak RSS {:.1} MB; CPU: agent {:.2} s, emissary {:.2} s | aws-sdk-s3 direct from the file: `put_object` {direct:.0} MB/s; multipart as the agent does it (8 MiB parts, 3 in flight) {multipart:.0} MB/s, CPU {:.2} s | {:.2}× / {:.2}× | ≥ 1.0× of multipart, agent RSS ≤ 64 MB |",
         agent.peak_rss_mb(),
+        median(agent_cpu),
+        median(emissary_cpu),
+        median(sdk_cpu),
         ours / direct,
         ours / multipart
     )
@@ -321,9 +337,13 @@ fn get_input(api: SocketAddr, token: &str, key: &str) -> u64 {
 
 /// The SDK as the anchors use it (path-style, checksums only where S3 requires them), with a
 /// two-thread runtime to drive it.
+/// The name of the SDK runtime's threads, to tell their CPU time from the S3 server's.
+const SDK_THREADS: &str = "sdk-client";
+
 fn sdk(server: &S3Server) -> (tokio::runtime::Runtime, aws_sdk_s3::Client) {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
+        .thread_name(SDK_THREADS)
         .enable_all()
         .build()
         .unwrap();
@@ -541,7 +561,41 @@ pub fn events(scratch: &Path, report: &mut String) {
 
 /// User and system CPU seconds of process `pid` ("self" for this one) so far.
 fn cpu_seconds(pid: &str) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    stat_cpu_seconds(&std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap())
+}
+
+/// CPU seconds of this process's children that were waited for.
+fn children_cpu_seconds() -> f64 {
+    // SAFETY: getrusage fills the struct it is given.
+    let usage = unsafe {
+        let mut usage = std::mem::zeroed::<libc::rusage>();
+        libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage);
+        usage
+    };
+    let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    seconds(usage.ru_utime) + seconds(usage.ru_stime)
+}
+
+/// CPU seconds so far of each thread that runs the SDK's side of a candidate: the main thread
+/// (`block_on`) and the SDK runtime's workers and blocking threads, by thread id.
+fn sdk_threads_cpu() -> std::collections::HashMap<String, f64> {
+    let main = std::process::id().to_string();
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .flatten()
+        .filter_map(|task| {
+            let tid = task.file_name().to_string_lossy().into_owned();
+            let comm = std::fs::read_to_string(task.path().join("comm")).ok()?;
+            if tid != main && comm.trim_end() != SDK_THREADS {
+                return None;
+            }
+            let stat = std::fs::read_to_string(task.path().join("stat")).ok()?;
+            Some((tid, stat_cpu_seconds(&stat)))
+        })
+        .collect()
+}
+
+fn stat_cpu_seconds(stat: &str) -> f64 {
     // Fields after the command name (which may hold spaces) ends with ')'.
     let fields: Vec<&str> = stat
         .rsplit_once(')')
