@@ -17,14 +17,11 @@ fn a_storm_of_orphans_is_reaped_as_a_subreaper() {
     // On a loaded machine the last sleeps start late and end around now: one seen between its
     // exit and its reaping is no leak. One still there 300 ms later, with no other child
     // exiting to wake the emissary, is.
-    let mut zombies = zombie_children(pid);
-    for _ in 0..15 {
-        if zombies == 0 {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
+    let mut zombies = 0;
+    wait_until(Duration::from_millis(300), || {
         zombies = zombie_children(pid);
-    }
+        zombies == 0
+    });
     let out = running.finish(Duration::from_secs(10));
     out.assert_code(0);
     assert_eq!(zombies, 0, "zombies left under the emissary{}", out.dump());
