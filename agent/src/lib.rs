@@ -9,6 +9,7 @@ pub mod cache;
 pub mod commands;
 pub mod config;
 pub mod controller;
+pub mod digest;
 pub mod inject;
 pub mod metrics;
 pub mod outbox;

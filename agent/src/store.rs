@@ -9,7 +9,11 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use aws_runtime::auth::PayloadSigningOverride;
 use aws_sdk_s3::Client;
+use aws_sdk_s3::config::interceptors::BeforeTransmitInterceptorContextMut;
+use aws_sdk_s3::config::{ConfigBag, Intercept, RuntimeComponents};
+use aws_sdk_s3::error::BoxError;
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use bytes::{Bytes, BytesMut};
@@ -21,6 +25,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::body::{Body, Chunks, channel};
+use crate::digest;
 
 /// How a local upload's temporary file begins: `~` is in no artifact name, so no object's key
 /// can look like one.
@@ -721,7 +726,7 @@ async fn put_s3(
                 // is PART_SIZE of memory).
                 let number = started as i32 + 1;
                 let body = std::mem::take(&mut part).freeze();
-                hash.update(body.clone()).await?;
+                let payload = hash.update(body.clone()).await?;
                 let request = client
                     .upload_part()
                     .bucket(bucket)
@@ -732,9 +737,13 @@ async fn put_s3(
                 let key = key.to_owned();
                 let (budget, room) = (part_buffers.clone(), room.take());
                 upload.in_flight.push_back(tokio::spawn(async move {
-                    let sent = request.send().await;
+                    let sent = match payload.signed().await {
+                        Ok(payload) => (request.customize().interceptor(payload).send().await)
+                            .map_err(|e| s3_error("upload part", &key, e)),
+                        Err(e) => Err(e),
+                    };
                     budget.give_back(body, room);
-                    let sent = sent.map_err(|e| s3_error("upload part", &key, e))?;
+                    let sent = sent?;
                     Ok(CompletedPart::builder()
                         .part_number(number)
                         .set_e_tag(sent.e_tag().map(str::to_owned))
@@ -771,12 +780,14 @@ async fn put_s3(
             None => {
                 // Small enough for one request.
                 let body: Bytes = part.split().freeze();
-                hash.update(body.clone()).await?;
+                let payload = hash.update(body.clone()).await?.signed().await?;
                 client
                     .put_object()
                     .bucket(bucket)
                     .key(key)
                     .body(ByteStream::from(body))
+                    .customize()
+                    .interceptor(payload)
                     .send()
                     .await
                     .map_err(|e| s3_error("put", key, e))?;
@@ -824,36 +835,75 @@ impl Drop for MultipartGuard {
     }
 }
 
-/// The SHA-256 of an upload, each part hashed on a blocking thread while the next one is
-/// received: hashed inline, on the runtime's thread, the body stalled for it.
+/// The SHA-256 of an upload and of each of its parts (which SigV4 signs), hashed in one pass on
+/// a blocking thread while the next part is received: hashed inline, on the runtime's thread,
+/// the body stalled for it.
 #[derive(Default)]
 struct PartHash {
-    /// The parts so far being hashed: a blocking task that hands the hasher back.
-    hashing: Option<JoinHandle<Sha256>>,
+    /// The parts so far being hashed: a blocking task that hands the upload's hash back.
+    hashing: Option<JoinHandle<digest::Sha256>>,
 }
 
 impl PartHash {
-    async fn take(&mut self) -> Result<Sha256, StoreError> {
+    async fn take(&mut self) -> Result<digest::Sha256, StoreError> {
         match self.hashing.take() {
             Some(hashing) => hashing
                 .await
                 .map_err(|e| StoreError::Failed(format!("hashing the upload: {e}"))),
-            None => Ok(Sha256::new()),
+            None => Ok(digest::Sha256::default()),
         }
     }
 
-    /// Hashes `part` after the parts before it.
-    async fn update(&mut self, part: Bytes) -> Result<(), StoreError> {
-        let mut hasher = self.take().await?;
+    /// Hashes `part` after the parts before it; its own hash comes when ready.
+    async fn update(&mut self, part: Bytes) -> Result<PayloadHash, StoreError> {
+        let mut upload = self.take().await?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
         self.hashing = Some(tokio::task::spawn_blocking(move || {
-            hasher.update(&part);
-            hasher
+            let mut own = digest::Sha256::default();
+            digest::update_both(&mut upload, &mut own, &part);
+            let _ = tx.send(hex(&own.finish()));
+            upload
         }));
-        Ok(())
+        Ok(PayloadHash(rx))
     }
 
     async fn finish(mut self) -> Result<String, StoreError> {
-        Ok(hex(&self.take().await?.finalize()))
+        Ok(hex(&self.take().await?.finish()))
+    }
+}
+
+/// A part's SHA-256, on its way from [`PartHash`].
+struct PayloadHash(tokio::sync::oneshot::Receiver<String>);
+
+impl PayloadHash {
+    /// The hash, for the request to sign instead of hashing the body again.
+    async fn signed(self) -> Result<SignedPayload, StoreError> {
+        match self.0.await {
+            Ok(hash) => Ok(SignedPayload(hash)),
+            Err(_) => Err(StoreError::Failed("hashing the upload: stopped".into())),
+        }
+    }
+}
+
+/// Has SigV4 sign a body's SHA-256 computed beforehand.
+#[derive(Debug)]
+struct SignedPayload(String);
+
+impl Intercept for SignedPayload {
+    fn name(&self) -> &'static str {
+        "SignedPayload"
+    }
+
+    fn modify_before_signing(
+        &self,
+        _request: &mut BeforeTransmitInterceptorContextMut<'_>,
+        _components: &RuntimeComponents,
+        config: &mut ConfigBag,
+    ) -> Result<(), BoxError> {
+        config
+            .interceptor_state()
+            .store_put(PayloadSigningOverride::Precomputed(self.0.clone()));
+        Ok(())
     }
 }
 
