@@ -335,11 +335,11 @@ fn get_input(api: SocketAddr, token: &str, key: &str) -> u64 {
     body
 }
 
-/// The SDK as the anchors use it (path-style, checksums only where S3 requires them), with a
-/// two-thread runtime to drive it.
 /// The name of the SDK runtime's threads, to tell their CPU time from the S3 server's.
 const SDK_THREADS: &str = "sdk-client";
 
+/// The SDK as the anchors use it (path-style, checksums only where S3 requires them), with a
+/// two-thread runtime to drive it.
 fn sdk(server: &S3Server) -> (tokio::runtime::Runtime, aws_sdk_s3::Client) {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
