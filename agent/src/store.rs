@@ -735,14 +735,16 @@ async fn put_s3(
                     .part_number(number)
                     .body(ByteStream::from(body.clone()));
                 let key = key.to_owned();
-                let (budget, room) = (part_buffers.clone(), room.take());
+                let room = room.take();
                 upload.in_flight.push_back(tokio::spawn(async move {
                     let sent = match payload.signed().await {
                         Ok(payload) => (request.customize().interceptor(payload).send().await)
                             .map_err(|e| s3_error("upload part", &key, e)),
                         Err(e) => Err(e),
                     };
-                    budget.give_back(body, room);
+                    if let Some(room) = room {
+                        room.give_back(body);
+                    }
                     let sent = sent?;
                     Ok(CompletedPart::builder()
                         .part_number(number)
@@ -926,33 +928,53 @@ impl PartBudget {
 
     /// Room for the part after `done` parts, waiting for it if need be, and a buffer to fill.
     /// A buffer is only made when none is spare, so buffers never outnumber the units held.
-    async fn reserve(&self, done: usize) -> Result<(BytesMut, OwnedSemaphorePermit), StoreError> {
+    async fn reserve(self: &Arc<Self>, done: usize) -> Result<(BytesMut, Room), StoreError> {
         let size = part_size(done);
-        let room = self
+        let permit = self
             .units
             .clone()
             .acquire_many_owned((size / PART_SIZE).min(PARTS_BUDGET) as u32)
             .await
             .map_err(|e| StoreError::Failed(format!("upload budget: {e}")))?;
+        let room = Room {
+            permit: Some(permit),
+            budget: self.clone(),
+        };
         let spare = match size {
             PART_SIZE => self.spare.lock().unwrap().pop(),
             _ => None,
         };
         Ok((spare.unwrap_or_else(|| BytesMut::with_capacity(size)), room))
     }
+}
 
-    /// A sent part's buffer and room: the buffer is kept for the next part if nothing else
-    /// refers to it and uploads still run; the last one to finish frees what is kept.
-    fn give_back(&self, buffer: Bytes, room: Option<OwnedSemaphorePermit>) {
-        drop(room);
-        let mut spare = self.spare.lock().unwrap();
-        if self.units.available_permits() == PARTS_BUDGET {
-            spare.clear();
-        } else if buffer.len() == PART_SIZE
+/// The units of the part budget one part holds. Whichever room is let go of last, by a part
+/// sent or by an upload aborted, frees the spare buffers: no upload runs to use them.
+struct Room {
+    permit: Option<OwnedSemaphorePermit>,
+    budget: Arc<PartBudget>,
+}
+
+impl Room {
+    /// Keeps a sent part's buffer for the next part, if nothing else refers to it.
+    fn give_back(self, buffer: Bytes) {
+        if buffer.len() == PART_SIZE
             && let Ok(mut buffer) = buffer.try_into_mut()
         {
             buffer.clear();
-            spare.push(buffer);
+            self.budget.spare.lock().unwrap().push(buffer);
+        }
+        // Then the room goes: if it was the last, the buffer just kept goes with the rest.
+    }
+}
+
+impl Drop for Room {
+    fn drop(&mut self) {
+        drop(self.permit.take());
+        if self.budget.units.available_permits() == PARTS_BUDGET {
+            // Freed after the lock is let go: a `reserve` may be waiting for it.
+            let freed = std::mem::take(&mut *self.budget.spare.lock().unwrap());
+            drop(freed);
         }
     }
 }
@@ -997,4 +1019,61 @@ fn s3_error<E: std::error::Error + 'static>(
 
 pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sent_part() -> Bytes {
+        let mut part = BytesMut::with_capacity(PART_SIZE);
+        part.resize(PART_SIZE, 7);
+        part.freeze()
+    }
+
+    fn kept(budget: &PartBudget) -> usize {
+        budget.spare.lock().unwrap().len()
+    }
+
+    #[tokio::test]
+    async fn a_sent_part_buffer_is_kept_for_the_next_part_while_uploads_run() {
+        let budget = PartBudget::new();
+        let (_, first) = budget.reserve(0).await.unwrap();
+        let (_, second) = budget.reserve(0).await.unwrap();
+        first.give_back(sent_part());
+        assert_eq!(kept(&budget), 1);
+        let (reused, _third) = budget.reserve(1).await.unwrap();
+        assert!(reused.is_empty() && reused.capacity() >= PART_SIZE);
+        assert_eq!(kept(&budget), 0);
+        drop(second);
+    }
+
+    #[tokio::test]
+    async fn the_last_room_let_go_frees_the_kept_buffers_even_when_an_upload_aborts() {
+        let budget = PartBudget::new();
+        let (_, sent) = budget.reserve(0).await.unwrap();
+        let (_, aborted) = budget.reserve(0).await.unwrap();
+        sent.give_back(sent_part());
+        assert_eq!(kept(&budget), 1);
+        drop(aborted); // a part being filled when its upload was dropped
+        assert_eq!(kept(&budget), 0);
+        assert_eq!(budget.units.available_permits(), PARTS_BUDGET);
+
+        // The last part sent: its own buffer goes too.
+        let (_, last) = budget.reserve(0).await.unwrap();
+        last.give_back(sent_part());
+        assert_eq!(kept(&budget), 0);
+    }
+
+    #[tokio::test]
+    async fn a_buffer_still_referenced_is_not_kept() {
+        let budget = PartBudget::new();
+        let (_, room) = budget.reserve(0).await.unwrap();
+        let (_, _other) = budget.reserve(0).await.unwrap();
+        let part = sent_part();
+        let retried = part.clone(); // the SDK may still hold the body
+        room.give_back(part);
+        assert_eq!(kept(&budget), 0);
+        drop(retried);
+    }
 }
