@@ -47,6 +47,7 @@ pub enum Sink {
 #[derive(Clone)]
 pub struct Controller {
     url: String,
+    connector: HttpsConnector<HttpConnector>,
     client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
     /// Signs the node token every request carries (see `crate::token`).
     secret: Secret,
@@ -78,10 +79,23 @@ impl Sink {
             .wrap_connector(http);
         Ok(Sink::Controller(Box::new(Controller {
             url: url.to_owned(),
-            client: Client::builder(TokioExecutor::new()).build(connector),
+            client: Client::builder(TokioExecutor::new()).build(connector.clone()),
+            connector,
             secret: secret.clone(),
             node: node.to_owned(),
         })))
+    }
+
+    /// The same sink with connections of its own, for another runtime: a pooled connection
+    /// answers on the runtime that opened it.
+    pub fn with_own_connections(&self) -> Sink {
+        match self {
+            Sink::File(path) => Sink::File(path.clone()),
+            Sink::Controller(controller) => Sink::Controller(Box::new(Controller {
+                client: Client::builder(TokioExecutor::new()).build(controller.connector.clone()),
+                ..(**controller).clone()
+            })),
+        }
     }
 }
 

@@ -129,16 +129,9 @@ pub async fn serve(settings: Settings) -> Result<(), String> {
         metrics.clone(),
         stop.clone(),
     ));
-    // Its own client: a pooled connection answers on the runtime that opened it.
     let relay = relay_runtime().map_err(|e| format!("cannot start the command relay: {e}"))?;
     relay.spawn(controller::relay_commands(
-        Sink::new(
-            settings.controller_url.as_deref(),
-            settings.controller_ca.as_deref(),
-            &secret,
-            &settings.node,
-            data.join("events.jsonl"),
-        )?,
+        sink.with_own_connections(),
         settings.node.clone(),
         commands.clone(),
         stop.clone(),
