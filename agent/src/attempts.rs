@@ -49,7 +49,8 @@ struct State {
     closed: HashMap<String, u64>,
     /// Results being recorded: a second one at the same time is refused, not raced.
     closing: HashSet<String>,
-    live: HashMap<String, Usage>,
+    /// Each admitted request holds its attempt's usage itself: no lookup after admission.
+    live: HashMap<String, Arc<Mutex<Usage>>>,
 }
 
 #[derive(Default)]
@@ -123,51 +124,58 @@ impl Attempts {
                 ),
             ));
         }
-        let now = crate::token::now();
-        if !state.live.contains_key(&id) {
-            // The map grows only here, so expired attempts are forgotten here.
-            state.live.retain(|_, u| u.exp > now || u.requests > 0);
-            state.closed.retain(|_, exp| *exp > now);
-            state.live.insert(id.clone(), Usage::default());
+        let usage = match state.live.get(&id) {
+            Some(usage) => usage.clone(),
+            None => {
+                // The map grows only here, so expired attempts are forgotten here.
+                let now = crate::token::now();
+                state
+                    .live
+                    .retain(|_, u| Arc::strong_count(u) > 1 || u.lock().unwrap().exp > now);
+                state.closed.retain(|_, exp| *exp > now);
+                let usage = Arc::new(Mutex::new(Usage::default()));
+                state.live.insert(id.clone(), usage.clone());
+                usage
+            }
+        };
+        drop(state);
+        {
+            let mut usage = usage.lock().unwrap();
+            usage.exp = usage.exp.max(claims.exp);
+            if usage.requests >= REQUESTS {
+                return Err(Denied(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    format!("this task attempt already has {REQUESTS} requests in progress"),
+                ));
+            }
+            usage.requests += 1;
         }
-        let usage = state.live.get_mut(&id).expect("inserted above");
-        usage.exp = usage.exp.max(claims.exp);
-        if usage.requests >= REQUESTS {
-            return Err(Denied(
-                StatusCode::TOO_MANY_REQUESTS,
-                format!("this task attempt already has {REQUESTS} requests in progress"),
-            ));
-        }
-        usage.requests += 1;
         Ok(Entered {
             attempts: self.clone(),
+            usage,
             id,
             upload: false,
         })
-    }
-
-    fn with<T>(&self, id: &str, f: impl FnOnce(&mut Usage) -> T) -> T {
-        let mut state = self.state.lock().unwrap();
-        // Looked up before the key is copied: called twice per request, nearly always found.
-        match state.live.get_mut(id) {
-            Some(usage) => f(usage),
-            None => f(state.live.entry(id.to_owned()).or_default()),
-        }
     }
 }
 
 /// One admitted request.
 pub struct Entered {
     attempts: Arc<Attempts>,
+    usage: Arc<Mutex<Usage>>,
     id: String,
     upload: bool,
 }
 
 impl Entered {
+    fn with<T>(&self, f: impl FnOnce(&mut Usage) -> T) -> T {
+        f(&mut self.usage.lock().unwrap())
+    }
+
     /// Admits `container`: an attempt names a bounded number of them (each keeps state here
     /// and in the command log).
     pub fn container(&self, container: &str) -> Result<(), Denied> {
-        self.attempts.with(&self.id, |usage| {
+        self.with(|usage| {
             if usage.containers.contains(container) {
                 return Ok(());
             }
@@ -184,7 +192,7 @@ impl Entered {
 
     /// Admits a progress report, unless the last came less than [`PROGRESS_INTERVAL`] ago.
     pub fn progress(&self) -> Result<(), Denied> {
-        self.attempts.with(&self.id, |usage| {
+        self.with(|usage| {
             if usage
                 .last_progress
                 .is_some_and(|t| t.elapsed() < PROGRESS_INTERVAL)
@@ -203,7 +211,7 @@ impl Entered {
     /// uploads and object count.
     pub fn upload(&mut self) -> Result<(), Denied> {
         let outputs = self.attempts.quotas.outputs;
-        self.attempts.with(&self.id, |usage| {
+        self.with(|usage| {
             if usage.uploads >= UPLOADS {
                 return Err(Denied(
                     StatusCode::TOO_MANY_REQUESTS,
@@ -227,7 +235,7 @@ impl Entered {
     /// Counts `bytes` more uploaded; an error once the attempt's byte quota is passed.
     pub fn uploaded(&self, bytes: u64) -> Result<(), Denied> {
         let limit = self.attempts.quotas.output_bytes;
-        self.attempts.with(&self.id, |usage| {
+        self.with(|usage| {
             usage.output_bytes += bytes;
             if usage.output_bytes > limit {
                 return Err(Denied(
@@ -260,7 +268,7 @@ impl Entered {
 impl Drop for Entered {
     fn drop(&mut self) {
         let upload = self.upload;
-        self.attempts.with(&self.id, |usage| {
+        self.with(|usage| {
             usage.requests = usage.requests.saturating_sub(1);
             if upload {
                 usage.uploads = usage.uploads.saturating_sub(1);
