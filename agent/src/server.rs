@@ -119,11 +119,14 @@ impl From<AppendError> for Refusal {
 
 fn json_response(status: StatusCode, value: &impl serde::Serialize) -> Response<Body> {
     let bytes = serde_json::to_vec(value).unwrap_or_default();
-    Response::builder()
-        .status(status)
-        .header("content-type", "application/json")
-        .body(full(bytes))
-        .expect("valid response")
+    // Not `Response::builder()`: it parses the header's name, and this is every event's answer.
+    let mut response = Response::new(full(bytes));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    response
 }
 
 /// Serves one request of the emissary API.
