@@ -36,6 +36,11 @@ const SEGMENT_BYTES: u64 = 8 << 20;
 const SEQ_RETENTION_SECS: u64 = 7 * 24 * 3600;
 /// Committed lines kept in memory for delivery; past it, delivery reads them from the segments.
 const TAIL_BYTES: u64 = 4 << 20;
+/// The least time from one commit to the next: appends that come meanwhile wait to share the
+/// next fsync, so a flood makes fewer, larger groups (each fsync and its wake-ups cost the
+/// same CPU whatever the group's size) for at most this much more latency. An append after a
+/// quiet spell is committed at once.
+const COMMIT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(1);
 
 /// One journal line, as read back (`Writer::commit` writes it by hand, in this shape).
 #[derive(Deserialize)]
@@ -271,7 +276,12 @@ impl Writer {
     /// then answers all.
     fn run(mut self, mut rx: mpsc::Receiver<Append>) {
         let mut lines = Vec::new();
+        let mut last_commit: Option<std::time::Instant> = None;
         while let Some(first) = rx.blocking_recv() {
+            if let Some(wait) = last_commit.map(|t| COMMIT_INTERVAL.saturating_sub(t.elapsed())) {
+                std::thread::sleep(wait);
+            }
+            last_commit = Some(std::time::Instant::now());
             let mut batch = vec![first];
             while let Ok(more) = rx.try_recv() {
                 batch.push(more);
