@@ -1,6 +1,8 @@
-//! Test support shared by the black-box scenarios (`main.rs`) and the benchmarks (`bench/`):
+//! Test support shared by the black-box scenarios (`main.rs`), the benchmarks (`bench/`) and the soak (`soak/`):
 //! real servers a test or a benchmark starts on 127.0.0.1 and stops when dropped.
 
+#[path = "support/agent.rs"]
+pub mod agent;
 pub mod cluster;
 #[path = "support/controller.rs"]
 pub mod controller;

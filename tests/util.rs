@@ -12,30 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-/// The emissary under test: `$EMISSARY_BIN` (make test points it at the static release build),
-/// else the workspace's debug build.
-pub fn emissary_bin() -> PathBuf {
-    binary("EMISSARY_BIN", "emissary")
-}
-
-/// The agent under test: `$EMISSARY_AGENT_BIN`, else the workspace's debug build.
-pub fn agent_bin() -> PathBuf {
-    binary("EMISSARY_AGENT_BIN", "emissary-agent")
-}
-
-fn binary(var: &str, name: &str) -> PathBuf {
-    let path = std::env::var_os(var).map(PathBuf::from).unwrap_or_else(|| {
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../target/debug")
-            .join(name)
-    });
-    assert!(
-        path.is_file(),
-        "{} not found: run `cargo build` (or `make test`) first",
-        path.display()
-    );
-    path
-}
+pub use emissary_tests::agent::{agent_bin, emissary_bin};
 
 /// `emissary ARGS...` ready to run.
 pub fn emissary<I, S>(args: I) -> Command

@@ -5,110 +5,51 @@
 use std::fmt::Write as _;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use emissary_tests::agent::Agent;
 use emissary_tests::controller::Controller;
 use emissary_tests::s3::{self, S3Server};
 
 use crate::{median, settle};
 
-struct Agent {
-    child: Child,
-    api: SocketAddr,
-    admin: SocketAddr,
-    secret: PathBuf,
+/// The release agent with the S3 server's credentials.
+fn start_agent(dir: &Path, args: &[&str]) -> Agent {
+    Agent::start_release(
+        dir.to_owned(),
+        args,
+        &[
+            ("AWS_ACCESS_KEY_ID", s3::ACCESS_KEY),
+            ("AWS_SECRET_ACCESS_KEY", s3::SECRET_KEY),
+        ],
+    )
 }
 
-impl Agent {
-    fn start(dir: &Path, args: &[&str]) -> Agent {
-        let bin = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/emissary-agent");
-        std::fs::create_dir_all(dir).unwrap();
-        let secret = dir.join("secret");
-        std::fs::write(&secret, emissary_tests::controller::NODE_SECRET).unwrap();
-        let ready = dir.join("ready.json");
-        let child = Command::new(&bin)
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--admin-listen",
-                "127.0.0.1:0",
-            ])
-            .arg("--data-dir")
-            .arg(dir.join("data"))
-            .arg("--secret-file")
-            .arg(&secret)
-            .arg("--ready-file")
-            .arg(&ready)
-            .args(args)
-            .env("RUST_LOG", "warn")
-            .env("AWS_ACCESS_KEY_ID", s3::ACCESS_KEY)
-            .env("AWS_SECRET_ACCESS_KEY", s3::SECRET_KEY)
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("{}: {e} (make bench builds it)", bin.display()));
-        let until = Instant::now() + Duration::from_secs(20);
-        while !ready.exists() {
-            assert!(Instant::now() < until, "the agent did not start");
-            thread::sleep(Duration::from_millis(20));
-        }
-        let json: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(&ready).unwrap()).unwrap();
-        Agent {
-            child,
-            api: json["api"].as_str().unwrap().parse().unwrap(),
-            admin: json["admin"].as_str().unwrap().parse().unwrap(),
-            secret,
-        }
-    }
-
-    fn token(&self, task: &str) -> String {
-        let bin = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/emissary-agent");
-        let out = Command::new(bin)
-            .args([
-                "token",
-                "--task",
-                task,
-                "--attempt",
-                "0",
-                "--workflow",
-                "bench",
-            ])
-            .arg("--secret-file")
-            .arg(&self.secret)
-            .output()
-            .unwrap();
-        String::from_utf8(out.stdout).unwrap().trim().to_owned()
-    }
-
-    /// The sum of a metric's samples, from the admin port.
-    fn metric(&self, name: &str) -> f64 {
-        let mut stream = TcpStream::connect(self.admin).unwrap();
-        write!(
-            stream,
-            "GET /metrics HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
-        )
-        .unwrap();
-        let mut text = String::new();
-        stream.read_to_string(&mut text).unwrap();
-        text.lines()
-            .filter(|l| l.starts_with(name))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
-    }
-
+/// What the benchmarks read of the agent besides its API.
+trait Measured {
+    /// A token for attempt 0 of `task` in workflow `bench`.
+    fn task_token(&self, task: &str) -> String;
     /// CPU seconds the agent has used (user + system).
-    fn cpu_seconds(&self) -> f64 {
-        cpu_seconds(&self.child.id().to_string())
+    fn cpu_seconds(&self) -> f64;
+    /// The agent's own peak RSS so far, MB.
+    fn peak_rss_mb(&self) -> f64;
+}
+
+impl Measured for Agent {
+    fn task_token(&self, task: &str) -> String {
+        self.token_with(&["--task", task, "--attempt", "0", "--workflow", "bench"])
     }
 
-    /// The agent's own peak RSS so far, MB.
+    fn cpu_seconds(&self) -> f64 {
+        cpu_seconds(&self.pid().to_string())
+    }
+
     fn peak_rss_mb(&self) -> f64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
         let kb: f64 = status
             .lines()
             .find(|l| l.starts_with("VmHWM:"))
@@ -122,19 +63,12 @@ impl Agent {
     }
 }
 
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// 1 GiB through emissary → agent → S3 vs the SDK's direct upload of the same file.
 pub fn upload(emissary: &Path, scratch: &Path, report: &mut String) {
     let dir = scratch.join("agent-upload");
     let server = S3Server::start(&dir.join("s3"), 0);
     let store = format!("s3://{}/bench", s3::BUCKET);
-    let agent = Agent::start(
+    let agent = start_agent(
         &dir.join("agent"),
         &[
             "--store",
@@ -172,7 +106,7 @@ pub fn upload(emissary: &Path, scratch: &Path, report: &mut String) {
             .arg(dir.join(&task))
             .env("EMISSARY_TEMPLATE", &spec)
             .env("EMISSARY_AGENT_ADDR", agent.api.to_string())
-            .env("EMISSARY_TOKEN", agent.token(&task))
+            .env("EMISSARY_TOKEN", agent.task_token(&task))
             .env("EMISSARY_TASK_ID", &task)
             .stdout(Stdio::null())
             .status()
@@ -237,7 +171,7 @@ pub fn upload(emissary: &Path, scratch: &Path, report: &mut String) {
 pub fn download(scratch: &Path, report: &mut String) {
     let dir = scratch.join("agent-download");
     let server = S3Server::start(&dir.join("s3"), 0);
-    let agent = Agent::start(
+    let agent = start_agent(
         &dir.join("agent"),
         &[
             "--store",
@@ -247,7 +181,7 @@ pub fn download(scratch: &Path, report: &mut String) {
             "--s3-path-style",
         ],
     );
-    let token = agent.token("reader");
+    let token = agent.task_token("reader");
     let size: usize = 1 << 30;
     let content: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
     let (runtime, client) = sdk(&server);
@@ -443,8 +377,10 @@ pub fn events(scratch: &Path, report: &mut String) {
     let dir = scratch.join("agent-events");
     let controller = Controller::start();
     controller.drop_events();
-    let agent = Agent::start(&dir.join("agent"), &["--controller-url", &controller.url()]);
-    let tokens: Vec<String> = (0..TASKS).map(|i| agent.token(&format!("t{i}"))).collect();
+    let agent = start_agent(&dir.join("agent"), &["--controller-url", &controller.url()]);
+    let tokens: Vec<String> = (0..TASKS)
+        .map(|i| agent.task_token(&format!("t{i}")))
+        .collect();
     let arrivals = long_polls(&agent, &tokens);
     thread::sleep(Duration::from_secs(2));
 

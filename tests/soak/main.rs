@@ -11,7 +11,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -22,6 +21,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use hmac::Mac;
 use sha2::{Digest, Sha256};
 
+use emissary_tests::agent::Agent;
 use emissary_tests::controller::{Controller, NODE_SECRET};
 use emissary_tests::s3::{self, S3Server};
 use emissary_tests::tmpfs::Tmpfs;
@@ -46,7 +46,7 @@ fn main() {
     let s3 = S3Server::start(&dir.join("s3"), 0);
     let proxy = Proxy::start(s3.addr);
     let mut controller = Controller::start();
-    let agent = Arc::new(Mutex::new(Agent::start(
+    let agent = Arc::new(Mutex::new(start_agent(
         &dir.join("agent"),
         &controller,
         &proxy,
@@ -86,7 +86,7 @@ fn main() {
         let (agent, samples, stop) = (agent.clone(), samples.clone(), stop.clone());
         thread::spawn(move || {
             while !stop.load(Ordering::SeqCst) {
-                let pid = agent.lock().unwrap().child.id();
+                let pid = agent.lock().unwrap().pid();
                 if let Some((rss, fds)) = usage(pid) {
                     let at = started.elapsed().as_secs_f64();
                     samples.lock().unwrap().push((at, rss, fds));
@@ -107,7 +107,7 @@ fn main() {
     while started.elapsed() < run {
         let now = Instant::now();
         if now >= next_kill {
-            agent.lock().unwrap().restart_killed();
+            agent.lock().unwrap().crash_and_restart();
             kills += 1;
             next_kill = now + Duration::from_secs(rng.between(30, 60));
         }
@@ -537,26 +537,11 @@ fn sign(task: &str) -> String {
     )
 }
 
-struct Agent {
-    child: Child,
-    api: SocketAddr,
-    dir: PathBuf,
-    args: Vec<String>,
-}
-
-impl Agent {
-    fn start(dir: &Path, controller: &Controller, proxy: &Proxy) -> Agent {
-        std::fs::write(dir.join("secret"), NODE_SECRET).unwrap();
-        let api = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap();
-        let args = [
-            "serve",
-            "--listen",
-            &api.to_string(),
-            "--admin-listen",
-            "127.0.0.1:0",
+/// The release agent on the S3 server behind `proxy`, delivering to `controller`.
+fn start_agent(dir: &Path, controller: &Controller, proxy: &Proxy) -> Agent {
+    Agent::start_release(
+        dir.to_owned(),
+        &[
             "--controller-url",
             &controller.url(),
             "--store",
@@ -568,62 +553,12 @@ impl Agent {
             "--s3-path-style",
             "--journal-max-bytes",
             "16777216",
-        ]
-        .map(str::to_owned)
-        .to_vec();
-        let agent = Agent {
-            child: spawn(dir, &args),
-            api,
-            dir: dir.to_owned(),
-            args,
-        };
-        agent.wait_ready();
-        agent
-    }
-
-    fn restart_killed(&mut self) {
-        let _ = self.child.kill(); // SIGKILL
-        let _ = self.child.wait();
-        self.child = spawn(&self.dir, &self.args);
-        self.wait_ready();
-    }
-
-    fn wait_ready(&self) {
-        let until = Instant::now() + Duration::from_secs(30);
-        while TcpStream::connect(self.api).is_err() {
-            assert!(Instant::now() < until, "the agent did not come back");
-            thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn spawn(dir: &Path, args: &[String]) -> Child {
-    let bin = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/emissary-agent");
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(dir.join("agent.log"))
-        .unwrap();
-    Command::new(&bin)
-        .args(args)
-        .arg("--data-dir")
-        .arg(dir.join("data"))
-        .arg("--secret-file")
-        .arg(dir.join("secret"))
-        .env("RUST_LOG", "warn")
-        .env("AWS_ACCESS_KEY_ID", s3::ACCESS_KEY)
-        .env("AWS_SECRET_ACCESS_KEY", s3::SECRET_KEY)
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap_or_else(|e| panic!("{}: {e} (make soak builds it)", bin.display()))
+        ],
+        &[
+            ("AWS_ACCESS_KEY_ID", s3::ACCESS_KEY),
+            ("AWS_SECRET_ACCESS_KEY", s3::SECRET_KEY),
+        ],
+    )
 }
 
 #[repr(u8)]
