@@ -272,8 +272,8 @@ struct Writer {
 }
 
 impl Writer {
-    /// Group commit: takes every append waiting, writes them with one write(2), one fsync,
-    /// then answers all.
+    /// Group commit, one per [`COMMIT_INTERVAL`] at most: takes every append waiting, writes
+    /// them with one write(2), one fsync, then answers all.
     fn run(mut self, mut rx: mpsc::Receiver<Append>) {
         let mut lines = Vec::new();
         let mut last_commit: Option<std::time::Instant> = None;
