@@ -1,5 +1,6 @@
-//! Test support shared by the black-box scenarios (`main.rs`), the benchmarks (`bench/`) and the soak (`soak/`):
-//! real servers a test or a benchmark starts on 127.0.0.1 and stops when dropped.
+//! Test support shared by the black-box scenarios (`main.rs`), the benchmarks (`bench/`) and
+//! the soak (`soak/`): the agent, and real servers a test or a benchmark starts on 127.0.0.1
+//! and stops when dropped.
 
 #[path = "support/agent.rs"]
 pub mod agent;
