@@ -44,6 +44,8 @@ pub fn release_agent_bin() -> PathBuf {
     path
 }
 
+/// A running emissary-agent, its data, secret, ready file and log under `dir`; killed when
+/// dropped.
 pub struct Agent {
     pub dir: PathBuf,
     /// The node it serves (`node-1` unless started with [`Agent::start_on`]).
