@@ -7,6 +7,8 @@ pub mod agent;
 pub mod cluster;
 #[path = "support/controller.rs"]
 pub mod controller;
+#[path = "support/process.rs"]
+pub mod process;
 #[path = "support/s3.rs"]
 pub mod s3;
 #[path = "support/tmpfs.rs"]

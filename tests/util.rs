@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-pub use emissary_tests::agent::{agent_bin, emissary_bin};
+pub use emissary_tests::process::{agent_bin, emissary_bin, kill, wait_until};
 
 /// `emissary ARGS...` ready to run.
 pub fn emissary<I, S>(args: I) -> Command
@@ -257,12 +257,6 @@ fn wait_collecting(
     (status, stdout.join().unwrap(), stderr.join().unwrap())
 }
 
-/// Sends `signal` to `pid`.
-pub fn kill(pid: u32, signal: i32) {
-    // SAFETY: kill(2) has no memory-safety preconditions.
-    unsafe { libc::kill(pid as i32, signal) };
-}
-
 /// The state letter of `pid` in /proc (R, S, T, Z...), or None if it is gone.
 pub fn proc_state(pid: u32) -> Option<char> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -327,18 +321,6 @@ pub fn zombie_children(pid: u32) -> usize {
         }
     }
     zombies
-}
-
-/// Polls `condition` every 5 ms until it holds or `limit` passes.
-pub fn wait_until(limit: Duration, mut condition: impl FnMut() -> bool) -> bool {
-    let until = Instant::now() + limit;
-    while Instant::now() < until {
-        if condition() {
-            return true;
-        }
-        thread::sleep(Duration::from_millis(5));
-    }
-    condition()
 }
 
 /// Deterministic pseudo-random bytes (xorshift), so byte-exactness tests need no crate.

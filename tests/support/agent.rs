@@ -6,43 +6,9 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-/// The emissary under test: `$EMISSARY_BIN` (make test points it at the static release build),
-/// else the workspace's debug build.
-pub fn emissary_bin() -> PathBuf {
-    binary("EMISSARY_BIN", "emissary")
-}
-
-/// The agent under test: `$EMISSARY_AGENT_BIN`, else the workspace's debug build.
-pub fn agent_bin() -> PathBuf {
-    binary("EMISSARY_AGENT_BIN", "emissary-agent")
-}
-
-fn binary(var: &str, name: &str) -> PathBuf {
-    let path = std::env::var_os(var).map(PathBuf::from).unwrap_or_else(|| {
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../target/debug")
-            .join(name)
-    });
-    assert!(
-        path.is_file(),
-        "{} not found: run `cargo build` (or `make test`) first",
-        path.display()
-    );
-    path
-}
-
-/// The release agent the benchmarks and the soak measure (`make bench` builds it).
-pub fn release_agent_bin() -> PathBuf {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/emissary-agent");
-    assert!(
-        path.is_file(),
-        "{} not found: `make bench` (or `make soak`) builds it",
-        path.display()
-    );
-    path
-}
+use crate::process::{agent_bin, kill, release_agent_bin, wait_until};
 
 /// A running emissary-agent, its data, secret, ready file and log under `dir`; killed when
 /// dropped.
@@ -140,11 +106,7 @@ impl Agent {
             .spawn()
             .unwrap();
         self.child = Some(child);
-        let until = Instant::now() + Duration::from_secs(20);
-        while !ready.exists() && Instant::now() < until {
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        let started = ready.exists();
+        let started = wait_until(Duration::from_secs(20), || ready.exists());
         assert!(
             started,
             "the agent did not become ready; log:\n{}",
@@ -176,8 +138,7 @@ impl Agent {
     /// SIGTERM; returns the exit status once it stopped.
     pub fn terminate(&mut self, limit: Duration) -> std::process::ExitStatus {
         let mut child = self.child.take().unwrap();
-        // SAFETY: kill(2) has no memory-safety preconditions.
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        kill(child.id(), libc::SIGTERM);
         let until = std::time::Instant::now() + limit;
         loop {
             if let Some(status) = child.try_wait().unwrap() {
