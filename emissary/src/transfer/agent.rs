@@ -374,7 +374,12 @@ impl Store for Agent {
             // Large chunks: one chunk header and one write per 256 KiB, not per 8 KiB copy.
             let mut upload =
                 std::io::BufWriter::with_capacity(256 * 1024, self.client.put_stream(&path)?);
-            let packed = archive::pack_unhashed(source, packing, &mut upload);
+            let packed = match packing.format {
+                // Straight from the page cache to the socket.
+                api::ArchiveFormat::None => archive::open_unarchived(source)
+                    .and_then(|file| upload.get_mut().send_file(&file)),
+                _ => archive::pack_unhashed(source, packing, &mut upload),
+            };
             if let Err(e) = packed {
                 let (upload, _) = upload.into_parts();
                 if !upload.broken() {

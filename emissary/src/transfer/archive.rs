@@ -122,13 +122,7 @@ pub fn pack(source: &Path, packing: Packing, sink: &mut dyn Write) -> io::Result
 pub fn pack_unhashed(source: &Path, packing: Packing, out: &mut dyn Write) -> io::Result<()> {
     match packing.format {
         ArchiveFormat::None => {
-            // A symlink to a file is that file's content, as in Argo.
-            let mut file = fsutil::open_regular(source).map_err(|e| {
-                io::Error::other(format!(
-                    "archive none takes a single file; {}: {e} (use tar or zstd)",
-                    source.display()
-                ))
-            })?;
+            let mut file = open_unarchived(source)?;
             // Large reads, passed on whole (io::copy reads 8 KiB at a time).
             let mut buf = vec![0; PIPE_CHUNK];
             loop {
@@ -143,6 +137,17 @@ pub fn pack_unhashed(source: &Path, packing: Packing, out: &mut dyn Write) -> io
         ArchiveFormat::Tar | ArchiveFormat::Zstd => pipeline(source, packing, out)?,
     }
     out.flush()
+}
+
+/// The file that `archive: {none: {}}` sends as it is. A symlink to a file is that file's
+/// content, as in Argo.
+pub fn open_unarchived(source: &Path) -> io::Result<File> {
+    fsutil::open_regular(source).map_err(|e| {
+        io::Error::other(format!(
+            "archive none takes a single file; {}: {e} (use tar or zstd)",
+            source.display()
+        ))
+    })
 }
 
 /// tar → compress → hash and write, each stage on its own thread with bounded chunks in

@@ -192,7 +192,85 @@ impl Write for Upload {
     }
 }
 
+/// The most one chunk of [`Upload::send_file`] carries.
+const FILE_CHUNK: i64 = 4 << 20;
+
 impl Upload {
+    /// Sends `file` from its start as chunks that the kernel copies from the page cache to the
+    /// socket (`sendfile`), instead of reading them into the emissary to write them out again.
+    /// Each chunk's size is the file's at the time: a file still growing is sent to where it
+    /// ends, one that shrinks mid-chunk is an error.
+    pub fn send_file(&mut self, file: &std::fs::File) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let mut offset: libc::off_t = 0;
+        // A file system that cannot splice its pages (sendfile's EINVAL) is read instead.
+        let mut buffer = Vec::new();
+        loop {
+            let size = i64::try_from(file.metadata()?.len()).unwrap_or(i64::MAX);
+            let chunk = (size - offset).min(FILE_CHUNK);
+            if chunk <= 0 {
+                return Ok(());
+            }
+            self.send_more(format!("{chunk:x}\r\n").as_bytes())?;
+            let end = offset + chunk;
+            while offset < end {
+                let want = (end - offset) as usize;
+                let copied = if buffer.is_empty() {
+                    nix::sys::sendfile::sendfile(&self.stream, file, Some(&mut offset), want)
+                } else {
+                    Err(nix::errno::Errno::EINVAL)
+                };
+                match copied {
+                    Ok(0) => return Err(io::Error::other("the file shrank while it was sent")),
+                    Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                    Err(nix::errno::Errno::EINVAL | nix::errno::Errno::ENOSYS) => {
+                        buffer.resize(256 * 1024, 0);
+                        let n = want.min(buffer.len());
+                        let n = file.read_at(&mut buffer[..n], offset as u64)?;
+                        if n == 0 {
+                            return Err(io::Error::other("the file shrank while it was sent"));
+                        }
+                        self.send_more(&buffer[..n])?;
+                        offset += n as libc::off_t;
+                    }
+                    Err(e) => {
+                        // The socket's (a timeout, a reset) unless the file could not be read.
+                        self.broken = e != nix::errno::Errno::EIO;
+                        return Err(e.into());
+                    }
+                }
+            }
+            self.send_more(b"\r\n")?;
+        }
+    }
+
+    /// Writes all of `bytes`, telling the kernel that more follows: a chunk's frame goes out
+    /// with its data, not in a packet of its own (the socket has Nagle off).
+    fn send_more(&mut self, mut bytes: &[u8]) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        while !bytes.is_empty() {
+            // SAFETY: `bytes` is valid for its length; the socket is ours.
+            let n = unsafe {
+                libc::send(
+                    self.stream.as_raw_fd(),
+                    bytes.as_ptr().cast(),
+                    bytes.len(),
+                    libc::MSG_MORE | libc::MSG_NOSIGNAL,
+                )
+            };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                self.broken = true;
+                return Err(e);
+            }
+            bytes = &bytes[n as usize..];
+        }
+        Ok(())
+    }
+
     /// Whether the connection failed (not the source of the bytes).
     pub fn broken(&self) -> bool {
         self.broken
@@ -500,6 +578,27 @@ mod tests {
             request.ends_with("6\r\nhello \r\n5\r\nworld\r\n0\r\n\r\n"),
             "{request}"
         );
+    }
+
+    #[test]
+    fn sends_a_file_as_chunks_of_at_most_four_mebibytes() {
+        let (addr, server) = serve_once(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}");
+        let mut content = vec![b'a'; FILE_CHUNK as usize];
+        content.extend_from_slice(b"xyz");
+        let path = std::env::temp_dir().join(format!("emissary-send-file-{}", std::process::id()));
+        std::fs::write(&path, &content).unwrap();
+        let file = std::fs::File::open(&path).unwrap();
+        let _ = std::fs::remove_file(&path);
+        let client = Client::new(&addr, "t").unwrap();
+        let mut upload = client.put_stream("/v1/up").unwrap();
+        upload.send_file(&file).unwrap();
+        assert_eq!(upload.finish().unwrap(), b"{}");
+        let request = server.join().unwrap();
+        let body = &request[request.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4..];
+        let mut expected = b"400000\r\n".to_vec();
+        expected.extend_from_slice(&content[..FILE_CHUNK as usize]);
+        expected.extend_from_slice(b"\r\n3\r\nxyz\r\n0\r\n\r\n");
+        assert!(body == expected, "{} bytes of body", body.len());
     }
 
     #[test]
