@@ -37,17 +37,31 @@ pub fn write_atomic_mode(path: &Path, bytes: &[u8], mode: Option<u32>) -> io::Re
 /// /proc. The open itself does not block: a FIFO left where an output was expected would
 /// otherwise hold the emissary in open(2) forever, waiting for a writer that is gone.
 pub fn open_regular(path: &Path) -> io::Result<fs::File> {
+    open_regular_in(path, &mut NotProc::default()).map(|(file, _)| file)
+}
+
+/// The file system last found not to be /proc, by device: opening many files, one `fstatfs`
+/// per file system rather than per file (a device number is one superblock, one type).
+#[derive(Default)]
+pub struct NotProc(Option<u64>);
+
+/// [`open_regular`] with the metadata of what was opened.
+pub fn open_regular_in(path: &Path, checked: &mut NotProc) -> io::Result<(fs::File, fs::Metadata)> {
     use std::os::unix::fs::OpenOptionsExt;
     let file = fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK)
         .open(path)?;
-    if !file.metadata()?.is_file() {
+    let meta = file.metadata()?;
+    if !meta.is_file() {
         return Err(io::Error::other("not a regular file"));
     }
-    refuse_procfs(&file)?;
+    if checked.0 != Some(meta.dev()) {
+        refuse_procfs(&file)?;
+        checked.0 = Some(meta.dev());
+    }
     // O_NONBLOCK means nothing for a regular file's reads.
-    Ok(file)
+    Ok((file, meta))
 }
 
 /// Fails for a file on procfs, judged on the open file: a symlink to /proc/self/environ would

@@ -270,9 +270,18 @@ fn tar_tree(source: &Path, sink: &mut dyn Write) -> io::Result<()> {
     // Files as they are, holes as zeros (as GNU tar without --sparse): no SEEK_DATA/SEEK_HOLE
     // probing of every file, and an archive any reader takes.
     tar.sparse(false);
-    let mut buf = vec![0; PIPE_CHUNK];
-    append(&mut tar, source, &name, &mut buf)?;
+    let mut files = TreeFiles {
+        buf: vec![0; PIPE_CHUNK],
+        not_proc: fsutil::NotProc::default(),
+    };
+    append(&mut tar, source, &name, &mut files)?;
     tar.finish()
+}
+
+/// What the files of one tree share while they are read: a buffer, the file system checked.
+struct TreeFiles {
+    buf: Vec<u8>,
+    not_proc: fsutil::NotProc,
 }
 
 /// Appends one path, recursing into directories in sorted order (stable archives).
@@ -280,7 +289,7 @@ fn append(
     tar: &mut tar::Builder<&mut dyn Write>,
     path: &Path,
     name: &Path,
-    buf: &mut [u8],
+    files: &mut TreeFiles,
 ) -> io::Result<()> {
     let meta = fs::symlink_metadata(path)?;
     let kind = meta.file_type();
@@ -289,22 +298,31 @@ fn append(
         let mut children: Vec<_> = fs::read_dir(path)?.collect::<Result<_, _>>()?;
         children.sort_by_key(|e| e.file_name());
         for child in children {
-            append(tar, &child.path(), &name.join(child.file_name()), buf)?;
+            append(tar, &child.path(), &name.join(child.file_name()), files)?;
         }
         Ok(())
     } else if kind.is_file() {
         // Opened as an output is (/proc refused), and described by what was opened.
-        let file = fsutil::open_regular(path)
+        let (file, meta) = fsutil::open_regular_in(path, &mut files.not_proc)
             .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
         let mut header = tar::Header::new_gnu();
-        header.set_metadata_in_mode(&file.metadata()?, tar::HeaderMode::Complete);
-        let content = LargeReads {
+        header.set_metadata_in_mode(&meta, tar::HeaderMode::Complete);
+        let mut content = Content {
             file,
-            buf,
+            buf: &mut files.buf,
             start: 0,
             end: 0,
+            left: meta.len(),
+            shrank: false,
         };
-        tar.append_data(&mut header, name, content)
+        tar.append_data(&mut header, name, &mut content)?;
+        if content.shrank {
+            crate::note!(
+                "emissary: {} shrank while it was archived; its end is zeros",
+                path.display()
+            );
+        }
+        Ok(())
     } else if kind.is_symlink() {
         tar.append_path_with_name(path, name)
     } else {
@@ -317,24 +335,42 @@ fn append(
     }
 }
 
-/// A file read [`PIPE_CHUNK`] at a time for tar, which copies in 8 KiB pieces: one read call
-/// per 256 KiB, not 32.
-struct LargeReads<'a> {
+/// A file's content as its tar header describes it: exactly the size it had when opened, as
+/// GNU tar does. Bytes written since are left out and a file cut short is padded with zeros:
+/// any other length would shift every entry after it. Read [`PIPE_CHUNK`] at a time for tar,
+/// which copies in 8 KiB pieces; the read that would find the end is never made.
+struct Content<'a> {
     file: File,
     buf: &'a mut [u8],
     start: usize,
     end: usize,
+    /// Bytes still owed to the archive.
+    left: u64,
+    shrank: bool,
 }
 
-impl Read for LargeReads<'_> {
+impl Read for Content<'_> {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        if self.left == 0 {
+            return Ok(0);
+        }
         if self.start == self.end {
-            self.end = self.file.read(self.buf)?;
+            let want = self
+                .buf
+                .len()
+                .min(usize::try_from(self.left).unwrap_or(usize::MAX));
+            self.end = self.file.read(&mut self.buf[..want])?;
             self.start = 0;
+            if self.end == 0 {
+                self.shrank = true;
+                self.end = want;
+                self.buf[..want].fill(0);
+            }
         }
         let n = out.len().min(self.end - self.start);
         out[..n].copy_from_slice(&self.buf[self.start..self.start + n]);
         self.start += n;
+        self.left -= n as u64;
         Ok(n)
     }
 }
@@ -754,6 +790,32 @@ mod tests {
         assert_eq!(contained(Path::new("../x")), None);
         assert_eq!(contained(Path::new("a/../../x")), None);
         assert_eq!(contained(Path::new("/etc/passwd")), None);
+    }
+
+    #[test]
+    fn a_files_content_is_the_size_it_had_when_opened() {
+        let path = std::env::temp_dir().join(format!("emissary-content-{}", std::process::id()));
+        fs::write(&path, b"0123456789").unwrap();
+        let read = |left| {
+            let mut buf = vec![0; 4];
+            let mut content = Content {
+                file: File::open(&path).unwrap(),
+                buf: &mut buf,
+                start: 0,
+                end: 0,
+                left,
+                shrank: false,
+            };
+            let mut out = Vec::new();
+            content.read_to_end(&mut out).unwrap();
+            (out, content.shrank)
+        };
+        // Grown since its header was written: the rest is left out.
+        assert_eq!(read(6), (b"012345".to_vec(), false));
+        assert_eq!(read(10), (b"0123456789".to_vec(), false));
+        // Cut short: zeros to the size the header says.
+        assert_eq!(read(13), (b"0123456789\0\0\0".to_vec(), true));
+        fs::remove_file(&path).unwrap();
     }
 
     #[test]
