@@ -578,6 +578,8 @@ pub struct Reader {
     pending_live: HashMap<SeqKey, u64>,
     /// `cursor`, opened at the first acknowledgement.
     cursor_file: Option<File>,
+    /// The segment the reader was in when the ones wholly delivered were last removed.
+    swept: Option<u64>,
     bytes: Arc<AtomicU64>,
     live: Live,
     tail: Arc<std::sync::Mutex<Tail>>,
@@ -593,6 +595,7 @@ impl Reader {
             pending: None,
             pending_live: HashMap::new(),
             cursor_file: None,
+            swept: None,
             bytes: outbox.bytes.clone(),
             live: outbox.live.clone(),
             tail: outbox.tail.clone(),
@@ -742,11 +745,16 @@ impl Reader {
                 }
             }
         }
-        let segments = segments(&self.dir)?;
-        for pair in segments.windows(2) {
-            if pair[1].first_id <= id + 1 {
-                fs::remove_file(&pair[0].path)?;
+        // Only once the reader has moved into another segment can one before it be wholly
+        // delivered: the directory is listed then, not after every batch.
+        let reading = self.position.map(|(segment, _)| segment);
+        if reading != self.swept {
+            for pair in segments(&self.dir)?.windows(2) {
+                if pair[1].first_id <= id + 1 {
+                    fs::remove_file(&pair[0].path)?;
+                }
             }
+            self.swept = reading;
         }
         Ok(())
     }
@@ -865,6 +873,11 @@ mod tests {
         }
         assert!(ids(&reader).is_empty(), "acknowledged, forgotten");
         assert!(reader.peek(10, 1 << 30).unwrap().is_empty());
+        assert_eq!(
+            segments(&dir).unwrap().len(),
+            1,
+            "the delivered segment stayed"
+        );
         let same = delivered.len() == from_segments.len()
             && delivered
                 .iter()
