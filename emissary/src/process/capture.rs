@@ -24,8 +24,10 @@ use nix::unistd::{pipe2, read};
 /// Bytes moved per read. Large reads and writes amortise the per-call cost of file writes,
 /// which dominates on ext4 (supervision.md section 2); touched only when output flows.
 const BUFFER: usize = 256 * 1024;
-/// Pipe capacity requested with F_SETPIPE_SZ, so a bursty command rarely blocks on us.
-const PIPE_SIZE: i32 = 1 << 20;
+/// Pipe capacity requested with F_SETPIPE_SZ, so a bursty command rarely blocks on us: one
+/// read's worth. A 1 MiB pipe had the command's writes and our reads contend for the pipe's
+/// lock so that, in four runs of ten, 1 GiB cost 2-4× the system time (BENCHMARKS.md).
+const PIPE_SIZE: i32 = BUFFER as i32;
 
 /// A pipe whose write end goes to the child.
 pub struct Pipe {
