@@ -17,7 +17,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 # Debian packages, installed only when missing.
 TEST_PACKAGES := util-linux procps zstd gzip diffutils findutils python3 python3-venv buildah ca-certificates busybox-static python-is-python3
-BENCH_PACKAGES := tini hyperfine zstd
+BENCH_PACKAGES := tini hyperfine zstd time
 # Python test tools: offline Kubernetes schema validation (the PyPI package bundles the v1.32
 # schemas) and schemathesis, which tests the agent against protocol/openapi.yaml.
 VENV := .tools/venv

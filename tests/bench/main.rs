@@ -294,30 +294,26 @@ fn text_corpus() -> PathBuf {
     path
 }
 
-/// Runs `cmd` and returns (wall seconds, its peak RSS in KiB from wait4).
-fn time_and_rss(cmd: &mut Command) -> (f64, u64) {
-    use std::os::unix::process::ExitStatusExt;
-    let start = Instant::now();
-    #[allow(clippy::zombie_processes)] // reaped by wait4 below, which also reports its rusage
-    let child = cmd
+/// The peak RSS of `program args` in KiB, as GNU time reports it. Not from the bench's own
+/// wait4: Linux starts a spawned child's peak at the RSS of the process that spawned it (the
+/// mm it leaves at exec counts), so every child of the bench peaked at least at the bench's
+/// peak (7.6 MB by the archive rows on one VM), whatever it used itself.
+fn peak_rss_kib(program: &Path, args: &[&str]) -> u64 {
+    let report = std::env::temp_dir().join(format!("emissary-bench-rss-{}", std::process::id()));
+    let status = Command::new("/usr/bin/time")
+        .args(["-f", "%M", "-o"])
+        .arg(&report)
+        .arg(program)
+        .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut status = 0;
-    // SAFETY: wait4 on our own child with valid out-pointers.
-    let usage = unsafe {
-        let mut usage: libc::rusage = std::mem::zeroed();
-        libc::wait4(child.id() as i32, &mut status, 0, &mut usage);
-        usage
-    };
-    let elapsed = start.elapsed().as_secs_f64();
-    assert!(
-        std::process::ExitStatus::from_raw(status).success(),
-        "{cmd:?} failed"
-    );
-    (elapsed, usage.ru_maxrss as u64)
+        .status()
+        .expect("/usr/bin/time (Debian's time package)");
+    assert!(status.success(), "{program:?} {args:?} failed");
+    let kib = fs::read_to_string(&report).unwrap();
+    let _ = fs::remove_file(&report);
+    kib.trim().parse().unwrap()
 }
 
 /// A spec whose only work is to pack `dir` as one output artifact.
@@ -361,22 +357,23 @@ fn archive_throughput(emissary: &Path, scratch: &Path, report: &mut String) {
         ] {
             let spec = pack_spec(scratch, &dir, archive);
             let out = scratch.join("packed");
-            let mut ours = Command::new(emissary);
-            ours.args([
+            let args = [
                 "run",
                 "--template",
                 spec.to_str().unwrap(),
                 "--out",
                 out.to_str().unwrap(),
-            ]);
+            ];
+            let mut ours = Command::new(emissary);
+            ours.args(args);
             let mut theirs = shell(&anchor);
-            let (mut t_ours, mut t_theirs, mut rss) = (Vec::new(), Vec::new(), Vec::new());
+            let (mut t_ours, mut t_theirs) = (Vec::new(), Vec::new());
             for _ in 0..rounds {
-                let (t, kb) = time_and_rss(&mut ours);
-                t_ours.push(t);
-                rss.push(kb as f64);
+                t_ours.push(time_it(&mut ours).as_secs_f64());
                 t_theirs.push(time_it(&mut theirs).as_secs_f64());
             }
+            // One more run, untimed, for the peak RSS.
+            let rss_kib = peak_rss_kib(emissary, &args);
             let (ours_mbs, theirs_mbs) = (
                 bytes as f64 / median(t_ours) / 1e6,
                 bytes as f64 / median(t_theirs) / 1e6,
@@ -384,7 +381,7 @@ fn archive_throughput(emissary: &Path, scratch: &Path, report: &mut String) {
             writeln!(
                 report,
                 "| pack {label}, {name} (median of {rounds}) | {ours_mbs:.0} MB/s, peak RSS {:.1} MB | `{anchor_name}`: {theirs_mbs:.0} MB/s | {:.2}× | {} |",
-                median(rss) / 1024.0,
+                rss_kib as f64 / 1024.0,
                 ours_mbs / theirs_mbs,
                 if name == "zstd" { "≥ 1.0×, RSS ≤ 8 MB" } else { "(reference)" }
             )
