@@ -201,9 +201,12 @@ impl Upload {
     /// Each chunk's size is the file's at the time: a file still growing is sent to where it
     /// ends, one that shrinks mid-chunk is an error.
     pub fn send_file(&mut self, file: &std::fs::File) -> io::Result<()> {
+        use nix::errno::Errno;
         use std::os::unix::fs::FileExt;
+        let shrank = || io::Error::other("the file shrank while it was sent");
         let mut offset: libc::off_t = 0;
-        // A file system that cannot splice its pages (sendfile's EINVAL) is read instead.
+        // Empty until sendfile is refused (a file system that cannot splice its pages): the
+        // rest is then read and written.
         let mut buffer = Vec::new();
         loop {
             let size = i64::try_from(file.metadata()?.len()).unwrap_or(i64::MAX);
@@ -215,30 +218,26 @@ impl Upload {
             let end = offset + chunk;
             while offset < end {
                 let want = (end - offset) as usize;
-                let copied = if buffer.is_empty() {
-                    nix::sys::sendfile::sendfile(&self.stream, file, Some(&mut offset), want)
-                } else {
-                    Err(nix::errno::Errno::EINVAL)
-                };
-                match copied {
-                    Ok(0) => return Err(io::Error::other("the file shrank while it was sent")),
-                    Ok(_) | Err(nix::errno::Errno::EINTR) => {}
-                    Err(nix::errno::Errno::EINVAL | nix::errno::Errno::ENOSYS) => {
-                        buffer.resize(256 * 1024, 0);
-                        let n = want.min(buffer.len());
-                        let n = file.read_at(&mut buffer[..n], offset as u64)?;
-                        if n == 0 {
-                            return Err(io::Error::other("the file shrank while it was sent"));
+                if buffer.is_empty() {
+                    match nix::sys::sendfile::sendfile(&self.stream, file, Some(&mut offset), want)
+                    {
+                        Ok(0) => return Err(shrank()),
+                        Ok(_) | Err(Errno::EINTR) => continue,
+                        Err(Errno::EINVAL | Errno::ENOSYS) => buffer.resize(256 * 1024, 0),
+                        Err(e) => {
+                            // The socket's (a timeout, a reset) unless the file could not be read.
+                            self.broken = e != Errno::EIO;
+                            return Err(e.into());
                         }
-                        self.send_more(&buffer[..n])?;
-                        offset += n as libc::off_t;
-                    }
-                    Err(e) => {
-                        // The socket's (a timeout, a reset) unless the file could not be read.
-                        self.broken = e != nix::errno::Errno::EIO;
-                        return Err(e.into());
                     }
                 }
+                let n = want.min(buffer.len());
+                let n = file.read_at(&mut buffer[..n], offset as u64)?;
+                if n == 0 {
+                    return Err(shrank());
+                }
+                self.send_more(&buffer[..n])?;
+                offset += n as libc::off_t;
             }
             self.send_more(b"\r\n")?;
         }
