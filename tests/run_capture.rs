@@ -134,6 +134,39 @@ fn files_are_complete_even_when_our_own_stdout_is_gone() {
 }
 
 #[test]
+fn a_stdout_of_our_own_that_never_drains_fails_the_task_after_the_grace() {
+    let dir = Dir::new("capture-blocked");
+    let logs = dir.join("logs");
+    // Our stdout is a pipe nobody reads: the echo blocks once it holds 64 KiB.
+    let mut child = emissary(["run", "--grace", "1s", "--log-dir"])
+        .arg(&logs)
+        .args(["--", "head", "-c", "100000", "/dev/zero"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > Duration::from_secs(10) {
+            let _ = child.kill();
+            panic!("the emissary waited for its blocked stdout past the grace");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert_eq!(status.code(), Some(125), "{stderr}");
+    assert!(stderr.contains("own output is blocked"), "{stderr}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    // What was read is in the file, and nothing else.
+    let captured = dir.read("logs/stdout");
+    assert!(!captured.is_empty() && captured.len() <= 100_000 && captured.iter().all(|&b| b == 0));
+}
+
+#[test]
 fn without_capture_the_command_inherits_the_terminal_streams() {
     // No --log-dir, no --summary: the child writes straight to our fds (no copy at all).
     let out = run_quick(&mut emissary([
