@@ -286,7 +286,7 @@ fn tar_tree(source: &Path, sink: &mut dyn Write) -> io::Result<()> {
     // probing of every file, and an archive any reader takes.
     tar.sparse(false);
     let mut files = TreeFiles {
-        buf: vec![0; PIPE_CHUNK],
+        buf: vec![0; PIPE_CHUNK + 1],
         not_proc: fsutil::NotProc::default(),
     };
     append(&mut tar, source, &name, &mut files)?;
@@ -329,12 +329,19 @@ fn append(
             end: 0,
             left: meta.len(),
             shrank: false,
+            grew: false,
         };
         tar.append_data(&mut header, name, &mut content)?;
         if content.shrank {
             crate::note!(
                 "emissary: {} shrank while it was archived; its end is zeros",
                 path.display()
+            );
+        } else if content.grew {
+            crate::note!(
+                "emissary: {} grew while it was archived; its first {} bytes are archived",
+                path.display(),
+                meta.len()
             );
         }
         Ok(())
@@ -352,8 +359,9 @@ fn append(
 
 /// A file's content as its tar header describes it: exactly the size it had when opened, as
 /// GNU tar does. Bytes written since are left out and a file cut short is padded with zeros:
-/// any other length would shift every entry after it. Read [`PIPE_CHUNK`] at a time for tar,
-/// which copies in 8 KiB pieces; the read that would find the end is never made.
+/// any other length would shift every entry after it. Read up to `buf.len() - 1` bytes at a
+/// time for tar, which copies in 8 KiB pieces; the last read asks for one byte more than is
+/// owed, which only a file that grew fills (so no read is spent on finding the end).
 struct Content<'a> {
     file: File,
     buf: &'a mut [u8],
@@ -362,6 +370,7 @@ struct Content<'a> {
     /// Bytes still owed to the archive.
     left: u64,
     shrank: bool,
+    grew: bool,
 }
 
 impl Read for Content<'_> {
@@ -370,16 +379,17 @@ impl Read for Content<'_> {
             return Ok(0);
         }
         if self.start == self.end {
-            let want = self
-                .buf
-                .len()
-                .min(usize::try_from(self.left).unwrap_or(usize::MAX));
-            self.end = self.file.read(&mut self.buf[..want])?;
+            let owed = usize::try_from(self.left).unwrap_or(usize::MAX);
+            let chunk = self.buf.len() - 1;
+            let want = if owed <= chunk { owed + 1 } else { chunk };
+            let got = self.file.read(&mut self.buf[..want])?;
             self.start = 0;
-            if self.end == 0 {
+            self.end = got.min(owed);
+            self.grew |= got > owed;
+            if got == 0 {
                 self.shrank = true;
-                self.end = want;
-                self.buf[..want].fill(0);
+                self.end = chunk.min(owed);
+                self.buf[..self.end].fill(0);
             }
         }
         let n = out.len().min(self.end - self.start);
@@ -820,16 +830,23 @@ mod tests {
                 end: 0,
                 left,
                 shrank: false,
+                grew: false,
             };
             let mut out = Vec::new();
             content.read_to_end(&mut out).unwrap();
-            (out, content.shrank)
+            (out, content.shrank, content.grew)
         };
-        // Grown since its header was written: the rest is left out.
-        assert_eq!(read(6), (b"012345".to_vec(), false));
-        assert_eq!(read(10), (b"0123456789".to_vec(), false));
+        // Grown since its header was written: the rest is left out, and seen.
+        assert_eq!(read(6), (b"012345".to_vec(), false, true));
+        assert_eq!(read(3), (b"012".to_vec(), false, true));
+        assert_eq!(read(9), (b"012345678".to_vec(), false, true));
+        assert_eq!(read(10), (b"0123456789".to_vec(), false, false));
         // Cut short: zeros to the size the header says.
-        assert_eq!(read(13), (b"0123456789\0\0\0".to_vec(), true));
+        assert_eq!(read(13), (b"0123456789\0\0\0".to_vec(), true, false));
+        assert_eq!(
+            read(17),
+            (b"0123456789\0\0\0\0\0\0\0".to_vec(), true, false)
+        );
         fs::remove_file(&path).unwrap();
     }
 
