@@ -134,45 +134,75 @@ fn copy(source: &OwnedFd, sinks: Sinks, stop: BorrowedFd<'_>, count: &AtomicU64)
         stop,
         stopping: false,
     };
-    let mut rest = Rest {
-        combined: sinks.combined,
-        echo: sinks.echo,
+    let Sinks {
+        file,
+        combined,
+        echo,
+    } = sinks;
+    let rest = || Rest {
+        combined: combined.clone(),
+        echo,
         echoing: true,
         error: None,
     };
-    let Some(mut file) = sinks.file else {
-        let mut buf = vec![0u8; BUFFER];
-        loop {
-            let n = pipe.read(&mut buf)?;
-            if n == 0 {
-                return rest.error.map_or(Ok(()), Err);
-            }
-            count.fetch_add(n as u64, Ordering::Relaxed);
-            rest.write(&buf[..n]);
+    // Without a thread to spare (a pids limit) the reader does it all: it must drain the pipe.
+    let second = file.as_ref().and_then(|_| Second::start(rest()));
+    match (file, second) {
+        (Some(file), Some(second)) => split(&mut pipe, file, second, count, rest),
+        (file, _) => alone(&mut pipe, file, rest(), count),
+    }
+}
+
+/// Every chunk to every sink from this thread.
+fn alone(
+    pipe: &mut Source<'_>,
+    mut file: Option<File>,
+    mut rest: Rest,
+    count: &AtomicU64,
+) -> io::Result<()> {
+    let mut buf = vec![0u8; BUFFER];
+    let mut file_error = None;
+    loop {
+        let n = pipe.read(&mut buf)?;
+        if n == 0 {
+            return file_error.or(rest.error).map_or(Ok(()), Err);
         }
-    };
-    let (full_tx, full_rx) = mpsc::sync_channel::<(Vec<u8>, usize)>(CHUNKS);
-    let (empty_tx, empty_rx) = mpsc::channel::<Vec<u8>>();
-    let second = thread::Builder::new()
-        .stack_size(64 * 1024)
-        .spawn(move || {
-            for (buf, n) in full_rx {
-                rest.write(&buf[..n]);
-                let _ = empty_tx.send(buf);
-            }
-            rest.error
-        })?;
+        count.fetch_add(n as u64, Ordering::Relaxed);
+        if let (Some(file), None) = (&mut file, &file_error) {
+            file_error = file.write_all(&buf[..n]).err();
+        }
+        rest.write(&buf[..n]);
+    }
+}
+
+/// The stream's own file from this thread, the rest from `second`.
+fn split(
+    pipe: &mut Source<'_>,
+    mut file: File,
+    second: Second,
+    count: &AtomicU64,
+    rest: impl Fn() -> Rest,
+) -> io::Result<()> {
+    let Second {
+        full,
+        empty,
+        thread,
+    } = second;
     let (mut made, mut file_error) = (0, None);
+    let mut gone = false;
     let drained = loop {
-        let mut buf = match empty_rx.try_recv() {
+        let mut buf = match empty.try_recv() {
             Ok(buf) => buf,
             Err(_) if made < CHUNKS => {
                 made += 1;
                 vec![0u8; BUFFER]
             }
-            Err(_) => match empty_rx.recv() {
+            Err(_) => match empty.recv() {
                 Ok(buf) => buf,
-                Err(_) => break Ok(()), // the second writer is gone; its join says why
+                Err(_) => {
+                    gone = true;
+                    break Ok(());
+                }
             },
         };
         let n = match pipe.read(&mut buf) {
@@ -184,16 +214,56 @@ fn copy(source: &OwnedFd, sinks: Sinks, stop: BorrowedFd<'_>, count: &AtomicU64)
         if file_error.is_none() {
             file_error = file.write_all(&buf[..n]).err();
         }
-        if full_tx.send((buf, n)).is_err() {
+        if full.send((buf, n)).is_err() {
+            gone = true;
             break Ok(());
         }
     };
-    drop(full_tx);
-    let rest_error = second
+    drop(full);
+    let rest_error = thread
         .join()
         .unwrap_or_else(|_| Some(io::Error::other("capture thread panicked")));
     drained?;
+    if gone {
+        // The second writer died (it cannot, short of a bug): drain the pipe all the same.
+        let file = if file_error.is_none() {
+            Some(file)
+        } else {
+            None
+        };
+        alone(pipe, file, rest(), count)?;
+    }
     file_error.or(rest_error).map_or(Ok(()), Err)
+}
+
+/// The thread that writes `combined` and the echo for a reader that writes the stream's file.
+struct Second {
+    full: mpsc::SyncSender<(Vec<u8>, usize)>,
+    empty: mpsc::Receiver<Vec<u8>>,
+    thread: thread::JoinHandle<Option<io::Error>>,
+}
+
+impl Second {
+    /// None when no thread can be started.
+    fn start(mut rest: Rest) -> Option<Second> {
+        let (full, chunks) = mpsc::sync_channel::<(Vec<u8>, usize)>(CHUNKS);
+        let (emptied, empty) = mpsc::channel();
+        let thread = thread::Builder::new()
+            .stack_size(64 * 1024)
+            .spawn(move || {
+                for (buf, n) in chunks {
+                    rest.write(&buf[..n]);
+                    let _ = emptied.send(buf);
+                }
+                rest.error
+            })
+            .ok()?;
+        Some(Second {
+            full,
+            empty,
+            thread,
+        })
+    }
 }
 
 /// The read end of a stream's pipe, non-blocking, read until EOF or until empty after `stop`.
