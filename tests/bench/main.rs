@@ -368,8 +368,13 @@ fn archive_throughput(emissary: &Path, scratch: &Path, report: &mut String) {
             ours.args(args);
             let mut theirs = shell(&anchor);
             let (mut t_ours, mut t_theirs) = (Vec::new(), Vec::new());
+            // Each candidate starts with nothing dirty: ours writes its archive to the store
+            // (the anchor to /dev/null), and the log row before leaves gigabytes to write
+            // back; that writeback took a core from whichever candidate ran meanwhile.
             for _ in 0..rounds {
+                settle();
                 t_ours.push(time_it(&mut ours).as_secs_f64());
+                settle();
                 t_theirs.push(time_it(&mut theirs).as_secs_f64());
             }
             // One more run, untimed, for the peak RSS.
