@@ -1,13 +1,14 @@
-//! Output capture: the command writes to pipes; one thread per stream copies every byte to the
-//! log files and to the emissary's own stdout or stderr (so `kubectl logs` still works).
+//! Output capture: the command writes to pipes; threads copy every byte to the log files and to
+//! the emissary's own stdout or stderr (so `kubectl logs` still works).
 //!
-//! With log files, a second thread per stream writes `combined` and the echo while the first
-//! reads the pipe and writes the stream's own file: two page-cache writes of every byte side
-//! by side instead of one after the other (1 GiB in 0.55-0.65 s instead of 0.7-1.4 s here).
-//! Memory is bounded by [`CHUNKS`] buffers per stream. The threads, not the supervisor, do the
-//! writing, so a slow terminal or a full disk never delays signal forwarding or a deadline.
-//! Files are written before the echo: if our own stdout blocks forever, the stream's own file
-//! holds everything read so far, and `combined` all but the chunks queued behind the echo.
+//! One thread per stream; with log files, a second per stream writes `combined` and the echo
+//! while the first reads the pipe and writes the stream's own file: two page-cache writes of
+//! every byte side by side instead of one after the other (1 GiB in 0.55-0.65 s instead of
+//! 0.7-1.4 s here). Memory is bounded by [`CHUNKS`] buffers per stream. The threads, not the
+//! supervisor, do the writing, so a slow terminal or a full disk never delays signal forwarding
+//! or a deadline. Files are written before the echo: if our own stdout blocks forever, the
+//! stream's own file holds everything read so far, and `combined` all but the chunks queued
+//! behind the echo.
 
 use std::fs::File;
 use std::io::{self, Write};
@@ -226,12 +227,7 @@ fn split(
     drained?;
     if gone {
         // The second writer died (it cannot, short of a bug): drain the pipe all the same.
-        let file = if file_error.is_none() {
-            Some(file)
-        } else {
-            None
-        };
-        alone(pipe, file, rest(), count)?;
+        alone(pipe, file_error.is_none().then_some(file), rest(), count)?;
     }
     file_error.or(rest_error).map_or(Ok(()), Err)
 }
