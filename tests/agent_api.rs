@@ -440,6 +440,31 @@ fn commands_reach_the_tasks_long_poll_at_once() {
         wait_until(Duration::from_secs(15), || controller.heartbeats() > 0),
         "no heartbeat"
     );
+
+    // The relay's thread asked for short slices, where the kernel says (≥ 6.12, with
+    // scheduler statistics): it runs before the API's workers when it wakes on a busy node.
+    let slices = thread_slices(agent.pid());
+    let relay = slices.iter().find(|(name, _)| name == "relay");
+    let relay = relay.unwrap_or_else(|| panic!("no relay thread among {slices:?}"));
+    if let Some(slice) = relay.1 {
+        assert_eq!(slice, 100_000, "the relay's slice, ns");
+    }
+}
+
+/// Each thread of `pid`: its name, and its scheduler slice in ns where `/proc` shows it.
+fn thread_slices(pid: u32) -> Vec<(String, Option<u64>)> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
+    tasks
+        .flatten()
+        .map(|task| {
+            let read = |file| std::fs::read_to_string(task.path().join(file)).unwrap_or_default();
+            let slice = read("sched").lines().find_map(|line| {
+                let (name, value) = line.split_once(':')?;
+                (name.trim() == "se.slice").then(|| value.trim().parse().ok())?
+            });
+            (read("comm").trim().to_owned(), slice)
+        })
+        .collect()
 }
 
 #[test]

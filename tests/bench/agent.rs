@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use emissary_tests::agent::Agent;
 use emissary_tests::controller::Controller;
+use emissary_tests::process::prefer_short_slices;
 use emissary_tests::s3::{self, S3Server};
 
 use crate::{median, settle};
@@ -430,6 +431,7 @@ pub fn events(scratch: &Path, report: &mut String) {
         let (step, signals) = thread::scope(|scope| {
             let (controller, arrivals) = (&controller, &arrivals);
             let signals = scope.spawn(move || {
+                prefer_short_slices();
                 let arrivals = arrivals.lock().unwrap();
                 thread::sleep(Duration::from_millis(500));
                 let mut latencies = Vec::new();
@@ -552,6 +554,7 @@ fn long_polls(agent: &Agent, tokens: &[String]) -> mpsc::Receiver<(usize, Instan
         thread::Builder::new()
             .stack_size(64 * 1024)
             .spawn(move || {
+                prefer_short_slices();
                 loop {
                     let Ok(mut stream) = TcpStream::connect(api) else {
                         return; // the agent is gone: the benchmark is over

@@ -328,6 +328,7 @@ fn answer<S: Read + Write>(
         }
         ("GET", p) if p.ends_with("/commands") => {
             // Long-poll: up to 30 s for a command.
+            crate::process::prefer_short_slices();
             let until = Instant::now() + Duration::from_secs(30);
             let mut s = state.0.lock().unwrap();
             while s.commands.is_empty() && Instant::now() < until && running.load(Ordering::SeqCst)
