@@ -373,7 +373,7 @@ impl Store for Agent {
         let body = self.retry("uploading an output", || {
             // Large chunks: one chunk header and one write per 256 KiB, not per 8 KiB copy.
             let mut upload =
-                std::io::BufWriter::with_capacity(256 * 1024, self.client.put_stream(&path)?);
+                std::io::BufWriter::with_capacity(super::CHUNK, self.client.put_stream(&path)?);
             let packed = match packing.format {
                 // Straight from the page cache to the socket.
                 api::ArchiveFormat::None => archive::open_unarchived(source)

@@ -15,6 +15,7 @@ use protocol::api::ArchiveFormat;
 use protocol::spec::Packing;
 use sha2::{Digest as _, Sha256};
 
+use super::CHUNK;
 use crate::fsutil;
 
 /// Size and SHA-256 of a byte stream.
@@ -124,7 +125,7 @@ pub fn pack_unhashed(source: &Path, packing: Packing, out: &mut dyn Write) -> io
         ArchiveFormat::None => {
             let mut file = open_unarchived(source)?;
             // Large reads, passed on whole (io::copy reads 8 KiB at a time).
-            let mut buf = vec![0; PIPE_CHUNK];
+            let mut buf = vec![0; CHUNK];
             loop {
                 match file.read(&mut buf) {
                     Ok(0) => break,
@@ -202,8 +203,7 @@ fn pack_gzip(source: &Path, level: u32, out: &mut dyn Write) -> io::Result<()> {
     })
 }
 
-/// Chunk size and depth of each hand-off: at most 4 × 256 KiB in flight per stage.
-const PIPE_CHUNK: usize = 256 * 1024;
+/// Depth of each hand-off: at most 4 chunks in flight per stage.
 const PIPE_DEPTH: usize = 4;
 
 /// A bounded hand-off of chunks from one pipeline stage to the next. Emptied chunks travel back
@@ -216,7 +216,7 @@ fn hand_off() -> (ChunkWriter, Chunks) {
     let writer = ChunkWriter {
         full: full_tx,
         empty: empty_rx,
-        buf: Vec::with_capacity(PIPE_CHUNK),
+        buf: Vec::with_capacity(CHUNK),
     };
     let chunks = Chunks {
         full: full_rx,
@@ -225,7 +225,7 @@ fn hand_off() -> (ChunkWriter, Chunks) {
     (writer, chunks)
 }
 
-/// Collects small writes into [`PIPE_CHUNK`]-sized chunks for the next stage.
+/// Collects small writes into [`CHUNK`]-sized chunks for the next stage.
 struct ChunkWriter {
     full: std::sync::mpsc::SyncSender<Vec<u8>>,
     empty: std::sync::mpsc::Receiver<Vec<u8>>,
@@ -235,7 +235,7 @@ struct ChunkWriter {
 impl Write for ChunkWriter {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
         self.buf.extend_from_slice(data);
-        if self.buf.len() >= PIPE_CHUNK {
+        if self.buf.len() >= CHUNK {
             self.flush()?;
         }
         Ok(data.len())
@@ -248,7 +248,7 @@ impl Write for ChunkWriter {
         let next = self
             .empty
             .try_recv()
-            .unwrap_or_else(|_| Vec::with_capacity(PIPE_CHUNK));
+            .unwrap_or_else(|_| Vec::with_capacity(CHUNK));
         self.full
             .send(std::mem::replace(&mut self.buf, next))
             .map_err(|_| io::Error::other("the next stage of packing stopped"))
@@ -286,7 +286,7 @@ fn tar_tree(source: &Path, sink: &mut dyn Write) -> io::Result<()> {
     // probing of every file, and an archive any reader takes.
     tar.sparse(false);
     let mut files = TreeFiles {
-        buf: vec![0; PIPE_CHUNK + 1],
+        buf: vec![0; CHUNK + 1],
         not_proc: fsutil::NotProc::default(),
     };
     append(&mut tar, source, &name, &mut files)?;

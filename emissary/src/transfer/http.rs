@@ -223,7 +223,7 @@ impl Upload {
                     {
                         Ok(0) => return Err(shrank()),
                         Ok(_) | Err(Errno::EINTR) => continue,
-                        Err(Errno::EINVAL | Errno::ENOSYS) => buffer.resize(256 * 1024, 0),
+                        Err(Errno::EINVAL | Errno::ENOSYS) => buffer.resize(super::CHUNK, 0),
                         Err(e) => {
                             // The socket's (a timeout, a reset) unless the file could not be read.
                             self.broken = e != Errno::EIO;

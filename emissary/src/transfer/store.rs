@@ -104,7 +104,7 @@ impl Store for LocalStore {
         // Packed into a temporary name and renamed: a reader never sees half an archive.
         let tmp = fsutil::temp_name(&path);
         let written = (|| {
-            let mut file = BufWriter::with_capacity(256 * 1024, fsutil::create_new(&tmp)?);
+            let mut file = BufWriter::with_capacity(super::CHUNK, fsutil::create_new(&tmp)?);
             let digest = archive::pack(source, packing, &mut file)?;
             file.flush()?;
             fs::rename(&tmp, &path)?;
