@@ -47,11 +47,17 @@ pub struct NotProc(Option<u64>);
 
 /// [`open_regular`] with the metadata of what was opened.
 pub fn open_regular_in(path: &Path, checked: &mut NotProc) -> io::Result<(fs::File, fs::Metadata)> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let file = fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open(path)?;
+    use nix::fcntl::{AT_FDCWD, OFlag, openat};
+    // openat, not open: musl's open follows an O_CLOEXEC open with an fcntl(F_SETFD) for
+    // kernels before 2.6.23, a syscall more for every file of an archived tree (~3 % of the
+    // small-file row).
+    let flags = OFlag::O_RDONLY | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK;
+    let file = loop {
+        match openat(AT_FDCWD, path, flags, nix::sys::stat::Mode::empty()) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            opened => break fs::File::from(opened?),
+        }
+    };
     let meta = file.metadata()?;
     if !meta.is_file() {
         return Err(io::Error::other("not a regular file"));

@@ -289,7 +289,8 @@ fn tar_tree(source: &Path, sink: &mut dyn Write) -> io::Result<()> {
         buf: vec![0; CHUNK + 1],
         not_proc: fsutil::NotProc::default(),
     };
-    append(&mut tar, source, &name, &mut files)?;
+    let kind = fs::symlink_metadata(source)?.file_type();
+    append(&mut tar, source, kind, &name, &mut files)?;
     tar.finish()
 }
 
@@ -299,21 +300,30 @@ struct TreeFiles {
     not_proc: fsutil::NotProc,
 }
 
-/// Appends one path, recursing into directories in sorted order (stable archives).
+/// Appends one path of type `kind`, recursing into directories in sorted order (stable
+/// archives).
 fn append(
     tar: &mut tar::Builder<&mut dyn Write>,
     path: &Path,
+    kind: fs::FileType,
     name: &Path,
     files: &mut TreeFiles,
 ) -> io::Result<()> {
-    let meta = fs::symlink_metadata(path)?;
-    let kind = meta.file_type();
     if kind.is_dir() {
         tar.append_dir(name, path)?;
         let mut children: Vec<_> = fs::read_dir(path)?.collect::<Result<_, _>>()?;
         children.sort_by_key(|e| e.file_name());
         for child in children {
-            append(tar, &child.path(), &name.join(child.file_name()), files)?;
+            // The type the directory listing gave (an lstat only where the file system
+            // gives none): one syscall less per file.
+            let kind = child.file_type()?;
+            append(
+                tar,
+                &child.path(),
+                kind,
+                &name.join(child.file_name()),
+                files,
+            )?;
         }
         Ok(())
     } else if kind.is_file() {
