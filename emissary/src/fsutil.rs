@@ -49,8 +49,7 @@ pub struct NotProc(Option<u64>);
 pub fn open_regular_in(path: &Path, checked: &mut NotProc) -> io::Result<(fs::File, fs::Metadata)> {
     use nix::fcntl::{AT_FDCWD, OFlag, openat};
     // openat, not open: musl's open follows an O_CLOEXEC open with an fcntl(F_SETFD) for
-    // kernels before 2.6.23, a syscall more for every file of an archived tree (~3 % of the
-    // small-file row).
+    // kernels before 2.6.23, a syscall more for every file of an archived tree.
     let flags = OFlag::O_RDONLY | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK;
     let file = loop {
         match openat(AT_FDCWD, path, flags, nix::sys::stat::Mode::empty()) {
