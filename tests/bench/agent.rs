@@ -594,12 +594,36 @@ async fn open_loop(api: SocketAddr, tokens: &[String], rate: u64, duration: Dura
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let interval = Duration::from_secs_f64(tokens.len() as f64 / rate as f64);
     let per_connection = (duration.as_secs_f64() / interval.as_secs_f64()) as usize;
-    // Connected first, so that setting up 256 connections is not counted as latency.
+    let request = |w: usize, token: &str| {
+        let body = br#"{"container": "main", "progress": "1/2"}"#;
+        let mut request = format!("POST /v1/tasks/t{w}/0/progress HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {token}\r\nContent-Length: {}\r\n\r\n", body.len()).into_bytes();
+        request.extend_from_slice(body);
+        request
+    };
+    // Connected first, and one request answered on each, so that a step times the journal
+    // and not the agent accepting and setting up 1000 connections.
+    let warmed: Vec<_> = tokens
+        .iter()
+        .enumerate()
+        .map(|(w, token)| {
+            let request = request(w, token);
+            tokio::spawn(async move {
+                let mut stream = tokio::net::TcpStream::connect(api).await.unwrap();
+                stream.set_nodelay(true).unwrap();
+                stream.write_all(&request).await.unwrap();
+                let (mut buf, mut chunk) = (Vec::new(), [0u8; 4096]);
+                while response(&buf).is_none() {
+                    let n = stream.read(&mut chunk).await.unwrap();
+                    assert!(n > 0, "the agent closed a connection");
+                    buf.extend_from_slice(&chunk[..n]);
+                }
+                stream
+            })
+        })
+        .collect();
     let mut streams = Vec::new();
-    for _ in tokens {
-        let stream = tokio::net::TcpStream::connect(api).await.unwrap();
-        stream.set_nodelay(true).unwrap();
-        streams.push(stream);
+    for stream in warmed {
+        streams.push(stream.await.unwrap());
     }
     let start = tokio::time::Instant::now() + Duration::from_millis(20);
     let tasks: Vec<_> = tokens
@@ -607,9 +631,19 @@ async fn open_loop(api: SocketAddr, tokens: &[String], rate: u64, duration: Dura
         .zip(streams)
         .enumerate()
         .map(|(w, (token, stream))| {
-            let body = br#"{"container": "main", "progress": "1/2"}"#;
-            let mut request = format!("POST /v1/tasks/t{w}/0/progress HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {token}\r\nContent-Length: {}\r\n\r\n", body.len()).into_bytes();
-            request.extend_from_slice(body);
+            let request = request(w, token);
+            // Every buffer allocated and touched before the clock starts: 1000 connections'
+            // buffers faulted in at a step's start delayed its first 250 ms of requests by up
+            // to 160 ms, as if the agent had been slow (the 5,000/s steps that "failed on fsync
+            // stalls" in earlier runs).
+            let mut batch = vec![0xaau8; 64 * request.len()];
+            batch.clear();
+            let mut chunk = vec![0xaau8; 16 * 1024];
+            let mut buf = vec![0xaau8; 16 * 1024];
+            buf.clear();
+            let mut latencies = vec![0.0f64; per_connection];
+            latencies.fill(1.0);
+            latencies.clear();
             // Connections start spread over one interval, not all at once.
             let start = start + interval.mul_f64(w as f64 / tokens.len() as f64);
             tokio::spawn(async move {
@@ -617,7 +651,6 @@ async fn open_loop(api: SocketAddr, tokens: &[String], rate: u64, duration: Dura
                 let due = move |k: usize| start + interval.mul_f64(k as f64);
                 let writer = async move {
                     let mut sent = 0;
-                    let mut batch = Vec::new();
                     while sent < per_connection {
                         tokio::time::sleep_until(due(sent)).await;
                         let now = tokio::time::Instant::now();
@@ -633,10 +666,14 @@ async fn open_loop(api: SocketAddr, tokens: &[String], rate: u64, duration: Dura
                     wr
                 };
                 let reader = async move {
-                    let (mut buf, mut latencies, mut ok) = (Vec::new(), Vec::new(), 0);
-                    let mut chunk = vec![0u8; 64 * 1024];
+                    let mut ok = 0;
                     while latencies.len() < per_connection {
-                        let n = match tokio::time::timeout(Duration::from_secs(10), rd.read(&mut chunk)).await {
+                        let n = match tokio::time::timeout(
+                            Duration::from_secs(10),
+                            rd.read(&mut chunk),
+                        )
+                        .await
+                        {
                             Ok(Ok(n)) if n > 0 => n,
                             _ => break,
                         };
@@ -644,7 +681,9 @@ async fn open_loop(api: SocketAddr, tokens: &[String], rate: u64, duration: Dura
                         let now = tokio::time::Instant::now();
                         let mut taken = 0;
                         while let Some((status, len)) = response(&buf[taken..]) {
-                            latencies.push(now.duration_since(due(latencies.len())).as_secs_f64() * 1000.0);
+                            latencies.push(
+                                now.duration_since(due(latencies.len())).as_secs_f64() * 1000.0,
+                            );
                             ok += usize::from(status == 200);
                             taken += len;
                         }
