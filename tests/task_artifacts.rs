@@ -21,9 +21,12 @@ fn sha256_file(path: &Path) -> String {
         .to_owned()
 }
 
-/// A tree with nested dirs, an empty file, binary content, an executable, a relative symlink.
+/// A tree with nested dirs, an empty file, binary content, an executable, a relative symlink,
+/// and a name longer than a tar header holds (a GNU long-name entry before its header).
 fn make_tree(root: &Path) {
     std::fs::create_dir_all(root.join("sub/deeper")).unwrap();
+    let long = format!("sub/deeper/{}.txt", "n".repeat(120));
+    std::fs::write(root.join(long), "a long name\n").unwrap();
     std::fs::create_dir_all(root.join("empty-dir")).unwrap();
     std::fs::write(root.join("a.txt"), "alpha\n").unwrap();
     std::fs::write(root.join("empty"), "").unwrap();
@@ -97,6 +100,23 @@ fn every_archive_format_round_trips_through_a_store() {
         std::fs::read(dir.join("out").join(key("raw"))).unwrap(),
         std::fs::read(&single).unwrap()
     );
+
+    // Readers other than ours take the archives too: GNU tar unpacks the same tree.
+    let gnu = dir.join("gnu");
+    std::fs::create_dir_all(&gnu).unwrap();
+    let untar = Command::new("tar")
+        .arg("-xzf")
+        .arg(dir.join("out").join(key("default")))
+        .arg("-C")
+        .arg(&gnu)
+        .output()
+        .unwrap();
+    assert!(
+        untar.status.success(),
+        "{}",
+        String::from_utf8_lossy(&untar.stderr)
+    );
+    assert_same_tree(&tree, &gnu.join("tree"));
 
     let got = dir.join("got");
     let consumer = json!({

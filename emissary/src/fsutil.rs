@@ -37,7 +37,7 @@ pub fn write_atomic_mode(path: &Path, bytes: &[u8], mode: Option<u32>) -> io::Re
 /// /proc. The open itself does not block: a FIFO left where an output was expected would
 /// otherwise hold the emissary in open(2) forever, waiting for a writer that is gone.
 pub fn open_regular(path: &Path) -> io::Result<fs::File> {
-    open_regular_in(path, &mut NotProc::default()).map(|(file, _)| file)
+    open_regular_in(nix::fcntl::AT_FDCWD, path, &mut NotProc::default()).map(|(file, _)| file)
 }
 
 /// The file system last found not to be /proc, by device: opening many files, one `fstatfs`
@@ -45,14 +45,19 @@ pub fn open_regular(path: &Path) -> io::Result<fs::File> {
 #[derive(Default)]
 pub struct NotProc(Option<u64>);
 
-/// [`open_regular`] with the metadata of what was opened.
-pub fn open_regular_in(path: &Path, checked: &mut NotProc) -> io::Result<(fs::File, fs::Metadata)> {
-    use nix::fcntl::{AT_FDCWD, OFlag, openat};
+/// [`open_regular`] of `path` in the directory `dir` (relative paths), with the metadata of
+/// what was opened.
+pub fn open_regular_in(
+    dir: std::os::fd::BorrowedFd<'_>,
+    path: &Path,
+    checked: &mut NotProc,
+) -> io::Result<(fs::File, fs::Metadata)> {
+    use nix::fcntl::{OFlag, openat};
     // openat, not open: musl's open follows an O_CLOEXEC open with an fcntl(F_SETFD) for
     // kernels before 2.6.23, a syscall more for every file of an archived tree.
     let flags = OFlag::O_RDONLY | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK;
     let file = loop {
-        match openat(AT_FDCWD, path, flags, nix::sys::stat::Mode::empty()) {
+        match openat(dir, path, flags, nix::sys::stat::Mode::empty()) {
             Err(nix::errno::Errno::EINTR) => continue,
             opened => break fs::File::from(opened?),
         }

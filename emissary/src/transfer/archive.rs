@@ -6,11 +6,15 @@
 //! an archive holding exactly one top-level entry unpacks to the target path itself, so a file
 //! or directory round-trips to the path the consumer asked for.
 
+use std::ffi::OsStr;
 use std::fs::{self, File};
-use std::io::{self, Cursor, Read, Write};
+use std::io::{self, BufRead, Cursor, Read, Write};
+use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{PermissionsExt, symlink};
 use std::path::{Component, Path, PathBuf};
 
+use nix::fcntl::OFlag;
 use protocol::api::ArchiveFormat;
 use protocol::spec::Packing;
 use sha2::{Digest as _, Sha256};
@@ -234,11 +238,13 @@ struct ChunkWriter {
 
 impl Write for ChunkWriter {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-        self.buf.extend_from_slice(data);
+        // Never past CHUNK: a buffer that grew would travel back to be filled again, larger.
+        let n = data.len().min(CHUNK - self.buf.len());
+        self.buf.extend_from_slice(&data[..n]);
         if self.buf.len() >= CHUNK {
             self.flush()?;
         }
-        Ok(data.len())
+        Ok(n)
     }
 
     fn flush(&mut self) -> io::Result<()> {
@@ -285,93 +291,163 @@ fn tar_tree(source: &Path, sink: &mut dyn Write) -> io::Result<()> {
     // Files as they are, holes as zeros (as GNU tar without --sparse): no SEEK_DATA/SEEK_HOLE
     // probing of every file, and an archive any reader takes.
     tar.sparse(false);
-    let mut files = TreeFiles {
+    let mut walk = Walk {
+        path: source.to_owned(),
+        name,
         buf: vec![0; CHUNK + 1],
         not_proc: fsutil::NotProc::default(),
     };
-    let kind = fs::symlink_metadata(source)?.file_type();
-    append(&mut tar, source, kind, &name, &mut files)?;
+    let kind = Kind::of(fs::symlink_metadata(source)?.file_type());
+    append(&mut tar, &mut walk, nix::fcntl::AT_FDCWD, source, kind)?;
     tar.finish()
 }
 
-/// What the files of one tree share while they are read: a buffer, the file system checked.
-struct TreeFiles {
+/// Where a walk of the tree stands: the entry at hand's path on disk and in the archive
+/// (pushed and popped, not built anew for every file), and what its files share.
+struct Walk {
+    path: PathBuf,
+    name: PathBuf,
     buf: Vec<u8>,
     not_proc: fsutil::NotProc,
 }
 
-/// Appends one path of type `kind`, recursing into directories in sorted order (stable
-/// archives).
+/// What an entry of a tree is, as its directory's listing says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Dir,
+    File,
+    Symlink,
+    Other,
+}
+
+impl Kind {
+    fn of(kind: fs::FileType) -> Kind {
+        if kind.is_dir() {
+            Kind::Dir
+        } else if kind.is_file() {
+            Kind::File
+        } else if kind.is_symlink() {
+            Kind::Symlink
+        } else {
+            Kind::Other
+        }
+    }
+
+    /// From the listing's d_type; an lstat only where the file system gives none.
+    fn listed(dir: BorrowedFd<'_>, entry: &nix::dir::Entry) -> io::Result<Kind> {
+        use nix::dir::Type;
+        use nix::sys::stat::{SFlag, fstatat};
+        Ok(match entry.file_type() {
+            Some(Type::Directory) => Kind::Dir,
+            Some(Type::File) => Kind::File,
+            Some(Type::Symlink) => Kind::Symlink,
+            Some(_) => Kind::Other,
+            None => {
+                let stat = fstatat(
+                    dir,
+                    entry.file_name(),
+                    nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+                )?;
+                match SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT {
+                    SFlag::S_IFDIR => Kind::Dir,
+                    SFlag::S_IFREG => Kind::File,
+                    SFlag::S_IFLNK => Kind::Symlink,
+                    _ => Kind::Other,
+                }
+            }
+        })
+    }
+}
+
+/// Appends the entry at `walk.path` (`leaf` in the directory `at`, which is open), of type
+/// `kind`; directories in sorted order (stable archives). A directory's entries are opened
+/// relative to it: no lookup of the whole path for every file, nor a path built for it.
 fn append(
     tar: &mut tar::Builder<&mut dyn Write>,
-    path: &Path,
-    kind: fs::FileType,
-    name: &Path,
-    files: &mut TreeFiles,
+    walk: &mut Walk,
+    at: BorrowedFd<'_>,
+    leaf: &Path,
+    kind: Kind,
 ) -> io::Result<()> {
-    if kind.is_dir() {
-        tar.append_dir(name, path)?;
-        let mut children: Vec<_> = fs::read_dir(path)?.collect::<Result<_, _>>()?;
-        children.sort_by_key(|e| e.file_name());
-        for child in children {
-            // The type the directory listing gave (an lstat only where the file system
-            // gives none): one syscall less per file.
-            let kind = child.file_type()?;
-            append(
-                tar,
-                &child.path(),
-                kind,
-                &name.join(child.file_name()),
-                files,
-            )?;
+    let located =
+        |path: &Path, e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", path.display()));
+    match kind {
+        Kind::Dir => {
+            tar.append_dir(&walk.name, &walk.path)?;
+            // Not through a symlink that took the directory's place since it was listed.
+            let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+            let mut dir = nix::dir::Dir::openat(at, leaf, flags, nix::sys::stat::Mode::empty())
+                .map_err(|e| located(&walk.path, e.into()))?;
+            let mut children: Vec<nix::dir::Entry> = dir
+                .iter()
+                .filter(|e| !matches!(e, Ok(e) if matches!(e.file_name().to_bytes(), b"." | b"..")))
+                .collect::<Result<_, _>>()
+                .map_err(|e| located(&walk.path, e.into()))?;
+            children.sort_by(|a, b| a.file_name().cmp(b.file_name()));
+            for child in &children {
+                let leaf = Path::new(OsStr::from_bytes(child.file_name().to_bytes()));
+                let kind = Kind::listed(dir.as_fd(), child);
+                walk.path.push(leaf);
+                walk.name.push(leaf);
+                let appended = kind
+                    .map_err(|e| located(&walk.path, e))
+                    .and_then(|kind| append(tar, walk, dir.as_fd(), leaf, kind));
+                walk.path.pop();
+                walk.name.pop();
+                appended?;
+            }
+            Ok(())
         }
-        Ok(())
-    } else if kind.is_file() {
-        // Opened as an output is (/proc refused), and described by what was opened.
-        let (file, meta) = fsutil::open_regular_in(path, &mut files.not_proc)
-            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
-        let mut header = tar::Header::new_gnu();
-        header.set_metadata_in_mode(&meta, tar::HeaderMode::Complete);
-        let mut content = Content {
-            file,
-            buf: &mut files.buf,
-            start: 0,
-            end: 0,
-            left: meta.len(),
-            shrank: false,
-            grew: false,
-        };
-        tar.append_data(&mut header, name, &mut content)?;
-        if content.shrank {
-            crate::note!(
-                "emissary: {} shrank while it was archived; its end is zeros",
-                path.display()
-            );
-        } else if content.grew {
-            crate::note!(
-                "emissary: {} grew while it was archived; its first {} bytes are archived",
-                path.display(),
-                meta.len()
-            );
+        Kind::File => {
+            // Opened as an output is (/proc refused), and described by what was opened.
+            let (file, meta) = fsutil::open_regular_in(at, leaf, &mut walk.not_proc)
+                .map_err(|e| located(&walk.path, e))?;
+            let mut header = tar::Header::new_gnu();
+            header.set_metadata_in_mode(&meta, tar::HeaderMode::Complete);
+            let mut content = Content {
+                file,
+                buf: &mut walk.buf,
+                start: 0,
+                end: 0,
+                left: meta.len(),
+                shrank: false,
+                grew: false,
+            };
+            // The header alone (with a long name's extra entry): tar would copy the content
+            // 8 KiB at a time through a buffer of its own; it goes to the sink as read instead.
+            tar.append_data(&mut header, &walk.name, io::empty())?;
+            content.send(tar.get_mut())?;
+            if content.shrank {
+                crate::note!(
+                    "emissary: {} shrank while it was archived; its end is zeros",
+                    walk.path.display()
+                );
+            } else if content.grew {
+                crate::note!(
+                    "emissary: {} grew while it was archived; its first {} bytes are archived",
+                    walk.path.display(),
+                    meta.len()
+                );
+            }
+            Ok(())
         }
-        Ok(())
-    } else if kind.is_symlink() {
-        tar.append_path_with_name(path, name)
-    } else {
-        // Sockets, FIFOs and devices have no content to carry; reading a FIFO could block.
-        crate::note!(
-            "emissary: not archiving {} (not a file, directory or symlink)",
-            path.display()
-        );
-        Ok(())
+        Kind::Symlink => tar.append_path_with_name(&walk.path, &walk.name),
+        Kind::Other => {
+            // Sockets, FIFOs and devices have no content to carry; reading a FIFO could block.
+            crate::note!(
+                "emissary: not archiving {} (not a file, directory or symlink)",
+                walk.path.display()
+            );
+            Ok(())
+        }
     }
 }
 
 /// A file's content as its tar header describes it: exactly the size it had when opened, as
 /// GNU tar does. Bytes written since are left out and a file cut short is padded with zeros:
 /// any other length would shift every entry after it. Read up to `buf.len() - 1` bytes at a
-/// time for tar, which copies in 8 KiB pieces; the last read asks for one byte more than is
-/// owed, which only a file that grew fills (so no read is spent on finding the end).
+/// time; the last read asks for one byte more than is owed, which only a file that grew fills
+/// (so no read is spent on finding the end).
 struct Content<'a> {
     file: File,
     buf: &'a mut [u8],
@@ -383,16 +459,37 @@ struct Content<'a> {
     grew: bool,
 }
 
-impl Read for Content<'_> {
-    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
-        if self.left == 0 {
-            return Ok(0);
+impl Content<'_> {
+    /// Writes the content to `sink` as it is read, then the zeros that end its last block.
+    fn send(&mut self, sink: &mut dyn Write) -> io::Result<()> {
+        let len = self.left;
+        loop {
+            let data = self.fill_buf()?;
+            if data.is_empty() {
+                break;
+            }
+            sink.write_all(data)?;
+            let n = data.len();
+            self.consume(n);
         }
-        if self.start == self.end {
+        let block = 512;
+        let padding = (block - len % block) % block;
+        sink.write_all(&[0; 512][..padding as usize])
+    }
+}
+
+impl BufRead for Content<'_> {
+    fn fill_buf(&mut self) -> io::Result<&[u8]> {
+        if self.left > 0 && self.start == self.end {
             let owed = usize::try_from(self.left).unwrap_or(usize::MAX);
             let chunk = self.buf.len() - 1;
             let want = if owed <= chunk { owed + 1 } else { chunk };
-            let got = self.file.read(&mut self.buf[..want])?;
+            let got = loop {
+                match self.file.read(&mut self.buf[..want]) {
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    read => break read?,
+                }
+            };
             self.start = 0;
             self.end = got.min(owed);
             self.grew |= got > owed;
@@ -402,10 +499,21 @@ impl Read for Content<'_> {
                 self.buf[..self.end].fill(0);
             }
         }
-        let n = out.len().min(self.end - self.start);
-        out[..n].copy_from_slice(&self.buf[self.start..self.start + n]);
+        Ok(&self.buf[self.start..self.end])
+    }
+
+    fn consume(&mut self, n: usize) {
         self.start += n;
         self.left -= n as u64;
+    }
+}
+
+impl Read for Content<'_> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        let data = self.fill_buf()?;
+        let n = out.len().min(data.len());
+        out[..n].copy_from_slice(&data[..n]);
+        self.consume(n);
         Ok(n)
     }
 }
