@@ -468,7 +468,12 @@ impl Content<'_> {
             if data.is_empty() {
                 break;
             }
-            sink.write_all(data)?;
+            // In pieces: handed 256 KiB at a time, zstd's multithreaded stream held more of
+            // it at once (packing 1 GiB peaked at 7.5-8.6 MB of RSS; 7.1-7.6 MB in 64 KiB
+            // pieces, as in tar's 8 KiB ones).
+            for piece in data.chunks(64 * 1024) {
+                sink.write_all(piece)?;
+            }
             let n = data.len();
             self.consume(n);
         }
