@@ -446,7 +446,7 @@ impl Writer {
     /// Starts a segment named by the next record's id, after snapshotting the seqs.
     fn rotate(&mut self) -> io::Result<()> {
         self.save_seqs()?;
-        let path = self.dir.join(format!("{:020}.jsonl", self.next_id));
+        let path = segment_path(&self.dir, self.next_id);
         // One already there (begun just before a restart, cut to its whole lines at open) is
         // written on after its end.
         let file = OpenOptions::new()
@@ -539,6 +539,11 @@ fn read_cursor(dir: &Path) -> io::Result<u64> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(0),
         Err(e) => Err(e),
     }
+}
+
+/// The segment whose first record is `first_id` (named so, zero-padded: names sort as ids).
+fn segment_path(dir: &Path, first_id: u64) -> PathBuf {
+    dir.join(format!("{first_id:020}.jsonl"))
 }
 
 fn segments(dir: &Path) -> io::Result<Vec<Segment>> {
@@ -853,7 +858,7 @@ mod tests {
             legacy_line(1, 1) + &legacy_line(2, 2),
             legacy_line(3, 3)
         );
-        fs::write(dir.join(format!("{:020}.jsonl", 1)), segment).unwrap();
+        fs::write(segment_path(&dir, 1), segment).unwrap();
         fs::write(dir.join("seqs.json"), r#"[["gone",0,{"seq":7}]]"#).unwrap();
         let outbox = Outbox::open(&dir, 1 << 20, 1 << 20).unwrap();
         let appended = outbox.append(event("wf")).await.unwrap();
@@ -943,7 +948,7 @@ mod tests {
         // after it: delivery, reading the segments, sees the first record only.
         let first_line = text.find('\n').unwrap() as u64 + 1;
         *outbox.durable.lock().unwrap() = Some((segment.first_id, first_line));
-        fs::write(dir.join(format!("{:020}.jsonl", 3)), legacy_line(3, 3)).unwrap();
+        fs::write(segment_path(&dir, 3), legacy_line(3, 3)).unwrap();
         let ids = |batch: Vec<Journaled>| batch.iter().map(|j| j.id).collect::<Vec<_>>();
         assert_eq!(
             ids(Reader::open(&outbox).unwrap().peek(10, 1 << 30).unwrap()),
@@ -996,7 +1001,7 @@ mod tests {
             "\0".repeat(100),
             legacy_line(3, 3)
         );
-        let path = dir.join(format!("{:020}.jsonl", 1));
+        let path = segment_path(&dir, 1);
         fs::write(&path, segment + &"\0".repeat(4096)).unwrap();
         let outbox = Outbox::open(&dir, 1 << 20, 1 << 20).unwrap();
         assert_eq!(
