@@ -8,7 +8,7 @@
 
 use std::ffi::OsStr;
 use std::fs::{self, File};
-use std::io::{self, BufRead, Cursor, Read, Write};
+use std::io::{self, Cursor, Read, Write};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{PermissionsExt, symlink};
@@ -333,28 +333,16 @@ impl Kind {
         }
     }
 
-    /// From the listing's d_type; an lstat only where the file system gives none.
-    fn listed(dir: BorrowedFd<'_>, entry: &nix::dir::Entry) -> io::Result<Kind> {
+    /// From the listing's d_type; an lstat of `path` (the entry's) only where the file system
+    /// gives none.
+    fn listed(entry: &nix::dir::Entry, path: &Path) -> io::Result<Kind> {
         use nix::dir::Type;
-        use nix::sys::stat::{SFlag, fstatat};
         Ok(match entry.file_type() {
             Some(Type::Directory) => Kind::Dir,
             Some(Type::File) => Kind::File,
             Some(Type::Symlink) => Kind::Symlink,
             Some(_) => Kind::Other,
-            None => {
-                let stat = fstatat(
-                    dir,
-                    entry.file_name(),
-                    nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
-                )?;
-                match SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT {
-                    SFlag::S_IFDIR => Kind::Dir,
-                    SFlag::S_IFREG => Kind::File,
-                    SFlag::S_IFLNK => Kind::Symlink,
-                    _ => Kind::Other,
-                }
-            }
+            None => Kind::of(fs::symlink_metadata(path)?.file_type()),
         })
     }
 }
@@ -386,10 +374,9 @@ fn append(
             children.sort_by(|a, b| a.file_name().cmp(b.file_name()));
             for child in &children {
                 let leaf = Path::new(OsStr::from_bytes(child.file_name().to_bytes()));
-                let kind = Kind::listed(dir.as_fd(), child);
                 walk.path.push(leaf);
                 walk.name.push(leaf);
-                let appended = kind
+                let appended = Kind::listed(child, &walk.path)
                     .map_err(|e| located(&walk.path, e))
                     .and_then(|kind| append(tar, walk, dir.as_fd(), leaf, kind));
                 walk.path.pop();
@@ -407,8 +394,6 @@ fn append(
             let mut content = Content {
                 file,
                 buf: &mut walk.buf,
-                start: 0,
-                end: 0,
                 left: meta.len(),
                 shrank: false,
                 grew: false,
@@ -451,8 +436,6 @@ fn append(
 struct Content<'a> {
     file: File,
     buf: &'a mut [u8],
-    start: usize,
-    end: usize,
     /// Bytes still owed to the archive.
     left: u64,
     shrank: bool,
@@ -463,29 +446,7 @@ impl Content<'_> {
     /// Writes the content to `sink` as it is read, then the zeros that end its last block.
     fn send(&mut self, sink: &mut dyn Write) -> io::Result<()> {
         let len = self.left;
-        loop {
-            let data = self.fill_buf()?;
-            if data.is_empty() {
-                break;
-            }
-            // In pieces: handed 256 KiB at a time, zstd's multithreaded stream held more of
-            // it at once (packing 1 GiB peaked at 7.5-8.6 MB of RSS; 7.1-7.6 MB in 64 KiB
-            // pieces, as in tar's 8 KiB ones).
-            for piece in data.chunks(64 * 1024) {
-                sink.write_all(piece)?;
-            }
-            let n = data.len();
-            self.consume(n);
-        }
-        let block = 512;
-        let padding = (block - len % block) % block;
-        sink.write_all(&[0; 512][..padding as usize])
-    }
-}
-
-impl BufRead for Content<'_> {
-    fn fill_buf(&mut self) -> io::Result<&[u8]> {
-        if self.left > 0 && self.start == self.end {
+        while self.left > 0 {
             let owed = usize::try_from(self.left).unwrap_or(usize::MAX);
             let chunk = self.buf.len() - 1;
             let want = if owed <= chunk { owed + 1 } else { chunk };
@@ -495,31 +456,26 @@ impl BufRead for Content<'_> {
                     read => break read?,
                 }
             };
-            self.start = 0;
-            self.end = got.min(owed);
             self.grew |= got > owed;
-            if got == 0 {
+            let n = if got == 0 {
                 self.shrank = true;
-                self.end = chunk.min(owed);
-                self.buf[..self.end].fill(0);
+                let n = chunk.min(owed);
+                self.buf[..n].fill(0);
+                n
+            } else {
+                got.min(owed)
+            };
+            // In pieces: handed 256 KiB at a time, zstd's multithreaded stream held more of
+            // it at once (packing 1 GiB peaked at 7.5-8.6 MB of RSS; 7.1-7.6 MB in 64 KiB
+            // pieces, as in tar's 8 KiB ones).
+            for piece in self.buf[..n].chunks(64 * 1024) {
+                sink.write_all(piece)?;
             }
+            self.left -= n as u64;
         }
-        Ok(&self.buf[self.start..self.end])
-    }
-
-    fn consume(&mut self, n: usize) {
-        self.start += n;
-        self.left -= n as u64;
-    }
-}
-
-impl Read for Content<'_> {
-    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
-        let data = self.fill_buf()?;
-        let n = out.len().min(data.len());
-        out[..n].copy_from_slice(&data[..n]);
-        self.consume(n);
-        Ok(n)
+        let block = 512;
+        let padding = (block - len % block) % block;
+        sink.write_all(&[0; 512][..padding as usize])
     }
 }
 
@@ -949,14 +905,16 @@ mod tests {
             let mut content = Content {
                 file: File::open(&path).unwrap(),
                 buf: &mut buf,
-                start: 0,
-                end: 0,
                 left,
                 shrank: false,
                 grew: false,
             };
             let mut out = Vec::new();
-            content.read_to_end(&mut out).unwrap();
+            content.send(&mut out).unwrap();
+            // Then zeros to the end of the tar block.
+            assert_eq!(out.len(), 512);
+            let padding = out.split_off(left as usize);
+            assert!(padding.iter().all(|&b| b == 0));
             (out, content.shrank, content.grew)
         };
         // Grown since its header was written: the rest is left out, and seen.
